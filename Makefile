@@ -1,0 +1,32 @@
+# The two commands of the README: `make demo` and `make test`.
+# Both create or update the virtualenv themselves (.venv), installing torch first so that
+# pip takes the local CPU wheel instead of resolving a CUDA build.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: demo test venv bench-simulate clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet --no-deps sbibm==1.1.0
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(VENV)/bin/implicitbayes demo --out results/demo
+
+test: venv
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench-simulate: venv
+	$(PY) -m pip install --quiet "torchsde>=0.2.6"
+	$(PY) benchmarks/simulate_lv.py
+
+clean:
+	rm -rf $(VENV) results

@@ -1,0 +1,21 @@
+"""implicitbayes: likelihood-free Bayesian inference for Pyro models whose likelihood is a simulator."""
+
+from .distributions import Implicit, LogUniform
+from .errors import FormatError, IntractableLikelihoodError, SimulationError, StoreMismatchError
+from .simulate import simulate
+from .simulation_set import SimulationSet
+from .space import ParameterSpace
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Implicit",
+    "LogUniform",
+    "IntractableLikelihoodError",
+    "SimulationError",
+    "FormatError",
+    "StoreMismatchError",
+    "simulate",
+    "SimulationSet",
+    "ParameterSpace",
+]

@@ -1,0 +1,438 @@
+"""``simulate``: run a Pyro model many times, vectorized, seeded, chunked, resumable.
+
+The model runs under one outer ``pyro.plate`` per chunk of ``batch_size`` simulations, placed
+to the left of every plate (and batch dimension) the model uses itself, so a model written for
+one dataset simulates a whole batch in one call. Chunk ``k`` is seeded from ``(seed, k)`` alone
+(torch, numpy and ``random`` are seeded inside and restored afterwards), so for a given seed and
+batch size the result does not depend on the executor, the order chunks finish in, or whether
+the run was interrupted and resumed from a ``store``.
+
+Invalid outputs policy: a simulation with a NaN or infinite value in any site is dropped,
+counted in ``SimulationSet.num_invalid`` and reported in a warning with the parameter ranges
+that produced it; if more than half of all simulations are invalid, :class:`SimulationError`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import math
+import os
+import random
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import pyro
+import pyro.poutine as poutine
+from pyro.poutine.subsample_messenger import _Subsample
+import torch
+
+from .errors import SimulationError, StoreMismatchError
+from .io import atomic_write_text, load_tensors, save_tensors
+from .simulation_set import SimulationSet
+
+__all__ = ["simulate", "model_sites", "SiteInfo", "resolve_device"]
+
+_OUTER_PLATE = "_ib_simulations"
+_STORE_KIND = "implicitbayes.SimulationStore"
+_CHUNK_KIND = "implicitbayes.SimulationChunk"
+_STORE_VERSION = 1
+_INDEX = "__index__"
+DEFAULT_BATCH_SIZE = 10_000
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    """One random site of a model, as seen in a single (unbatched) run."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    observed: bool
+    batch_ndim: int  # batch dims of the site in one run (plates and distribution batch shape)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a ``torch.device``; a clear error for an unknown or unavailable one."""
+    if device is None:
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device: {device!r} is not a device; expected e.g. 'cpu', 'cuda', 'cuda:0'") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} was asked for but CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device: {device!r} does not exist; this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+class _Seeded:
+    """Seed torch, numpy and random for a block of work, and restore their state after."""
+
+    def __init__(self, seed: int, device: torch.device):
+        self.seed, self.device = seed, device
+
+    def __enter__(self):
+        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+        self._fork = torch.random.fork_rng(devices=cuda)
+        self._fork.__enter__()
+        self._np, self._py = np.random.get_state(), random.getstate()
+        state = np.random.SeedSequence(self.seed).generate_state(3, np.uint32)
+        torch.manual_seed(int(state[0]) << 32 | int(state[1]))
+        np.random.seed(int(state[2]))
+        random.seed(int(state[2]))
+        return self
+
+    def __exit__(self, *exc):
+        np.random.set_state(self._np)
+        random.setstate(self._py)
+        return self._fork.__exit__(*exc)
+
+
+def _chunk_seed(seed: int, chunk: int) -> int:
+    return int(np.random.SeedSequence([seed, chunk]).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
+
+
+def _trace(model, args, kwargs, size: int | None, outer_dim: int):
+    tracer = poutine.trace(model)
+    if size is None:
+        return tracer.get_trace(*args, **kwargs)
+    with pyro.plate(_OUTER_PLATE, size, dim=outer_dim):
+        return tracer.get_trace(*args, **kwargs)
+
+
+def _random_sites(trace) -> list[dict]:
+    """Sample sites of a trace, without plates' index sites, deterministic sites or ours."""
+    return [s for s in trace.nodes.values()
+            if s["type"] == "sample" and not s["name"].startswith("_ib_")
+            and not isinstance(s["fn"], _Subsample)
+            and not s["infer"].get("_deterministic", False)]
+
+
+def model_sites(model: Callable, observed: Sequence[str], model_args=(), model_kwargs=None,
+                seed: int = 0) -> tuple[list[SiteInfo], int]:
+    """Trace one unbatched run of ``model`` and describe its random sites.
+
+    Returns ``(sites, outer_dim)``: the latent and observed sites (sites given ``obs=`` in
+    the model itself are data, not simulations, and are left out), and the plate dimension
+    free for a batch of simulations. Raises ``ValueError`` if an ``observed`` name is not a
+    site of the model, listing the sites it has.
+    """
+    with _Seeded(seed, torch.device("cpu")):
+        trace = _trace(model, tuple(model_args), dict(model_kwargs or {}), None, -1)
+    sites, names, used = [], [], 0
+    for s in _random_sites(trace):
+        names.append(s["name"])
+        if s["is_observed"]:
+            continue
+        fn = s["fn"]
+        event_dim = len(getattr(fn, "event_shape", ()))
+        value = torch.as_tensor(s["value"])
+        batch_ndim = value.dim() - event_dim
+        plates = [-f.dim for f in s["cond_indep_stack"] if f.vectorized and f.dim is not None]
+        used = max([used, batch_ndim] + plates)
+        sites.append(SiteInfo(s["name"], tuple(value.shape), str(value.dtype).removeprefix("torch."),
+                              s["name"] in observed, batch_ndim))
+    missing = [o for o in observed if o not in names]
+    if missing:
+        raise ValueError(f"observed: {missing} {'is not a site' if len(missing) == 1 else 'are not sites'} "
+                         f"of the model; its sample sites are {names}")
+    conditioned = [o for o in observed if o in names and o not in {s.name for s in sites}]
+    if conditioned:
+        raise ValueError(f"observed: sites {conditioned} are already conditioned with obs= inside the model; "
+                         "remove obs= so they can be simulated")
+    return sites, -(used + 1)
+
+
+def _latent_ranges(values: Mapping[str, torch.Tensor], latent: Sequence[str], limit: int = 8) -> str:
+    parts = []
+    for name in latent:
+        v = values.get(name)
+        if v is None or v.numel() == 0 or not v.is_floating_point():
+            continue
+        flat = v.reshape(v.shape[0], -1) if v.dim() else v.reshape(1, 1)
+        lo, hi = flat.min(0).values, flat.max(0).values
+        shown = [f"[{a:.3g}, {b:.3g}]" for a, b in zip(lo[:limit].tolist(), hi[:limit].tolist())]
+        more = "" if flat.shape[1] <= limit else f" … ({flat.shape[1]} components)"
+        parts.append(f"{name} ∈ {' × '.join(shown)}{more}")
+    return "; ".join(parts) or "(no continuous latents)"
+
+
+@dataclass(frozen=True)
+class _ChunkJob:
+    """Everything a worker needs for one chunk; picklable when the model is."""
+
+    model: Callable
+    model_args: tuple
+    model_kwargs: dict
+    sites: tuple[SiteInfo, ...]
+    outer_dim: int
+    chunk: int
+    start: int
+    size: int
+    seed: int
+    device: str
+
+
+def _run_chunk(job: _ChunkJob) -> dict[str, torch.Tensor]:
+    """Simulate one chunk; returns CPU tensors ``(size, *site_shape)`` plus the index."""
+    device = torch.device(job.device)
+    tracer = poutine.trace(job.model)
+    try:
+        with _Seeded(job.seed, device), torch.device(device), \
+                pyro.plate(_OUTER_PLATE, job.size, dim=job.outer_dim):
+            trace = tracer.get_trace(*job.model_args, **job.model_kwargs)
+    except Exception as e:  # the simulator is user code: say where it failed, keep the cause
+        partial = {n: s["value"].detach().reshape(job.size, -1).cpu()
+                   for n, s in tracer.msngr.trace.nodes.items()
+                   if s in _random_sites(tracer.msngr.trace) and isinstance(s.get("value"), torch.Tensor)
+                   and s["value"].numel() % max(job.size, 1) == 0}
+        latent = [s.name for s in job.sites if not s.observed]
+        raise SimulationError(
+            f"the model failed in chunk {job.chunk} (simulations {job.start}..{job.start + job.size - 1}, "
+            f"chunk seed {job.seed}) with {type(e).__name__}: {e}\n"
+            f"parameters in that chunk: {_latent_ranges(partial, latent)}") from e
+    out = {}
+    for site in job.sites:
+        value = trace.nodes[site.name]["value"]
+        want = (job.size,) + site.shape
+        if value.numel() != math.prod(want):
+            raise SimulationError(
+                f"site '{site.name}' has shape {tuple(value.shape)} under a plate of {job.size} simulations, "
+                f"which cannot hold {job.size} copies of its single-run shape {site.shape}; does its "
+                "simulator ignore the batch?")
+        out[site.name] = value.detach().reshape(want).cpu()
+    out[_INDEX] = torch.arange(job.start, job.start + job.size, dtype=torch.int64)
+    return out
+
+
+class _Store:
+    """A directory of chunk files plus a manifest; chunks are written atomically."""
+
+    def __init__(self, path: Path, manifest: dict):
+        self.path, self.manifest = path, manifest
+
+    @classmethod
+    def open(cls, path, manifest: dict, seed_given: bool) -> "_Store":
+        path = Path(path)
+        mpath = path / "manifest.json"
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"store: {str(path)!r} exists and is not a directory")
+        if mpath.exists():
+            try:
+                old = json.loads(mpath.read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise StoreMismatchError(f"store: {mpath} is unreadable: {e}") from e
+            if old.get("kind") != _STORE_KIND or old.get("format_version", 0) > _STORE_VERSION:
+                raise StoreMismatchError(f"store: {mpath} is not an implicitbayes simulation store of a supported version")
+            if not seed_given:
+                manifest["seed"] = old["seed"]
+            diffs = [f"{k}: store has {old.get(k)!r}, asked {manifest[k]!r}"
+                     for k in ("seed", "batch_size", "observed", "sites", "model", "device") if old.get(k) != manifest[k]]
+            if diffs:
+                raise StoreMismatchError(f"store {str(path)!r} was written with other settings; use another "
+                                         "directory or the same settings:\n  " + "\n  ".join(diffs))
+        elif path.exists() and any(path.iterdir()):
+            raise ValueError(f"store: {str(path)!r} is a non-empty directory that is not a simulation store; "
+                             "give a new or empty directory")
+        path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(mpath, json.dumps(manifest, indent=1))
+        return cls(path, manifest)
+
+    def chunk_path(self, k: int) -> Path:
+        return self.path / f"chunk-{k:07d}.safetensors"
+
+    def load(self, job: _ChunkJob) -> dict[str, torch.Tensor] | None:
+        p = self.chunk_path(job.chunk)
+        if not p.exists():
+            return None
+        tensors, meta = load_tensors(p, kind=_CHUNK_KIND, max_version=_STORE_VERSION)
+        if (meta.get("start"), meta.get("size"), meta.get("seed")) != (job.start, job.size, job.seed):
+            return None  # planned differently (e.g. num_simulations grew): simulate it again
+        return tensors
+
+    def save(self, job: _ChunkJob, values: dict[str, torch.Tensor], failed: bool) -> None:
+        save_tensors(self.chunk_path(job.chunk), values, kind=_CHUNK_KIND, version=_STORE_VERSION,
+                     meta={"start": job.start, "size": job.size, "seed": job.seed, "failed": failed})
+
+
+def _failed_values(job: _ChunkJob) -> dict[str, torch.Tensor]:
+    out = {s.name: torch.empty((0,) + s.shape, dtype=getattr(torch, s.dtype)) for s in job.sites}
+    out[_INDEX] = torch.empty(0, dtype=torch.int64)
+    return out
+
+
+def simulate(
+    model: Callable,
+    num_simulations: int,
+    *,
+    observed: str | Sequence[str],
+    model_args: tuple = (),
+    model_kwargs: Mapping[str, Any] | None = None,
+    batch_size: int | None = None,
+    seed: int | None = None,
+    device: str | torch.device | None = None,
+    executor: cf.Executor | None = None,
+    store: str | os.PathLike | None = None,
+    retries: int = 0,
+    on_error: str = "raise",
+    progress: bool = True,
+) -> SimulationSet:
+    """Simulate ``num_simulations`` joint draws ``(latents, observed)`` from a Pyro model.
+
+    Args:
+        model: a Pyro model; its data sites are usually ``ib.Implicit``.
+        num_simulations: how many simulations (``> 0``).
+        observed: the data site name(s); every other random site is a latent.
+        model_args, model_kwargs: passed to ``model``.
+        batch_size: simulations per chunk (one vectorized model call); default
+            ``min(num_simulations, 10_000)``. Results depend on it (and on the seed).
+        seed: integer seed; ``None`` draws one (recorded in ``SimulationSet.meta``).
+        device: where the model runs (``torch.device`` context) and the result lives.
+        executor: any ``concurrent.futures.Executor`` (e.g. a ``ProcessPoolExecutor`` or a
+            Dask ``Client.get_executor()``) to run chunks in parallel; the model must be
+            picklable for it. ``None`` runs in this process.
+        store: directory written chunk by chunk; running again with the same store resumes
+            (only missing chunks are simulated).
+        retries: how often a failing chunk is tried again before ``on_error`` applies.
+        on_error: ``"raise"`` (default) raises :class:`SimulationError` naming the chunk and
+            its parameters; ``"drop"`` drops the failing chunk and counts it as invalid.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        A :class:`SimulationSet` with ``(n_valid, *site_shape)`` tensors on ``device``.
+    """
+    if isinstance(num_simulations, bool) or not isinstance(num_simulations, (int, np.integer)) or num_simulations <= 0:
+        raise ValueError(f"num_simulations: expected a positive integer, got {num_simulations!r}")
+    num_simulations = int(num_simulations)
+    if batch_size is None:
+        batch_size = min(num_simulations, DEFAULT_BATCH_SIZE)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
+        raise ValueError(f"batch_size: expected a positive integer or None, got {batch_size!r}")
+    batch_size = int(batch_size)
+    if isinstance(observed, str):
+        observed = [observed]
+    observed = list(observed) if observed is not None else []
+    if not observed or not all(isinstance(o, str) for o in observed):
+        raise ValueError(f"observed: expected a site name or a list of site names, got {observed!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+        raise ValueError(f"seed: expected a non-negative integer or None, got {seed!r}")
+    if on_error not in ("raise", "drop"):
+        raise ValueError(f"on_error: expected 'raise' or 'drop', got {on_error!r}")
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise ValueError(f"retries: expected a non-negative integer, got {retries!r}")
+    if executor is not None and not isinstance(executor, cf.Executor):
+        raise TypeError(f"executor: expected a concurrent.futures.Executor, got {type(executor).__name__}")
+    if not callable(model):
+        raise TypeError(f"model: expected a callable Pyro model, got {type(model).__name__}")
+    dev = resolve_device(device)
+    model_args, model_kwargs = tuple(model_args), dict(model_kwargs or {})
+
+    sites, outer_dim = model_sites(model, observed, model_args, model_kwargs)
+    seed_given = seed is not None
+    if seed is None:
+        seed = int(np.random.SeedSequence().entropy % (2**62))
+    model_name = f"{getattr(model, '__module__', '?')}.{getattr(model, '__qualname__', type(model).__name__)}"
+    manifest = {"kind": _STORE_KIND, "format_version": _STORE_VERSION, "seed": int(seed), "batch_size": batch_size,
+                "num_simulations": num_simulations, "observed": observed, "model": model_name, "device": dev.type,
+                "sites": {s.name: [list(s.shape), s.dtype] for s in sites}}
+    st = _Store.open(store, manifest, seed_given) if store is not None else None
+    if st is not None:
+        seed = st.manifest["seed"]
+
+    jobs = []
+    for k, start in enumerate(range(0, num_simulations, batch_size)):
+        size = min(batch_size, num_simulations - start)
+        jobs.append(_ChunkJob(model, model_args, model_kwargs, tuple(sites), outer_dim, k, start, size,
+                              _chunk_seed(seed, k), str(dev)))
+
+    from tqdm.auto import tqdm
+
+    results: dict[int, dict[str, torch.Tensor]] = {}
+    failed: dict[int, BaseException] = {}
+    bar = tqdm(total=num_simulations, desc="simulating", unit="sim", disable=not progress)
+    try:
+        todo = []
+        for job in jobs:
+            cached = st.load(job) if st is not None else None
+            if cached is None:
+                todo.append(job)
+            else:
+                results[job.chunk] = cached
+                bar.update(job.size)
+        attempts = {job.chunk: 0 for job in todo}
+
+        def finish(job, values=None, error=None):
+            if error is not None:
+                attempts[job.chunk] += 1
+                if attempts[job.chunk] <= retries:
+                    return True  # try again
+                if on_error == "raise":
+                    raise error
+                failed[job.chunk] = error
+                values = _failed_values(job)
+            results[job.chunk] = values
+            if st is not None:
+                st.save(job, values, failed=error is not None)
+            bar.update(job.size)
+            return False
+
+        if executor is None:
+            for job in todo:
+                while True:
+                    try:
+                        values, error = _run_chunk(job), None
+                    except SimulationError as e:
+                        values, error = None, e
+                    if not finish(job, values, error):
+                        break
+        else:
+            pending = {executor.submit(_run_chunk, job): job for job in todo}
+            while pending:
+                done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+                for fut in done:
+                    job = pending.pop(fut)
+                    try:
+                        values, error = fut.result(), None
+                    except Exception as e:  # worker died or the model raised
+                        values, error = None, e if isinstance(e, SimulationError) else SimulationError(
+                            f"chunk {job.chunk} (simulations {job.start}..{job.start + job.size - 1}) "
+                            f"failed in the executor: {type(e).__name__}: {e}")
+                    if finish(job, values, error):
+                        pending[executor.submit(_run_chunk, job)] = job
+    finally:
+        bar.close()
+
+    ordered = [results[k] for k in range(len(jobs))]
+    values = {name: torch.cat([r[name] for r in ordered]) for name in ordered[0]}
+    index = values.pop(_INDEX)
+    n_failed = sum(j.size for j in jobs if j.chunk in failed)
+    if failed:
+        warnings.warn(f"simulate: dropped {len(failed)} failing chunk(s) ({n_failed} simulations): "
+                      + "; ".join(f"chunk {k}: {e}" for k, e in list(failed.items())[:3]), stacklevel=2)
+    finite = torch.ones(index.shape[0], dtype=torch.bool)
+    for v in values.values():
+        if v.is_floating_point() or v.is_complex():
+            finite &= torch.isfinite(v.reshape(v.shape[0], -1)).all(1)
+    n_bad = int((~finite).sum())
+    latent = [s.name for s in sites if not s.observed]
+    if n_bad:
+        ranges = _latent_ranges({n: v[~finite] for n, v in values.items()}, latent)
+        msg = (f"{n_bad} of {num_simulations} simulations produced NaN/inf outputs; parameters of "
+               f"those: {ranges}")
+        if n_bad + n_failed > num_simulations / 2:
+            raise SimulationError(msg + ". More than half are invalid: check the simulator and the prior.")
+        warnings.warn(f"simulate: dropped {msg}", stacklevel=2)
+        values = {n: v[finite] for n, v in values.items()}
+        index = index[finite]
+    if n_failed > num_simulations / 2:
+        raise SimulationError(f"{n_failed} of {num_simulations} simulations failed; more than half")
+    meta = {"seed": int(seed), "batch_size": batch_size, "model": model_name, "device": dev.type,
+            "num_requested": num_simulations}
+    return SimulationSet({n: v.to(dev) for n, v in values.items()},
+                         latent_names=latent, observed_names=[s.name for s in sites if s.observed],
+                         num_invalid=n_bad + n_failed, index=index, meta=meta)
