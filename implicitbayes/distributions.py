@@ -36,6 +36,32 @@ def _plate_batch_shape() -> torch.Size:
     return torch.Size(shape)
 
 
+def _align(i: int, p: torch.Tensor, batch_shape: torch.Size, param_event_dims) -> torch.Tensor:
+    """View ``p`` as ``lead + event`` with ``lead`` of length ``len(batch_shape)`` broadcastable to it."""
+    nb = len(batch_shape)
+    if param_event_dims is None:
+        event_dims = max(p.dim() - nb, 0)
+    else:
+        event_dims = param_event_dims if isinstance(param_event_dims, int) else param_event_dims[i]
+        if not isinstance(event_dims, int) or not 0 <= event_dims <= p.dim():
+            raise ValueError(f"Implicit: param_event_dims for parameter {i} must be an int in 0..{p.dim()}, "
+                             f"got {event_dims!r}")
+    lead_ndim = p.dim() - event_dims
+    if lead_ndim < nb:
+        p = p.reshape((1,) * (nb - lead_ndim) + tuple(p.shape))
+    lead = p.shape[:p.dim() - event_dims]
+    try:
+        ok = len(lead) == nb and torch.broadcast_shapes(lead, batch_shape) == batch_shape
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"Implicit: parameter {i} has shape {tuple(p.shape)}, whose batch dimensions {tuple(lead)} do not "
+            f"broadcast to the batch shape {tuple(batch_shape)} of the enclosing plates; sample it inside "
+            "the same plates, give param_event_dims, or close over constants in the simulator")
+    return p
+
+
 def _site_name(distribution: "Implicit") -> str | None:
     """Name of the Pyro site whose ``fn`` is ``distribution``, found in the caller's frames.
 
@@ -69,6 +95,12 @@ class Implicit(dist.TorchDistribution):
             is built); give it.
         vectorized: whether ``simulator`` handles a batch in one call.
         batch_shape: override the batch shape (default: taken from the enclosing plates).
+        param_event_dims: number of event (non-batch) dimensions of each parameter (an int
+            for all, or one per parameter). Given, parameters broadcast against the batch
+            shape right-aligned, as Pyro's do; needed only to pass a global vector into a
+            plate (e.g. ``mu`` of shape ``(d,)`` for every group). Default: a parameter's
+            leading dimensions are its batch dimensions, and one with fewer dimensions than
+            the batch shape is left-padded (a global scalar inside a plate).
 
     Example:
         >>> theta = pyro.sample("theta", dist.Uniform(-1, 1).expand([2]).to_event(1))
@@ -85,6 +117,7 @@ class Implicit(dist.TorchDistribution):
         event_shape: Sequence[int] | None = None,
         vectorized: bool = True,
         batch_shape: Sequence[int] | None = None,
+        param_event_dims: int | Sequence[int] | None = None,
         validate_args: bool | None = None,
     ):
         if not callable(simulator):
@@ -93,24 +126,11 @@ class Implicit(dist.TorchDistribution):
             raise TypeError(f"Implicit: vectorized must be a bool, got {vectorized!r}")
         params = tuple(torch.as_tensor(p) for p in params)
         batch_shape = _plate_batch_shape() if batch_shape is None else torch.Size(batch_shape)
-        nb = len(batch_shape)
-        for i, p in enumerate(params):
-            lead = p.shape[:nb] if p.dim() >= nb else None
-            try:
-                ok = lead is not None and torch.broadcast_shapes(lead, batch_shape) == batch_shape
-            except RuntimeError:
-                ok = False
-            if not ok:
-                raise ValueError(
-                    f"Implicit: parameter {i} has shape {tuple(p.shape)}, whose leading "
-                    f"{nb} dimension(s) should broadcast to the batch shape {tuple(batch_shape)} "
-                    "of the enclosing plates; sample it inside the same plates, or close over "
-                    "constants in the simulator instead of passing them as parameters"
-                )
+        params = tuple(_align(i, p, batch_shape, param_event_dims) for i, p in enumerate(params))
         self.simulator = simulator
         self.params = params
         self.vectorized = vectorized
-        self._param_event_shapes = tuple(p.shape[nb:] for p in params)
+        self._param_event_shapes = tuple(p.shape[len(batch_shape):] for p in params)
         if event_shape is None:
             event_shape = self._probe_event_shape(batch_shape)
         event_shape = torch.Size(event_shape)
@@ -158,10 +178,13 @@ class Implicit(dist.TorchDistribution):
                     f"({n}, ...). If it handles one parameter set at a time, pass vectorized=False"
                 )
             return out
+        # numpy code returns float64 whatever it is given: keep the model in the parameters' dtype
+        dtype = next((p.dtype for p in flat_params if p.is_floating_point()), torch.get_default_dtype())
+        device = flat_params[0].device if flat_params else None
         outs = []
         for i in range(n):
-            o = self.simulator(*(p[i] for p in flat_params))
-            outs.append(torch.as_tensor(o))
+            o = torch.as_tensor(self.simulator(*(p[i] for p in flat_params)), device=device)
+            outs.append(o.to(dtype) if o.is_floating_point() else o)
         if not outs:
             return torch.empty((0,) + tuple(getattr(self, "event_shape", ())))
         shapes = {tuple(o.shape) for o in outs}

@@ -42,6 +42,7 @@ _CHUNK_KIND = "implicitbayes.SimulationChunk"
 _STORE_VERSION = 1
 _INDEX = "__index__"
 DEFAULT_BATCH_SIZE = 10_000
+_TRIAL_ATTEMPTS = 5
 
 
 @dataclass(frozen=True)
@@ -97,14 +98,6 @@ def _chunk_seed(seed: int, chunk: int) -> int:
     return int(np.random.SeedSequence([seed, chunk]).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
 
 
-def _trace(model, args, kwargs, size: int | None, outer_dim: int):
-    tracer = poutine.trace(model)
-    if size is None:
-        return tracer.get_trace(*args, **kwargs)
-    with pyro.plate(_OUTER_PLATE, size, dim=outer_dim):
-        return tracer.get_trace(*args, **kwargs)
-
-
 def _random_sites(trace) -> list[dict]:
     """Sample sites of a trace, without plates' index sites, deterministic sites or ours."""
     return [s for s in trace.nodes.values()
@@ -122,8 +115,23 @@ def model_sites(model: Callable, observed: Sequence[str], model_args=(), model_k
     free for a batch of simulations. Raises ``ValueError`` if an ``observed`` name is not a
     site of the model, listing the sites it has.
     """
-    with _Seeded(seed, torch.device("cpu")):
-        trace = _trace(model, tuple(model_args), dict(model_kwargs or {}), None, -1)
+    # The trial run only reads shapes; it is not part of the results, so a simulator that fails
+    # for some parameters gets a few draws before its failure is reported.
+    for attempt in range(_TRIAL_ATTEMPTS):
+        tracer = poutine.trace(model)
+        try:
+            with _Seeded(seed + attempt, torch.device("cpu")):
+                trace = tracer.get_trace(*tuple(model_args), **dict(model_kwargs or {}))
+            break
+        except Exception as e:  # user code: say it was the trial run, and with which parameters
+            if attempt + 1 < _TRIAL_ATTEMPTS:
+                continue
+            values = {s["name"]: torch.as_tensor(s["value"]).detach().reshape(1, -1)
+                      for s in _random_sites(tracer.msngr.trace) if s.get("value") is not None}
+            raise SimulationError(
+                f"the model failed in all {_TRIAL_ATTEMPTS} trial runs (single unbatched simulations, used to read "
+                f"the sites' shapes), last with {type(e).__name__}: {e}\nparameters: "
+                f"{_latent_ranges(values, list(values))}") from e
     sites, names, used = [], [], 0
     for s in _random_sites(trace):
         names.append(s["name"])
@@ -240,6 +248,8 @@ class _Store:
             raise ValueError(f"store: {str(path)!r} is a non-empty directory that is not a simulation store; "
                              "give a new or empty directory")
         path.mkdir(parents=True, exist_ok=True)
+        for stale in path.glob(".*.tmp"):  # left by a writer killed mid-write; never a finished chunk
+            stale.unlink(missing_ok=True)
         atomic_write_text(mpath, json.dumps(manifest, indent=1))
         return cls(path, manifest)
 

@@ -14,7 +14,7 @@ from importlib.metadata import entry_points
 
 from .base import Task
 
-__all__ = ["get", "names", "Task", "ENTRY_POINT_GROUP"]
+__all__ = ["get", "names", "description", "Task", "ENTRY_POINT_GROUP"]
 
 ENTRY_POINT_GROUP = "implicitbayes.simulators"
 
@@ -55,11 +55,20 @@ def _load(target: str):
     return obj
 
 
-def get(name: str, **options) -> Task:
-    """Build the simulator task ``name`` with ``options`` passed to its constructor."""
+def description(name: str) -> str:
+    """One-line description of ``name``, without building the task."""
+    return _load(_check(name)[name]).description
+
+
+def _check(name: str) -> dict[str, str]:
     registry = _registry()
     if name not in registry:
         close = difflib.get_close_matches(str(name), registry, n=3)
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise ValueError(f"unknown simulator {name!r}{hint} Known: {', '.join(sorted(registry))}")
-    return _load(registry[name])(**options)
+    return registry
+
+
+def get(name: str, **options) -> Task:
+    """Build the simulator task ``name`` with ``options`` passed to its constructor."""
+    return _load(_check(name)[name])(**options)

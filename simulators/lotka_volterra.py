@@ -31,9 +31,11 @@ Policies, identical for both simulators:
 Summaries (``output="summaries"``, 9 values): mean of X and Y, log(variance + 1) of X and Y
 (finite for constant series), autocorrelations at lags 1 and 2 of X, then of Y, and the
 cross-correlation of X and Y (correlations of a constant series are 0). They are normalised by
-the mean and SD of a pilot run of 1 000 prior simulations (fixed seed, its own generator) from
-which blown-up runs are left out, as Papamakarios & Murray reject over-long simulations: the
-few that explode would otherwise set the scale for all others.
+the mean and SD of a pilot run of 1 000 prior simulations of the SDE (fixed seed, its own
+generator) from which blown-up runs are left out, as Papamakarios & Murray reject over-long
+simulations: the few that explode would otherwise set the scale for all others. The MJP uses
+the same SDE pilot (an exact pilot run under the wide prior takes about a minute), so both
+simulators' summaries are on one scale and directly comparable.
 """
 
 from __future__ import annotations
@@ -241,7 +243,7 @@ def lv_mjp(
     if stopped.any():
         out = torch.where(stopped[:, None, None], out.clamp(max=max_population), out)
         if on_blowup == "nan":
-            _nan_after_stop(out, stopped, out[:, :, -1])
+            _nan_after_stop(out, stopped, out[:, :, -1].T)
     return out.to(theta.dtype)
 
 
@@ -283,6 +285,10 @@ class _LotkaVolterra(Task):
     def __init__(self, output: str = "summaries", normalize: bool = True, max_population: float = 1e5,
                  on_blowup: str = "freeze", T: float = 30.0, record_every: float = 0.2,
                  x0: tuple[float, float] = (50.0, 100.0), pilot_size: int = 1000, **engine_options):
+        """Options: ``output`` "summaries" (9) or "raw" ``(2, records)``; ``normalize`` the
+        summaries by the pilot run; blow-up policy, horizon, recording and initial state as in
+        the module docstring; ``engine_options`` go to the simulator (``dt`` for the SDE,
+        ``max_events`` for the MJP)."""
         if output not in ("summaries", "raw"):
             raise ValueError(f"output: expected 'summaries' or 'raw', got {output!r}")
         _check_policy(on_blowup, max_population)
@@ -295,8 +301,9 @@ class _LotkaVolterra(Task):
         if output == "summaries" and self.normalize:
             g = torch.Generator().manual_seed(20171204)  # own generator: the global RNG is untouched
             theta = torch.exp(-5.0 + 7.0 * torch.rand((pilot_size, 4), generator=g))
-            pilot = dict(self.options, on_blowup="nan")  # blown-up pilot runs come out NaN: left out
-            s = lv_summaries(type(self)._engine(theta, generator=g, **pilot))
+            pilot = {k: v for k, v in self.options.items() if k != "max_events"}
+            pilot["on_blowup"] = "nan"  # blown-up pilot runs come out NaN: left out
+            s = lv_summaries(lv_sde(theta, generator=g, **pilot))
             s = s[torch.isfinite(s).all(1)]
             sd = s.std(0)
             self.summary_loc, self.summary_scale = s.mean(0), torch.where(sd > 0, sd, torch.ones_like(sd))

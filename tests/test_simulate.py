@@ -1,0 +1,279 @@
+"""ib.simulate and ib.SimulationSet: seeding, executors, invalid outputs, errors, store, files."""
+
+import concurrent.futures as cf
+import multiprocessing as mp
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+import implicitbayes as ib
+from tests.models import (gaussian_model, hierarchical_model, mostly_invalid_model, numpy_model,
+                          partly_invalid_model, raising_model)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def same(a: ib.SimulationSet, b: ib.SimulationSet) -> bool:
+    return (a.latent_names == b.latent_names and a.observed_names == b.observed_names
+            and torch.equal(a.index, b.index) and all(torch.equal(a[n], b[n]) for n in a.keys()))
+
+
+def test_shapes_names_and_joint_distribution():
+    data = ib.simulate(gaussian_model, 4000, observed="x", seed=0, progress=False)
+    assert len(data) == 4000 and data.latent_names == ("theta",) and data.observed_names == ("x",)
+    assert data["theta"].shape == (4000, 2) and data["x"].shape == (4000, 2)
+    resid = data["x"] - data["theta"]
+    # x | theta ~ N(theta, 0.1^2): residual sd 0.1 within 5 % (n = 8000 values, se 0.8 %)
+    assert abs(resid.std().item() - 0.1) < 0.005
+    assert data["theta"].min() >= -1 and data["theta"].max() <= 1
+    assert torch.equal(data.index, torch.arange(4000))
+
+
+def test_same_seed_same_result_and_global_rng_untouched():
+    torch.manual_seed(123)
+    np.random.seed(5)
+    random.seed(7)
+    before = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    a = ib.simulate(gaussian_model, 500, observed="x", seed=11, batch_size=128, progress=False)
+    after = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    assert torch.equal(before[0], after[0]) and np.array_equal(before[1], after[1]) and before[2] == after[2]
+    b = ib.simulate(gaussian_model, 500, observed="x", seed=11, batch_size=128, progress=False)
+    c = ib.simulate(gaussian_model, 500, observed="x", seed=12, batch_size=128, progress=False)
+    assert same(a, b) and not torch.equal(a["x"], c["x"])
+    assert a.meta["seed"] == 11 and a.meta["batch_size"] == 128
+
+
+def test_seed_none_is_recorded_and_reproducible():
+    a = ib.simulate(gaussian_model, 100, observed="x", progress=False)
+    b = ib.simulate(gaussian_model, 100, observed="x", seed=a.meta["seed"], progress=False)
+    assert same(a, b)
+
+
+def test_numpy_simulator_is_seeded_too():
+    a = ib.simulate(numpy_model, 50, observed="x", seed=3, batch_size=20, progress=False)
+    b = ib.simulate(numpy_model, 50, observed="x", seed=3, batch_size=20, progress=False)
+    assert same(a, b)
+
+
+def test_hierarchical_model_with_latent_implicit_site():
+    data = ib.simulate(hierarchical_model, 300, observed="x", seed=0, progress=False)
+    assert data.latent_names == ("mu", "z") and data.site_shapes == {"mu": (), "z": (4,), "x": (4, 3)}
+    # z_n | mu ~ N(mu, 1): var(z - mu) = 1 (n = 1200 values: se ≈ 0.04)
+    assert abs((data["z"] - data["mu"][:, None]).var().item() - 1.0) < 0.15
+
+
+def test_process_pool_gives_the_local_result():
+    local = ib.simulate(gaussian_model, 1000, observed="x", seed=5, batch_size=100, progress=False)
+    with cf.ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as pool:
+        remote = ib.simulate(gaussian_model, 1000, observed="x", seed=5, batch_size=100, executor=pool,
+                             progress=False)
+    assert same(local, remote)
+
+
+def test_dask_local_cluster_gives_the_local_result():
+    distributed = pytest.importorskip("dask.distributed")
+    local = ib.simulate(gaussian_model, 600, observed="x", seed=8, batch_size=100, progress=False)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        remote = ib.simulate(gaussian_model, 600, observed="x", seed=8, batch_size=100,
+                             executor=client.get_executor(), progress=False)
+    assert same(local, remote)
+
+
+def test_invalid_outputs_are_dropped_counted_and_reported():
+    with pytest.warns(UserWarning, match=r"NaN/inf outputs; parameters of those: theta ∈ \[0\.6"):
+        data = ib.simulate(partly_invalid_model, 2000, observed="x", seed=1, progress=False)
+    # P(theta_0 > 0.6) = 0.2 under U(-1, 1): about 400 of 2000 dropped
+    assert 300 < data.num_invalid < 500 and len(data) + data.num_invalid == 2000
+    assert torch.isfinite(data["x"]).all() and (data["theta"][:, 0] <= 0.6).all()
+    kept = set(data.index.tolist())
+    assert len(kept) == len(data) and kept <= set(range(2000))
+
+
+def test_mostly_invalid_is_an_error():
+    with pytest.raises(ib.SimulationError, match="More than half"):
+        ib.simulate(mostly_invalid_model, 500, observed="x", seed=0, progress=False)
+
+
+def test_simulator_error_names_chunk_and_parameters():
+    with pytest.raises(ib.SimulationError, match=r"(chunk \d+ \(simulations \d+\.\.\d+|trial run).*simulator exploded") as info:
+        ib.simulate(raising_model, 1000, observed="x", seed=0, batch_size=50, progress=False)
+    assert "theta ∈" in str(info.value)
+
+
+def test_on_error_drop_counts_failed_chunks():
+    with pytest.warns(UserWarning, match="dropped .* failing chunk"):
+        data = ib.simulate(raising_model, 400, observed="x", seed=0, batch_size=10, on_error="drop",
+                           retries=1, progress=False)
+    assert data.num_invalid > 0 and len(data) + data.num_invalid == 400
+    assert (data["theta"][:, 0] <= 0.9).all()
+    assert len(set(data.index.tolist())) == len(data)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(num_simulations=0), "num_simulations"),
+    (dict(num_simulations=-3), "num_simulations"),
+    (dict(num_simulations=2.5), "num_simulations"),
+    (dict(batch_size=0), "batch_size"),
+    (dict(observed="y"), r"observed: \['y'\] is not a site of the model; its sample sites are \['theta', 'x'\]"),
+    (dict(observed=[]), "observed"),
+    (dict(device="tpu9"), "device"),
+    (dict(seed=-1), "seed"),
+    (dict(on_error="ignore"), "on_error"),
+    (dict(retries=-1), "retries"),
+])
+def test_bad_arguments_fail_early(kwargs, match):
+    args = dict(num_simulations=10, observed="x", progress=False)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        ib.simulate(gaussian_model, **args)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+def test_cuda_absent_is_a_clear_error():
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        ib.simulate(gaussian_model, 10, observed="x", device="cuda", progress=False)
+
+
+def test_executor_must_be_an_executor():
+    with pytest.raises(TypeError, match="executor"):
+        ib.simulate(gaussian_model, 10, observed="x", executor=object(), progress=False)
+
+
+def test_observed_site_conditioned_in_the_model_is_an_error():
+    conditioned = pyro.condition(gaussian_model, data={"x": torch.zeros(2)})
+    with pytest.raises(ValueError, match="already conditioned"):
+        ib.simulate(conditioned, 10, observed="x", progress=False)
+
+
+@pytest.mark.gpu
+def test_simulate_on_gpu():
+    data = ib.simulate(gaussian_model, 1000, observed="x", seed=0, device="cuda", progress=False)
+    assert data["x"].device.type == "cuda"
+    again = ib.simulate(gaussian_model, 1000, observed="x", seed=0, device="cuda", progress=False)
+    assert torch.equal(data["x"], again["x"])
+
+
+# -- store -------------------------------------------------------------------------------
+def test_store_resumes_missing_chunks_exactly(tmp_path):
+    full = ib.simulate(gaussian_model, 300, observed="x", seed=4, batch_size=40, progress=False)
+    store = tmp_path / "store"
+    first = ib.simulate(gaussian_model, 300, observed="x", seed=4, batch_size=40, store=store, progress=False)
+    assert same(full, first)
+    chunks = sorted(store.glob("chunk-*.safetensors"))
+    assert len(chunks) == 8
+    for p in chunks[2:5]:
+        p.unlink()
+    mtimes = {p: p.stat().st_mtime_ns for p in chunks[:2]}
+    resumed = ib.simulate(gaussian_model, 300, observed="x", seed=4, batch_size=40, store=store, progress=False)
+    assert same(full, resumed)
+    assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())  # kept chunks were not redone
+
+
+def test_store_grows_and_takes_its_seed(tmp_path):
+    store = tmp_path / "s"
+    ib.simulate(gaussian_model, 100, observed="x", seed=9, batch_size=30, store=store, progress=False)
+    grown = ib.simulate(gaussian_model, 200, observed="x", batch_size=30, store=store, progress=False)
+    assert same(grown, ib.simulate(gaussian_model, 200, observed="x", seed=9, batch_size=30, progress=False))
+
+
+def test_store_with_other_settings_is_refused(tmp_path):
+    store = tmp_path / "s"
+    ib.simulate(gaussian_model, 50, observed="x", seed=1, batch_size=10, store=store, progress=False)
+    with pytest.raises(ib.StoreMismatchError, match="batch_size: store has 10, asked 20"):
+        ib.simulate(gaussian_model, 50, observed="x", seed=1, batch_size=20, store=store, progress=False)
+    with pytest.raises(ib.StoreMismatchError, match="seed"):
+        ib.simulate(gaussian_model, 50, observed="x", seed=2, batch_size=10, store=store, progress=False)
+
+
+def test_store_refuses_a_foreign_directory(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not a simulation store"):
+        ib.simulate(gaussian_model, 10, observed="x", seed=0, store=tmp_path, progress=False)
+
+
+def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_result(tmp_path):
+    store = tmp_path / "store"
+    script = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import implicitbayes as ib; "
+              "from tests.models import sleepy_model; "
+              f"ib.simulate(sleepy_model, 200, observed='x', seed=21, batch_size=10, store={str(store)!r}, progress=False)")
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.time() + 120
+        while len(list(store.glob("chunk-*.safetensors"))) < 5:
+            assert proc.poll() is None, "the simulation process ended before it could be killed"
+            assert time.time() < deadline, "no chunks written in time"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    written = len(list(store.glob("chunk-*.safetensors")))
+    assert 5 <= written < 20, "kill came too late to test resumption"
+    resumed = ib.simulate(sleepy_model_local(), 200, observed="x", seed=21, batch_size=10, store=store, progress=False)
+    reference = ib.simulate(sleepy_model_local(), 200, observed="x", seed=21, batch_size=10, progress=False)
+    assert same(resumed, reference)
+    assert not list(store.glob(".*.tmp")), "stale temporary files left in the store"
+
+
+def sleepy_model_local():
+    from tests.models import sleepy_model
+
+    return sleepy_model
+
+
+# -- SimulationSet ------------------------------------------------------------------------
+def test_save_load_round_trip(tmp_path):
+    data = ib.simulate(hierarchical_model, 50, observed="x", seed=0, progress=False)
+    data.save(tmp_path / "d.safetensors")
+    back = ib.SimulationSet.load(tmp_path / "d.safetensors")
+    assert same(data, back) and back.meta == data.meta and back.num_invalid == data.num_invalid
+
+
+def test_loading_corrupt_truncated_or_foreign_files_is_a_clear_error(tmp_path):
+    data = ib.simulate(gaussian_model, 20, observed="x", seed=0, progress=False)
+    good = tmp_path / "good.safetensors"
+    data.save(good)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    with pytest.raises(ib.FormatError, match="truncated.safetensors"):
+        ib.SimulationSet.load(truncated)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x80\x04not a safetensors file at all")
+    with pytest.raises(ib.FormatError, match="garbage.safetensors"):
+        ib.SimulationSet.load(garbage)
+    from safetensors.torch import save_file
+
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(3)}, str(foreign))
+    with pytest.raises(ib.FormatError, match="not one written by implicitbayes"):
+        ib.SimulationSet.load(foreign)
+    with pytest.raises(FileNotFoundError):
+        ib.SimulationSet.load(tmp_path / "missing.safetensors")
+
+
+def test_extend_subset_to():
+    a = ib.simulate(gaussian_model, 30, observed="x", seed=0, progress=False)
+    b = ib.simulate(gaussian_model, 20, observed="x", seed=1, progress=False)
+    n = len(a)
+    a.extend(b)
+    assert len(a) == n + 20 and torch.equal(a["x"][n:], b["x"])
+    sub = a.subset(torch.arange(5))
+    assert len(sub) == 5 and torch.equal(sub["theta"], a["theta"][:5])
+    assert a.to("cpu")["x"].device.type == "cpu"
+    other = ib.simulate(hierarchical_model, 5, observed="x", seed=0, progress=False)
+    with pytest.raises(ValueError, match="sites differ"):
+        a.extend(other)
+    with pytest.raises(KeyError, match="sites: "):
+        a["nope"]
