@@ -194,7 +194,8 @@ class SIR(_ODETask):
     def prior(self):
         return dist.LogNormal(torch.tensor([math.log(0.4), math.log(0.125)]), torch.tensor([0.5, 0.2])).to_event(1)
 
-    def _simulate(self, theta, g):
+    def solve(self, theta: torch.Tensor) -> torch.Tensor:
+        """Noise-free infected fraction I/N on days 0, 17, ..., 153: ``(n, 10)``, float64."""
         n = theta.shape[0]
         beta, gamma = theta[:, :1].double(), theta[:, 1:].double()
         N = self.population
@@ -207,8 +208,10 @@ class SIR(_ODETask):
 
         u0 = torch.tensor([[N - 1.0, 1.0, 0.0]], dtype=torch.float64, device=theta.device).expand(n, 3)
         u = self._solve(rhs, u0, self.days, 1.0)  # (161, n, 3)
-        infected = u[::17, :, 1].T  # days 0, 17, ..., 153
-        p = (infected / N).clamp(0.0, 1.0).to(theta.dtype)
+        return u[::17, :, 1].T / N  # days 0, 17, ..., 153
+
+    def _simulate(self, theta, g):
+        p = self.solve(theta).clamp(0.0, 1.0).to(theta.dtype)
         count = torch.full_like(p, float(self.total_count))
         return torch.binomial(count, p, generator=g)
 
