@@ -54,21 +54,27 @@ class TwoMoons(Task):
         return p + torch.stack([-z0.abs(), z1], dim=1)
 
 
-class GaussianLinear(Task):
-    """theta ~ N(0, 0.1 I_10), x ~ N(theta, 0.1 I_10); sbibm's scales are variances."""
+class _GaussianLinearSimulator(Task):
+    """x ~ N(theta, 0.1 I_10) (sbibm's "scale" is a variance)."""
+
+    theta_dim, x_shape = 10, (10,)
+    simulator_var = 0.1
+
+    def _simulate(self, theta, g):
+        return theta + math.sqrt(self.simulator_var) * _randn(theta.shape, theta, g)
+
+
+class GaussianLinear(_GaussianLinearSimulator):
+    """theta ~ N(0, 0.1 I_10), x ~ N(theta, 0.1 I_10); the posterior is Gaussian."""
 
     name = "gaussian_linear"
     sbibm_name = "gaussian_linear"
     description = "10-D Gaussian mean with a Gaussian prior; analytic posterior (sbibm)"
-    theta_dim, x_shape = 10, (10,)
-    prior_var = simulator_var = 0.1
+    prior_var = 0.1
 
     @property
     def prior(self):
         return dist.Normal(torch.zeros(10), math.sqrt(self.prior_var) * torch.ones(10)).to_event(1)
-
-    def _simulate(self, theta, g):
-        return theta + math.sqrt(self.simulator_var) * _randn(theta.shape, theta, g)
 
     def posterior(self, x: torch.Tensor) -> dist.Distribution:
         """The exact posterior p(theta | x) for one observation ``x (10,)``."""
@@ -76,7 +82,9 @@ class GaussianLinear(Task):
         return dist.Normal(var / self.simulator_var * x, math.sqrt(var) * torch.ones_like(x)).to_event(1)
 
 
-class GaussianLinearUniform(GaussianLinear):
+class GaussianLinearUniform(_GaussianLinearSimulator):
+    """theta ~ U(-1, 1)^10, x ~ N(theta, 0.1 I_10); the posterior is a truncated Gaussian."""
+
     name = "gaussian_linear_uniform"
     sbibm_name = "gaussian_linear_uniform"
     description = "10-D Gaussian mean with a uniform prior on [-1, 1]^10 (sbibm)"
@@ -84,9 +92,6 @@ class GaussianLinearUniform(GaussianLinear):
     @property
     def prior(self):
         return _uniform_box(1.0, 10)
-
-    def posterior(self, x):
-        raise NotImplementedError("the posterior is a truncated Gaussian; use reference_samples(k)")
 
 
 class SLCP(Task):

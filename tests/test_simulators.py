@@ -176,3 +176,14 @@ def test_g_and_k_robust_summaries():
     assert abs(s[:, 2].mean()) < 0.02 and abs(s[:, 3].mean() - 1.2331) < 0.02
     with pytest.raises(ValueError, match="summary"):
         simulators.get("g_and_k", summary="quartiles")
+
+
+def test_missing_sbibm_files_give_an_install_hint(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sbibm" else real(name, *a))
+    task = simulators.get("two_moons")
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps sbibm==1\.1\.0"):
+        task.observation(1)
+    assert task.simulate(task.prior.sample((3,)), seed=0).shape == (3, 2)  # simulating needs no files

@@ -1,0 +1,150 @@
+"""Lotka–Volterra SDE throughput: implicitbayes' simulator vs torchsde on the identical CLE.
+
+Both integrate the chemical Langevin equation of the LV reactions (simulators/lotka_volterra.py)
+with Euler–Maruyama, batch 16 384 paths at θ*, dt = 0.01, T = 30, recorded every 0.2, float32,
+in the same process. torchsde gets its fastest formulation: diagonal noise with the two
+merged Brownian motions (√(h1+h2) dB1, √(h3+h4) dB2; the same process in law), and
+absorption at 0 in the drift/diffusion by clamping. Peak memory is the process' peak RSS
+increase (ru_maxrss) measured in a fresh subprocess per simulator.
+
+Writes benchmarks/results/simulate_lv.json and .md. Usage:
+    python benchmarks/simulate_lv.py [--batch 16384] [--repeats 3] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from simulators.lotka_volterra import THETA_STAR, lv_sde  # noqa: E402
+
+T, DT, RECORD = 30.0, 0.01, 0.2
+
+
+def run_ours(theta: torch.Tensor, backend: str) -> torch.Tensor:
+    return lv_sde(theta, dt=DT, T=T, record_every=RECORD, backend=backend,
+                  generator=torch.Generator(theta.device).manual_seed(0))
+
+
+def run_torchsde(theta: torch.Tensor) -> torch.Tensor:
+    import torchsde
+
+    class CLE(torch.nn.Module):
+        noise_type, sde_type = "diagonal", "ito"
+
+        def __init__(self, rates):
+            super().__init__()
+            self.register_buffer("rates", rates)
+
+        def _hazards(self, u):
+            u = u.clamp_min(0.0)
+            x, y = u[:, 0], u[:, 1]
+            r = self.rates
+            return r[:, 0] * x * y, r[:, 1] * x, r[:, 2] * y, r[:, 3] * x * y
+
+        def f(self, t, u):
+            a, b, c, d = self._hazards(u)
+            return torch.stack([a - b, c - d], 1)
+
+        def g(self, t, u):
+            a, b, c, d = self._hazards(u)
+            return torch.stack([(a + b).sqrt(), (c + d).sqrt()], 1)
+
+    n = theta.shape[0]
+    u0 = torch.tensor([50.0, 100.0], device=theta.device).expand(n, 2).contiguous()
+    ts = torch.arange(0, round(T / RECORD) + 1, device=theta.device) * RECORD
+    bm = torchsde.BrownianInterval(t0=0.0, t1=T, size=(n, 2), device=theta.device, entropy=0)
+    with torch.no_grad():
+        return torchsde.sdeint(CLE(theta), u0, ts, method="euler", dt=DT, bm=bm).clamp_min(0.0)
+
+
+def measure(name: str, batch: int, repeats: int, device: str) -> dict:
+    theta = torch.tensor(THETA_STAR, device=device).expand(batch, 4).contiguous()
+    fn = {"ours-eager": lambda: run_ours(theta, "eager"), "ours-compiled": lambda: run_ours(theta, "compile"),
+          "torchsde": lambda: run_torchsde(theta)}[name]
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    out = fn()  # warm-up (and compilation, timed separately)
+    sync(device)
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    steps = round(T / DT)
+    best = min(times)
+    return {"simulator": name, "batch": batch, "steps": steps, "seconds": best, "first_call_seconds": first,
+            "path_steps_per_s": batch * steps / best, "finite": bool(torch.isfinite(out).all()),
+            "peak_rss_increase_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024,
+            "device": device}
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=16384)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--only", default=None, help=argparse.SUPPRESS)  # one simulator, in a subprocess
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = p.parse_args()
+    if args.only:
+        print(json.dumps(measure(args.only, args.batch, args.repeats, args.device)))
+        return
+    rows = []
+    for name in ("torchsde", "ours-eager", "ours-compiled"):
+        cmd = [sys.executable, __file__, "--only", name, "--batch", str(args.batch), "--repeats", str(args.repeats),
+               "--device", args.device]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            print(res.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"{name} failed")
+        rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        print(f"{name:14s} {rows[-1]['path_steps_per_s']:.3g} path-steps/s ({rows[-1]['seconds']:.2f} s)")
+    peer = next(r for r in rows if r["simulator"] == "torchsde")["path_steps_per_s"]
+    for r in rows:
+        r["speedup_vs_torchsde"] = r["path_steps_per_s"] / peer
+    env = {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
+           "machine": platform.machine(), "cpu_count": __import__("os").cpu_count()}
+    try:
+        import torchsde
+
+        env["torchsde"] = torchsde.__version__
+    except ImportError:
+        pass
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "simulate_lv" if args.device == "cpu" else f"simulate_lv_{args.device.replace(':', '')}"
+    (out / f"{stem}.json").write_text(json.dumps({"config": {"T": T, "dt": DT, "record_every": RECORD,
+                                                               "batch": args.batch, "theta": THETA_STAR},
+                                                    "environment": env, "results": rows}, indent=1))
+    lines = [f"# Lotka–Volterra SDE throughput ({args.device}, batch {args.batch}, dt {DT}, T {T}, record every {RECORD})",
+             "", f"torch {env['torch']}, {env['threads']} threads, torchsde {env.get('torchsde', '-')}", "",
+             "| simulator | path-steps/s | seconds | first call (s) | × torchsde | peak RSS increase (MB) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['simulator']} | {r['path_steps_per_s']:.3g} | {r['seconds']:.3f} | "
+                     f"{r['first_call_seconds']:.1f} | {r['speedup_vs_torchsde']:.1f} | {r['peak_rss_increase_mb']:.0f} |")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
