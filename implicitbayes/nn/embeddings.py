@@ -1,0 +1,180 @@
+"""Summary networks e(y): standardisation, residual MLP, causal dilated convolutions, GRU, DeepSets.
+
+Every embedding is an ``nn.Module`` with ``forward(y) -> (n, out_features)`` and an
+``out_features`` attribute; an embedding can be shared by a generator and a critic (pass the
+same module) or kept separate.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["Standardize", "ResidualMLP", "CausalConvEmbedding", "GRUEmbedding", "DeepSets", "Flatten"]
+
+
+class Standardize(nn.Module):
+    """z-scoring fitted from data, saved with the model (buffers).
+
+    ``log="auto"`` (default) standardises in log space every feature that is strictly positive
+    in the fitting data: positive, heavy-tailed outputs (populations, concentrations) are
+    near-Gaussian on the log scale, where a network learns far better. Constant features get
+    scale 1. ``forward`` works on ``(n, *shape)`` and keeps the shape.
+    """
+
+    def __init__(self, shape: Sequence[int], log: bool | str = "auto"):
+        super().__init__()
+        if log not in (True, False, "auto"):
+            raise ValueError(f"log: expected True, False or 'auto', got {log!r}")
+        self.shape = tuple(shape)
+        self.log_mode = log
+        self.register_buffer("loc", torch.zeros(self.shape))
+        self.register_buffer("scale", torch.ones(self.shape))
+        self.register_buffer("use_log", torch.zeros(self.shape, dtype=torch.bool))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+
+    @torch.no_grad()
+    def fit(self, data: torch.Tensor) -> "Standardize":
+        """Fit on ``data (n, *shape)``; raises on non-finite values or a wrong shape."""
+        data = torch.as_tensor(data, dtype=self.loc.dtype, device=self.loc.device)
+        if tuple(data.shape[1:]) != self.shape or data.shape[0] < 2:
+            raise ValueError(f"Standardize.fit: expected data of shape (n >= 2, {self.shape}), got {tuple(data.shape)}")
+        if not torch.isfinite(data).all():
+            raise ValueError("Standardize.fit: data contains NaN or inf")
+        if self.log_mode == "auto":
+            use_log = (data > 0).all(0)
+        else:
+            use_log = torch.full(self.shape, bool(self.log_mode), device=data.device)
+            if self.log_mode and not (data > 0).all():
+                raise ValueError("Standardize.fit: log=True needs strictly positive data")
+        z = torch.where(use_log, data.clamp_min(1e-30).log(), data)
+        sd = z.std(0)
+        self.loc.copy_(z.mean(0))
+        self.scale.copy_(torch.where(sd > 0, sd, torch.ones_like(sd)))
+        self.use_log.copy_(use_log)
+        self.fitted.fill_(True)
+        return self
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        z = torch.where(self.use_log, y.clamp_min(1e-30).log(), y)
+        return (z - self.loc) / self.scale
+
+
+class Flatten(nn.Module):
+    """``(n, *shape)`` → ``(n, prod(shape))``: the identity embedding for vector data."""
+
+    def __init__(self, shape: Sequence[int]):
+        super().__init__()
+        self.shape = tuple(shape)
+        self.out_features = math.prod(self.shape)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return y.reshape(y.shape[0], self.out_features)
+
+
+class _ResidualBlock(nn.Module):
+    def __init__(self, width: int, activation: type[nn.Module], dropout: float):
+        super().__init__()
+        self.net = nn.Sequential(activation(), nn.Linear(width, width), activation(), nn.Dropout(dropout),
+                                 nn.Linear(width, width))
+        nn.init.zeros_(self.net[-1].weight)  # each block starts as the identity
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, h):
+        return h + self.net(h)
+
+
+class ResidualMLP(nn.Module):
+    """``(n, in_features)`` → ``(n, out_features)`` through ``blocks`` pre-activation residual blocks."""
+
+    def __init__(self, in_features: int, out_features: int, hidden: int = 128, blocks: int = 2,
+                 activation: type[nn.Module] = nn.SiLU, dropout: float = 0.0):
+        super().__init__()
+        self.out_features = out_features
+        self.net = nn.Sequential(nn.Linear(in_features, hidden),
+                                 *[_ResidualBlock(hidden, activation, dropout) for _ in range(blocks)],
+                                 activation(), nn.Linear(hidden, out_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class CausalConvEmbedding(nn.Module):
+    """WaveNet-style stack for multichannel time series ``(n, channels, time)`` → ``(n, out)``.
+
+    Dilated causal 1-D convolutions (dilations 1, 2, 4, …) with gated activations
+    tanh(a)·σ(b), residual and skip connections; the skips are pooled over time (mean and
+    last step) and mapped to ``out_features``. The receptive field is
+    ``1 + (kernel_size − 1)·(2^layers − 1)`` steps.
+    """
+
+    def __init__(self, channels: int, out_features: int, hidden: int = 32, layers: int = 6, kernel_size: int = 2):
+        super().__init__()
+        self.out_features = out_features
+        self.kernel_size = kernel_size
+        self.inp = nn.Conv1d(channels, hidden, 1)
+        self.dilations = [2**i for i in range(layers)]
+        self.filters = nn.ModuleList(nn.Conv1d(hidden, 2 * hidden, kernel_size, dilation=d) for d in self.dilations)
+        self.residuals = nn.ModuleList(nn.Conv1d(hidden, hidden, 1) for _ in self.dilations)
+        self.skips = nn.ModuleList(nn.Conv1d(hidden, hidden, 1) for _ in self.dilations)
+        self.out = nn.Sequential(nn.SiLU(), nn.Linear(2 * hidden, hidden), nn.SiLU(), nn.Linear(hidden, out_features))
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        if y.dim() != 3:
+            raise ValueError(f"CausalConvEmbedding: expected (n, channels, time), got {tuple(y.shape)}")
+        h = self.inp(y)
+        skip = 0
+        for d, conv, res, sk in zip(self.dilations, self.filters, self.residuals, self.skips):
+            a, b = conv(nn.functional.pad(h, ((self.kernel_size - 1) * d, 0))).chunk(2, dim=1)
+            g = torch.tanh(a) * torch.sigmoid(b)
+            h = h + res(g)
+            skip = skip + sk(g)
+        return self.out(torch.cat([skip.mean(-1), skip[..., -1]], dim=1))
+
+
+class GRUEmbedding(nn.Module):
+    """GRU over a multichannel time series ``(n, channels, time)``; the last hidden state → ``(n, out)``."""
+
+    def __init__(self, channels: int, out_features: int, hidden: int = 64, layers: int = 1):
+        super().__init__()
+        self.out_features = out_features
+        self.gru = nn.GRU(channels, hidden, num_layers=layers, batch_first=True)
+        self.out = nn.Linear(hidden, out_features)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        if y.dim() != 3:
+            raise ValueError(f"GRUEmbedding: expected (n, channels, time), got {tuple(y.shape)}")
+        _, h = self.gru(y.transpose(1, 2))
+        return self.out(h[-1])
+
+
+class DeepSets(nn.Module):
+    """Permutation-invariant embedding of exchangeable sets ``(n, set_size, features)`` → ``(n, out)``.
+
+    ρ(pool_i φ(x_i)) with ``pool`` the mean (default), sum, or mean and max concatenated
+    (Zaheer et al. 2017). The mean keeps the output scale independent of the set size.
+    """
+
+    def __init__(self, features: int, out_features: int, hidden: int = 64, pool: str = "mean"):
+        super().__init__()
+        if pool not in ("mean", "sum", "mean+max"):
+            raise ValueError(f"pool: expected 'mean', 'sum' or 'mean+max', got {pool!r}")
+        self.out_features, self.pool = out_features, pool
+        self.phi = nn.Sequential(nn.Linear(features, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU())
+        width = 2 * hidden if pool == "mean+max" else hidden
+        self.rho = nn.Sequential(nn.Linear(width, hidden), nn.SiLU(), nn.Linear(hidden, out_features))
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        if y.dim() != 3:
+            raise ValueError(f"DeepSets: expected (n, set_size, features), got {tuple(y.shape)}")
+        h = self.phi(y)
+        if self.pool == "mean":
+            pooled = h.mean(1)
+        elif self.pool == "sum":
+            pooled = h.sum(1)
+        else:
+            pooled = torch.cat([h.mean(1), h.max(1).values], dim=1)
+        return self.rho(pooled)
