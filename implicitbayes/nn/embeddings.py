@@ -122,7 +122,8 @@ class CausalConvEmbedding(nn.Module):
         self.skips = nn.ModuleList(nn.Conv1d(hidden, hidden, 1) for _ in self.dilations)
         self.out = nn.Sequential(nn.SiLU(), nn.Linear(2 * hidden, hidden), nn.SiLU(), nn.Linear(hidden, out_features))
 
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
+    def sequence_features(self, y: torch.Tensor) -> torch.Tensor:
+        """Summed skip connections per time step, ``(n, hidden, time)``; step t sees y[..., :t+1] only."""
         if y.dim() != 3:
             raise ValueError(f"CausalConvEmbedding: expected (n, channels, time), got {tuple(y.shape)}")
         h = self.inp(y)
@@ -132,6 +133,10 @@ class CausalConvEmbedding(nn.Module):
             g = torch.tanh(a) * torch.sigmoid(b)
             h = h + res(g)
             skip = skip + sk(g)
+        return skip
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        skip = self.sequence_features(y)
         return self.out(torch.cat([skip.mean(-1), skip[..., -1]], dim=1))
 
 

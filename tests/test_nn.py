@@ -1,0 +1,134 @@
+"""Embeddings, implicit generator and critic: shapes, invariances, support, devices."""
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+import implicitbayes as ib
+from implicitbayes.nn import (CausalConvEmbedding, Critic, DeepSets, Flatten, GRUEmbedding, ImplicitGenerator,
+                              ResidualMLP, Standardize)
+
+
+def test_standardize_fits_log_space_for_positive_features_and_is_saved():
+    g = torch.Generator().manual_seed(0)
+    positive = torch.exp(2 + 1.5 * torch.randn(5000, 1, generator=g))  # log-normal, heavy-tailed
+    signed = 3 + 2 * torch.randn(5000, 1, generator=g)
+    constant = torch.full((5000, 1), 4.0)
+    data = torch.cat([positive, signed, constant], 1)
+    s = Standardize((3,)).fit(data)
+    assert s.use_log.tolist() == [True, False, True]  # strictly positive features, the constant too
+    z = s(data)
+    assert torch.allclose(z[:, :2].mean(0), torch.zeros(2), atol=1e-4)
+    assert torch.allclose(z[:, :2].std(0), torch.ones(2), atol=1e-3) and z[:, 2].abs().max() < 1e-6
+    again = Standardize((3,))
+    again.load_state_dict(s.state_dict())
+    assert torch.equal(again(data), z)
+    with pytest.raises(ValueError, match="NaN"):
+        Standardize((3,)).fit(torch.full((4, 3), float("nan")))
+    with pytest.raises(ValueError, match="shape"):
+        Standardize((3,)).fit(torch.zeros(4, 2))
+    with pytest.raises(ValueError, match="strictly positive"):
+        Standardize((3,), log=True).fit(data - 10)
+
+
+def test_embedding_shapes():
+    y = torch.randn(7, 2, 151)
+    assert CausalConvEmbedding(2, 16)(y).shape == (7, 16)
+    assert GRUEmbedding(2, 16)(y).shape == (7, 16)
+    assert ResidualMLP(10, 4)(torch.randn(7, 10)).shape == (7, 4)
+    assert Flatten((3, 4))(torch.randn(7, 3, 4)).shape == (7, 12)
+    assert DeepSets(5, 8)(torch.randn(7, 10, 5)).shape == (7, 8)
+    for bad in (CausalConvEmbedding(2, 16), GRUEmbedding(2, 16), DeepSets(2, 8)):
+        with pytest.raises(ValueError, match="expected"):
+            bad(torch.randn(7, 2))
+
+
+def test_causal_convolutions_do_not_look_ahead():
+    torch.manual_seed(0)
+    emb = CausalConvEmbedding(2, 8, layers=5)
+    y = torch.randn(1, 2, 60)
+    y2 = y.clone()
+    y2[..., 40:] += 1.0
+    a, b = emb.sequence_features(y), emb.sequence_features(y2)
+    assert torch.allclose(a[..., :40], b[..., :40]) and not torch.allclose(a[..., 40:], b[..., 40:])
+
+
+@pytest.mark.parametrize("pool", ["mean", "sum", "mean+max"])
+def test_deepsets_is_permutation_invariant(pool):
+    torch.manual_seed(0)
+    emb = DeepSets(3, 6, pool=pool)
+    x = torch.randn(4, 9, 3)
+    assert torch.allclose(emb(x), emb(x[:, torch.randperm(9)]), atol=1e-6)
+
+
+def bounded_model():
+    pyro.sample("a", dist.Uniform(-1.0, 2.0))
+    pyro.sample("b", ib.LogUniform(torch.full((2,), 0.1), torch.full((2,), 10.0)).to_event(1))
+
+
+@pytest.mark.parametrize("injection", ["concat", "multiplicative", "both"])
+def test_generator_samples_inside_the_prior_support(injection):
+    torch.manual_seed(0)
+    space = ib.ParameterSpace.from_model(bounded_model, ["a", "b"])
+    gen = ImplicitGenerator(4, space.unconstrained_dim, noise_injection=injection, space=space, hidden=32, layers=3)
+    with torch.no_grad():
+        for p in gen.out.parameters():
+            p.mul_(50.0)  # push outputs far into the tails: the map must still land inside
+        draws = gen.sample(torch.randn(6, 4), 500)
+    assert draws.shape == (6, 500, 3)
+    assert ((draws[..., 0] >= -1) & (draws[..., 0] <= 2)).all()
+    assert ((draws[..., 1:] >= 0.1) & (draws[..., 1:] <= 10)).all()
+    # the draws depend on the noise: an implicit distribution, not a point
+    assert draws.std(1).min() > 0
+    u = gen.sample(torch.randn(6, 4), 3, constrained=False)
+    assert u.shape == (6, 3, space.unconstrained_dim)
+
+
+def test_generator_errors():
+    with pytest.raises(ValueError, match="noise_injection"):
+        ImplicitGenerator(2, 2, noise_injection="add")
+    gen = ImplicitGenerator(2, 2, noise_features=3)
+    with pytest.raises(ValueError, match="noise"):
+        gen(torch.randn(4, 2), torch.randn(4, 5, 2))
+    space = ib.ParameterSpace.from_model(bounded_model, ["a", "b"])
+    with pytest.raises(ValueError, match="unconstrained"):
+        ImplicitGenerator(2, 5, space=space)
+
+
+@pytest.mark.parametrize("kind", ["joint", "projection"])
+def test_critic_shapes_and_draws(kind):
+    critic = Critic(3, 4, hidden=16, kind=kind)
+    c, theta = torch.randn(5, 4), torch.randn(5, 3)
+    assert critic(c, theta).shape == (5,)
+    many = torch.randn(5, 7, 3)
+    out = critic(c, many)
+    assert out.shape == (5, 7)
+    assert torch.allclose(out[:, 2], critic(c, many[:, 2]), atol=1e-6)
+
+
+def test_spectral_norm_critic_is_lipschitz():
+    torch.manual_seed(0)
+    critic = Critic(2, 0, hidden=64, spectral_norm=True, activation=torch.nn.ReLU)
+    for _ in range(20):  # power iterations converge during forward passes in training mode
+        critic(torch.zeros(8, 0), torch.randn(8, 2))
+    critic.eval()
+    x = torch.randn(2000, 2, requires_grad=True)
+    (grad,) = torch.autograd.grad(critic(torch.zeros(2000, 0), x).sum(), x)
+    assert grad.norm(dim=1).max() <= 1.05
+
+
+def test_blocks_move_with_to():
+    emb = Standardize((3,)).fit(torch.rand(10, 3) + 1)
+    assert all(b.device.type == "cpu" for b in emb.to("cpu").buffers())
+
+
+@pytest.mark.gpu
+def test_blocks_on_gpu():
+    from implicitbayes.nn import build_flow
+
+    gen = ImplicitGenerator(4, 2).cuda()
+    assert gen.sample(torch.randn(3, 4, device="cuda"), 5).device.type == "cuda"
+    flow = build_flow("nsf", 2, 4).cuda()
+    assert flow(torch.randn(3, 4, device="cuda")).sample().device.type == "cuda"
+    assert Critic(2, 4).cuda()(torch.randn(3, 4, device="cuda"), torch.randn(3, 2, device="cuda")).shape == (3,)
