@@ -2,6 +2,7 @@
 
 from .distributions import Implicit, LogUniform
 from .errors import FormatError, IntractableLikelihoodError, SimulationError, StoreMismatchError
+from .infer import NPE, ImplicitVI, TrainingError, load
 from .simulate import simulate
 from .simulation_set import SimulationSet
 from .space import ParameterSpace
@@ -18,4 +19,8 @@ __all__ = [
     "simulate",
     "SimulationSet",
     "ParameterSpace",
+    "ImplicitVI",
+    "NPE",
+    "TrainingError",
+    "load",
 ]

@@ -18,7 +18,55 @@ from torch.distributions import Transform, biject_to, constraints
 
 from .simulate import _Seeded, _random_sites
 
-__all__ = ["ParameterSpace", "SiteSpace"]
+__all__ = ["ParameterSpace", "SiteSpace", "constraint_to_json", "constraint_from_json"]
+
+
+def _bound(v) -> float | list:
+    t = torch.as_tensor(v)
+    return t.item() if t.dim() == 0 else t.tolist()
+
+
+def constraint_to_json(c: constraints.Constraint, site: str = "?") -> dict:
+    """Describe a support as JSON: real, positive, nonnegative, unit_interval, interval,
+    greater_than(_eq), less_than, simplex, and ``independent`` wrappings of these."""
+    if isinstance(c, constraints.independent):
+        return {"type": "independent", "base": constraint_to_json(c.base_constraint, site),
+                "reinterpreted_batch_ndims": c.reinterpreted_batch_ndims}
+    named = {id(constraints.real): "real", id(constraints.positive): "positive", id(constraints.nonnegative): "nonnegative",
+             id(constraints.unit_interval): "unit_interval", id(constraints.simplex): "simplex",
+             id(constraints.real_vector): "real_vector"}
+    if id(c) in named:
+        return {"type": named[id(c)]}
+    if isinstance(c, constraints.interval) or type(c).__name__ == "_Interval":
+        return {"type": "interval", "lower": _bound(c.lower_bound), "upper": _bound(c.upper_bound)}
+    if type(c).__name__ == "_GreaterThanEq":
+        return {"type": "greater_than_eq", "lower": _bound(c.lower_bound)}
+    if type(c).__name__ == "_GreaterThan":
+        return {"type": "greater_than", "lower": _bound(c.lower_bound)}
+    if type(c).__name__ == "_LessThan":
+        return {"type": "less_than", "upper": _bound(c.upper_bound)}
+    raise ValueError(f"site '{site}': cannot save a posterior over support {c!r}; supported: real, positive, "
+                     "nonnegative, unit_interval, interval, greater_than, less_than, simplex, independent")
+
+
+def constraint_from_json(spec: dict) -> constraints.Constraint:
+    t = spec.get("type")
+    simple = {"real": constraints.real, "positive": constraints.positive, "nonnegative": constraints.nonnegative,
+              "unit_interval": constraints.unit_interval, "simplex": constraints.simplex,
+              "real_vector": constraints.real_vector}
+    if t in simple:
+        return simple[t]
+    if t == "independent":
+        return constraints.independent(constraint_from_json(spec["base"]), spec["reinterpreted_batch_ndims"])
+    if t == "interval":
+        return constraints.interval(torch.tensor(spec["lower"]), torch.tensor(spec["upper"]))
+    if t == "greater_than":
+        return constraints.greater_than(torch.tensor(spec["lower"]))
+    if t == "greater_than_eq":
+        return constraints.greater_than_eq(torch.tensor(spec["lower"]))
+    if t == "less_than":
+        return constraints.less_than(torch.tensor(spec["upper"]))
+    raise ValueError(f"unknown support description {spec!r}")
 
 
 @dataclass
@@ -29,6 +77,7 @@ class SiteSpace:
     shape: tuple[int, ...]
     support: constraints.Constraint
     transform: Transform
+    event_dim: int = 0  # event dims of the site's distribution (the rest are plate/batch dims)
 
     @property
     def numel(self) -> int:
@@ -79,8 +128,23 @@ class ParameterSpace:
                 transform = biject_to(support)
             except NotImplementedError as e:
                 raise ValueError(f"site '{name}': no bijection onto its support {support}: {e}") from e
-            out.append(SiteSpace(name, tuple(torch.as_tensor(s["value"]).shape), support, transform))
+            out.append(SiteSpace(name, tuple(torch.as_tensor(s["value"]).shape), support, transform,
+                                 len(getattr(fn, "event_shape", ()))))
         return cls(out)
+
+    # -- persistence (JSON, no pickle) ----------------------------------------------------
+    def to_json(self) -> list[dict]:
+        """A JSON-able description; raises ``ValueError`` for a support it cannot describe."""
+        return [{"name": s.name, "shape": list(s.shape), "event_dim": s.event_dim,
+                 "support": constraint_to_json(s.support, s.name)} for s in self.sites]
+
+    @classmethod
+    def from_json(cls, spec: list[dict]) -> "ParameterSpace":
+        sites = []
+        for item in spec:
+            support = constraint_from_json(item["support"])
+            sites.append(SiteSpace(item["name"], tuple(item["shape"]), support, biject_to(support), item["event_dim"]))
+        return cls(sites)
 
     @property
     def dim(self) -> int:

@@ -62,6 +62,11 @@ class Standardize(nn.Module):
         z = torch.where(self.use_log, y.clamp_min(1e-30).log(), y)
         return (z - self.loc) / self.scale
 
+    def inverse(self, z: torch.Tensor) -> torch.Tensor:
+        """Undo :meth:`forward`."""
+        y = z * self.scale + self.loc
+        return torch.where(self.use_log, y.exp(), y)
+
 
 class Flatten(nn.Module):
     """``(n, *shape)`` → ``(n, prod(shape))``: the identity embedding for vector data."""

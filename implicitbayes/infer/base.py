@@ -1,0 +1,261 @@
+"""What every method shares: reading a SimulationSet against the model, the observation
+checks, and the posterior object (``sample``, ``as_guide``, ``save``/``ib.load``, ``to``)."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import pyro
+import pyro.distributions as dist
+import pyro.poutine.runtime as pyro_runtime
+import torch
+from torch import nn
+
+from ..errors import FormatError
+from ..io import load_tensors, save_tensors
+from ..simulate import _Seeded, model_sites
+from ..simulation_set import SimulationSet
+from ..space import ParameterSpace
+
+__all__ = ["Prepared", "prepare", "Posterior", "load", "register_posterior", "observation_tensor"]
+
+_KIND = "implicitbayes.Posterior"
+_VERSION = 1
+_POSTERIORS: dict[str, type] = {}
+
+
+@dataclass
+class Prepared:
+    """Simulations as the networks see them: unconstrained latents and observed data."""
+
+    space: ParameterSpace
+    observed: tuple[str, ...]
+    x_shapes: dict[str, tuple[int, ...]]
+    u: torch.Tensor  # (n, unconstrained_dim)
+    x: torch.Tensor  # (n, *x_shape): the one observed site, or all observed sites flattened
+
+
+def _x_from(values: Mapping[str, torch.Tensor], observed: Sequence[str]) -> torch.Tensor:
+    if len(observed) == 1:
+        return values[observed[0]]
+    n = values[observed[0]].shape[0]
+    return torch.cat([values[o].reshape(n, -1) for o in observed], 1)
+
+
+def prepare(model: Callable, observed: Sequence[str], model_args, model_kwargs, data: Any) -> Prepared:
+    """Check ``data`` against ``model`` and turn it into tensors for training."""
+    if not isinstance(data, SimulationSet):
+        raise TypeError(f"data: expected an ib.SimulationSet (from ib.simulate), got {type(data).__name__}")
+    if len(data) == 0:
+        raise ValueError("data: the SimulationSet is empty")
+    sites, _ = model_sites(model, observed, model_args, model_kwargs)
+    latent = [s.name for s in sites if not s.observed]
+    shapes = {s.name: s.shape for s in sites}
+    if set(data.observed_names) != set(observed) or set(data.latent_names) != set(latent):
+        raise ValueError(f"data: this SimulationSet has latent {list(data.latent_names)} / observed "
+                         f"{list(data.observed_names)}, but the model has latent {latent} / observed {list(observed)}: "
+                         "it was simulated from another model")
+    wrong = {n: (data.site_shapes[n], shapes[n]) for n in shapes if data.site_shapes[n] != shapes[n]}
+    if wrong:
+        raise ValueError(f"data: site shapes differ from the model's (data, model): {wrong}; simulated from another model?")
+    space = ParameterSpace.from_model(model, latent, model_args, model_kwargs)
+    u = space.to_unconstrained({n: data[n] for n in latent})
+    bad = ~torch.isfinite(u).all(1)
+    if bad.any():
+        raise ValueError(f"data: {int(bad.sum())} simulations have latents on the boundary of their support "
+                         "(infinite in unconstrained coordinates); drop them with data.subset(...)")
+    x = _x_from({o: data[o] for o in observed}, observed)
+    if not torch.isfinite(x).all():
+        raise ValueError("data: observed values contain NaN/inf; ib.simulate drops those, was the set edited?")
+    return Prepared(space, tuple(observed), {o: shapes[o] for o in observed}, u, x.to(u.dtype))
+
+
+def observation_tensor(observed: Any, names: Sequence[str], shapes: Mapping[str, tuple[int, ...]],
+                       device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """One observation as ``(1, *x_shape)``, from a tensor (one observed site) or ``{site: tensor}``."""
+    if observed is None:
+        raise ValueError("observed: give the observation to condition on (a tensor, or {site: tensor})")
+    if not isinstance(observed, Mapping):
+        if len(names) != 1:
+            raise ValueError(f"observed: the model has several observed sites {list(names)}; pass a dict")
+        observed = {names[0]: observed}
+    missing = [n for n in names if n not in observed]
+    extra = [n for n in observed if n not in names]
+    if missing or extra:
+        raise ValueError(f"observed: expected the sites {list(names)}, got {list(observed)}")
+    values = {}
+    for n in names:
+        v = torch.as_tensor(observed[n], dtype=dtype, device=device)
+        if tuple(v.shape) != tuple(shapes[n]):
+            raise ValueError(f"observed: site '{n}' must have shape {tuple(shapes[n])}, got {tuple(v.shape)}")
+        if not torch.isfinite(v).all():
+            raise ValueError(f"observed: site '{n}' contains NaN or inf")
+        values[n] = v[None]
+    return _x_from(values, names)
+
+
+def _guide_plate() -> tuple[int, int] | None:
+    frames = [f for f in pyro_runtime.get_plates() if f.vectorized and f.dim is not None]
+    if not frames:
+        return None
+    if len(frames) > 1:
+        raise ValueError("as_guide: the guide runs inside several plates; it expects at most the one "
+                         "Predictive puts around it")
+    return frames[0].size, frames[0].dim
+
+
+class Posterior(nn.Module):
+    """Base class of the fitted posteriors. Subclasses implement ``_sample_unconstrained``."""
+
+    method = "posterior"
+
+    def __init__(self, space: ParameterSpace, observed: Sequence[str], x_shapes: Mapping[str, Sequence[int]],
+                 config: Mapping[str, Any]):
+        super().__init__()
+        self.space = space
+        self.observed = tuple(observed)
+        self.x_shapes = {k: tuple(v) for k, v in x_shapes.items()}
+        self.config = dict(config)
+        self.default_observed = None
+        self.training_summary: dict = {}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.buffers()).device
+
+    def _observation(self, observed) -> torch.Tensor:
+        if observed is None:
+            observed = self.default_observed
+        return observation_tensor(observed, self.observed, self.x_shapes, self.device, torch.get_default_dtype())
+
+    def _sample_unconstrained(self, x: torch.Tensor, num_samples: int, generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def sample(self, num_samples: int, observed: Any = None, *, seed: int | None = None) -> dict[str, torch.Tensor]:
+        """``num_samples`` posterior draws given ``observed``: ``{latent site: (num_samples, *shape)}``."""
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
+            raise ValueError(f"num_samples: expected a positive integer, got {num_samples!r}")
+        x = self._observation(observed)
+        g = torch.Generator(device=self.device)
+        g.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ())))
+        u = self._sample_unconstrained(x, num_samples, g)
+        return self.space.to_constrained(u)
+
+    def set_default_observed(self, observed: Any) -> "Posterior":
+        """Observation used when ``sample``/``as_guide`` are called without one."""
+        self._observation(observed)  # validate now
+        self.default_observed = observed
+        return self
+
+    def as_guide(self, observed: Any = None) -> Callable:
+        """A Pyro guide drawing the latents from this posterior at ``observed``.
+
+        Works with ``pyro.infer.Predictive(model, guide=posterior.as_guide(x), num_samples=n)``:
+        inside Predictive's plate it draws one batch of ``n``.
+        """
+        x_obs = observed if observed is not None else self.default_observed
+        self._observation(x_obs)
+
+        def guide(*args, **kwargs):
+            plate = _guide_plate()
+            n = 1 if plate is None else plate[0]
+            draws = self.sample(n, x_obs)
+            for site in self.space.sites:
+                value = draws[site.name]
+                if plate is None:
+                    value = value[0]
+                else:
+                    batch_ndim = len(site.shape) - site.event_dim
+                    pad = -plate[1] - 1 - batch_ndim
+                    value = value.reshape((n,) + (1,) * max(pad, 0) + site.shape)
+                pyro.sample(site.name, dist.Delta(value, event_dim=site.event_dim))
+            return draws
+
+        return guide
+
+    # -- persistence ------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write weights (safetensors) and configuration (JSON) to ``path``; read with ``ib.load``."""
+        save_tensors(path, self.state_dict(), kind=_KIND, version=_VERSION, meta={
+            "class": type(self).__name__, "space": self.space.to_json(), "observed": list(self.observed),
+            "x_shapes": {k: list(v) for k, v in self.x_shapes.items()}, "config": self.config,
+            "training": {k: v for k, v in self.training_summary.items() if k != "history"}})
+
+
+def register_posterior(cls: type) -> type:
+    _POSTERIORS[cls.__name__] = cls
+    return cls
+
+
+def load(path: str | os.PathLike, device: str | torch.device | None = None, **modules: nn.Module) -> Posterior:
+    """Load a posterior written by ``.save``. A custom embedding network (not rebuildable from
+    JSON) must be passed again, e.g. ``ib.load(path, embedding=MyNet())``."""
+    tensors, meta = load_tensors(path, kind=_KIND, max_version=_VERSION)
+    cls = _POSTERIORS.get(meta.get("class"))
+    if cls is None:
+        raise FormatError(f"{path}: unknown posterior class {meta.get('class')!r}")
+    try:
+        space = ParameterSpace.from_json(meta["space"])
+        post = cls(space, meta["observed"], meta["x_shapes"], meta["config"], **modules)
+        post.load_state_dict(tensors)
+    except (KeyError, RuntimeError, TypeError) as e:
+        raise FormatError(f"{path}: cannot rebuild the {meta.get('class')}: {e}") from e
+    post.training_summary = meta.get("training", {})
+    return post.to(device) if device is not None else post
+
+
+class ContextNet(nn.Module):
+    """e(y): standardise the observation (log space for positive features), then embed it.
+
+    ``embedding`` is any module mapping ``(n, *x_shape)`` to ``(n, k)`` with an
+    ``out_features`` attribute; the default flattens. A custom embedding is saved with the
+    posterior's weights but must be passed again to ``ib.load``.
+    """
+
+    def __init__(self, x_shape: Sequence[int], embedding: nn.Module | None = None):
+        super().__init__()
+        from ..nn import Flatten, Standardize
+
+        self.standardize = Standardize(tuple(x_shape))
+        self.embedding = embedding if embedding is not None else Flatten(tuple(x_shape))
+        if not hasattr(self.embedding, "out_features"):
+            raise TypeError("embedding: the module needs an out_features attribute (its output width)")
+        self.out_features = int(self.embedding.out_features)
+
+    @property
+    def custom(self) -> bool:
+        from ..nn import Flatten
+
+        return not isinstance(self.embedding, Flatten)
+
+    def fit(self, x: torch.Tensor) -> "ContextNet":
+        self.standardize.fit(x)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embedding(self.standardize(x))
+
+
+def check_embedding_for_load(config: Mapping[str, Any], embedding: nn.Module | None) -> None:
+    if config.get("custom_embedding") and embedding is None:
+        raise TypeError("this posterior was trained with a custom embedding network: pass it to "
+                        "ib.load(path, embedding=...) (same architecture; the weights are in the file)")
+
+
+def resolve_seed(seed: int | None) -> int:
+    if seed is None:
+        return int(torch.randint(0, 2**62, ()).item())
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed: expected a non-negative integer or None, got {seed!r}")
+    return seed
+
+
+def check_fit_args(max_steps, time_budget) -> None:
+    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps <= 0):
+        raise ValueError(f"max_steps: expected a positive integer or None, got {max_steps!r}")
+    if time_budget is not None and not (isinstance(time_budget, (int, float)) and time_budget > 0):
+        raise ValueError(f"time_budget: expected a positive number of seconds or None, got {time_budget!r}")

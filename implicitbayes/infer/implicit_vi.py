@@ -1,0 +1,249 @@
+r"""Implicit variational posterior by joint matching (Tran, Ranganath & Blei 2017; seed 000).
+
+Model joint p(θ, y) = π(θ) p(y | θ); generator joint q(θ, y) = q_w(θ | y) p(y) with the
+implicit sampler θ̃ = f_w(e(y), z), z ~ N(0, I), on the same simulated y. A critic r_u(y, θ)
+trained by logistic regression (model pairs labelled 1)
+
+    max_u E_p[log σ(r_u)] + E_q[log(1 − σ(r_u))]   ⇒   r* = log p(θ, y)/q(θ, y) = log p(θ | y)/q(θ | y)
+
+estimates the log density ratio of posterior and generator (both joints share p(y)).
+
+Training, in two stages (θ in unconstrained, standardised coordinates):
+
+1. Generator: min_w  E_y[ ES_m(f_w(y, ·), θ) ] + λ · E_{y,z}[ softplus(−r_u(y, f_w(y, z))) ], the
+   energy score of m draws per y (Pacchiardi & Dutta 2022) plus the non-saturating adversarial
+   loss against a critic r_u co-trained by the logistic loss above (``adversarial_weight`` λ).
+2. Correction critic: with f_w frozen, a fresh critic is trained to convergence by the logistic
+   loss (early-stopped on held-out pairs), so that it estimates log p(θ | y)/q_w(θ | y).
+
+Sampling is sampling-importance-resampling with that ratio (``correction="sir"``): draw K
+candidates θ̃_k ~ q_w(· | y), keep one with probability ∝ exp r(y, θ̃_k). As K → ∞ the draw's
+law tends to q_w(θ | y) exp r / Z = p(θ | y) where r is exact. The generator stays implicit: no
+density of q_w is ever evaluated. ``correction=None`` returns the generator's own draws.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..losses import energy_score, kernel_score, logistic_loss, ratio_loss
+from ..nn import Critic, ImplicitGenerator, Standardize
+from ..simulate import _Seeded, resolve_device
+from ..space import ParameterSpace
+from .base import (ContextNet, Posterior, check_embedding_for_load, check_fit_args, prepare, register_posterior,
+                   resolve_seed)
+from .training import TrainConfig, train
+
+__all__ = ["ImplicitVI", "ImplicitPosterior"]
+
+
+@register_posterior
+class ImplicitPosterior(Posterior):
+    """An implicit posterior f_w(e(y), z) with an optional critic correcting its draws (SIR)."""
+
+    method = "implicit_vi"
+
+    def __init__(self, space: ParameterSpace, observed, x_shapes, config: Mapping[str, Any],
+                 embedding: nn.Module | None = None):
+        super().__init__(space, observed, x_shapes, config)
+        check_embedding_for_load(config, embedding)
+        self.context = ContextNet(config["x_shape"], embedding)
+        d = space.unconstrained_dim
+        self.theta_standardize = Standardize((d,), log=False)
+        self.generator = ImplicitGenerator(self.context.out_features, d, config["noise_features"], config["hidden"],
+                                           config["layers"], config["noise_injection"])
+        self.critic = Critic(d, self.context.out_features, config["critic_hidden"], config["critic_layers"])
+        self.last_ess: float | None = None
+
+    def _draw_standardized(self, c: torch.Tensor, m: int, generator: torch.Generator) -> torch.Tensor:
+        noise = torch.randn((c.shape[0], m, self.generator.noise_features), generator=generator,
+                            device=c.device, dtype=c.dtype)
+        return self.generator(c, noise)
+
+    def _sample_unconstrained(self, x, num_samples, generator, correction: str | None = "default",
+                              num_candidates: int | None = None):
+        correction = self.config["correction"] if correction == "default" else correction
+        k = num_candidates or self.config["num_candidates"]
+        c = self.context(x)  # (1, e)
+        if correction is None or k == 1:
+            u_s = self._draw_standardized(c, num_samples, generator)[0]
+            self.last_ess = None
+        else:
+            out, ess = [], []
+            for chunk in torch.arange(num_samples).split(max(1, 200_000 // k)):
+                cand = self._draw_standardized(c, len(chunk) * k, generator)[0].reshape(len(chunk), k, -1)
+                logw = self.critic(c.expand(len(chunk), -1), cand)  # (n, k)
+                pick = torch.multinomial(torch.softmax(logw, 1), 1, generator=generator).squeeze(1)
+                out.append(cand[torch.arange(len(chunk)), pick])
+                w = torch.softmax(logw, 1)
+                ess.append(1.0 / (w**2).sum(1))
+            u_s = torch.cat(out)
+            self.last_ess = float(torch.cat(ess).mean())  # effective candidates per draw, out of k
+        return self.theta_standardize.inverse(u_s)
+
+    @torch.no_grad()
+    def sample(self, num_samples: int, observed: Any = None, *, seed: int | None = None,
+               correction: str | None = "default", num_candidates: int | None = None) -> dict[str, torch.Tensor]:
+        """Posterior draws ``{site: (num_samples, *shape)}``; ``correction="sir"`` (default when
+        trained with it) resamples ``num_candidates`` generator draws by the critic's ratio,
+        ``correction=None`` returns raw generator draws. ``self.last_ess`` is then the mean
+        effective number of candidates per draw (near K: the generator already matches)."""
+        if correction not in ("default", "sir", None):
+            raise ValueError(f"correction: expected 'sir' or None, got {correction!r}")
+        if num_candidates is not None and (not isinstance(num_candidates, int) or num_candidates < 1):
+            raise ValueError(f"num_candidates: expected a positive integer, got {num_candidates!r}")
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
+            raise ValueError(f"num_samples: expected a positive integer, got {num_samples!r}")
+        x = self._observation(observed)
+        g = torch.Generator(device=self.device)
+        g.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ())))
+        return self.space.to_constrained(self._sample_unconstrained(x, num_samples, g, correction, num_candidates))
+
+
+class ImplicitVI:
+    """Amortized implicit posterior trained against a ratio-estimating critic (module docstring).
+
+    Options (defaults are the recommended settings): ``scoring_rule`` ("energy", "kernel" or
+    None), ``num_draws`` m per observation, ``adversarial_weight`` λ and ``critic_loss`` (any
+    consistent ratio loss in ``implicitbayes.losses.RATIO_LOSSES``) for stage 1; ``correction``
+    ("sir" or None) and ``num_candidates`` K; network sizes ``hidden``, ``layers``,
+    ``noise_features``, ``noise_injection``, ``critic_hidden``, ``critic_layers``;
+    ``embedding``; loop settings ``batch_size``, ``lr``, ``critic_steps`` (stage-2 budget),
+    ``patience``, ``device``.
+    """
+
+    def __init__(self, model: Callable, *, observed: str | Sequence[str], model_args: tuple = (),
+                 model_kwargs: Mapping | None = None, scoring_rule: str | None = "energy", num_draws: int = 16,
+                 adversarial_weight: float = 0.1, critic_loss: str = "logistic", correction: str | None = "sir",
+                 num_candidates: int = 32, hidden: int = 256, layers: int = 4, noise_features: int | None = None,
+                 noise_injection: str = "concat", critic_hidden: int = 256, critic_layers: int = 4,
+                 embedding: nn.Module | None = None, batch_size: int = 256, lr: float = 1e-3, max_steps: int = 20_000,
+                 critic_steps: int = 8_000, patience: int = 20, validate_every: int = 100,
+                 validation_fraction: float = 0.1, device: str | torch.device | None = None):
+        self.model, self.model_args, self.model_kwargs = model, tuple(model_args), dict(model_kwargs or {})
+        self.observed = [observed] if isinstance(observed, str) else list(observed)
+        if scoring_rule not in ("energy", "kernel", None):
+            raise ValueError(f"scoring_rule: expected 'energy', 'kernel' or None, got {scoring_rule!r}")
+        if scoring_rule is None and adversarial_weight <= 0:
+            raise ValueError("with scoring_rule=None the generator needs adversarial_weight > 0")
+        if correction not in ("sir", None):
+            raise ValueError(f"correction: expected 'sir' or None, got {correction!r}")
+        loss = ratio_loss(critic_loss)
+        if not loss.consistent:
+            raise ValueError(f"critic_loss: {critic_loss!r} does not estimate a density ratio")
+        if num_draws < 2:
+            raise ValueError(f"num_draws: the scoring rule needs at least 2 draws per observation, got {num_draws}")
+        self.scoring_rule, self.num_draws, self.adversarial_weight = scoring_rule, num_draws, float(adversarial_weight)
+        self.critic_loss, self.correction, self.num_candidates = critic_loss, correction, num_candidates
+        self.net = {"hidden": hidden, "layers": layers, "noise_features": noise_features,
+                    "noise_injection": noise_injection, "critic_hidden": critic_hidden, "critic_layers": critic_layers}
+        self.embedding = embedding
+        self.loop = TrainConfig(batch_size=batch_size, lr=lr, max_steps=max_steps, patience=patience,
+                                validate_every=validate_every, validation_fraction=validation_fraction)
+        self.critic_loop = TrainConfig(batch_size=512, lr=lr, max_steps=critic_steps, patience=patience,
+                                       validate_every=validate_every, validation_fraction=validation_fraction)
+        self.device = resolve_device(device)
+
+    def _score(self, draws: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.scoring_rule == "energy":
+            return energy_score(draws, target).mean()
+        if self.scoring_rule == "kernel":
+            return kernel_score(draws, target).mean()
+        return torch.zeros((), device=draws.device)
+
+    def fit(self, data, *, max_steps: int | None = None, time_budget: float | None = None, seed: int | None = None,
+            progress: bool = True, checkpoint=None) -> ImplicitPosterior:
+        """Train on a SimulationSet; returns an :class:`ImplicitPosterior`.
+
+        ``max_steps`` and ``time_budget`` apply to each stage; ``checkpoint`` is a path prefix
+        (``<checkpoint>.generator`` and ``<checkpoint>.critic`` are written).
+        """
+        check_fit_args(max_steps, time_budget)
+        seed = resolve_seed(seed)
+        prep = prepare(self.model, self.observed, self.model_args, self.model_kwargs, data)
+        config = {**self.net, "x_shape": list(prep.x.shape[1:]), "custom_embedding": self.embedding is not None,
+                  "correction": self.correction, "num_candidates": self.num_candidates,
+                  "noise_features": self.net["noise_features"] or max(prep.space.unconstrained_dim, 2)}
+        rl = ratio_loss(self.critic_loss)
+        with _Seeded(seed, self.device):
+            post = ImplicitPosterior(prep.space, prep.observed, prep.x_shapes, config, self.embedding).to(self.device)
+            x, u = prep.x.to(self.device), prep.u.to(self.device)
+            post.context.fit(x)
+            post.theta_standardize.fit(u)
+            u_s = post.theta_standardize(u)
+            gen_params = list(post.context.parameters()) + list(post.generator.parameters())
+            co_critic = Critic(prep.space.unconstrained_dim, post.context.out_features, self.net["critic_hidden"],
+                               self.net["critic_layers"]).to(self.device)
+            co_opt = torch.optim.Adam(co_critic.parameters(), lr=self.loop.lr, betas=(0.5, 0.999))
+            m = self.num_draws
+
+            def gen_step(idx, g):
+                c = post.context(x[idx])
+                draws = post._draw_standardized(c, m, g)
+                losses = {"score": self._score(draws, u_s[idx])}
+                if self.adversarial_weight > 0:
+                    fake = draws[:, 0]
+                    # critic step on detached draws, then the generator's non-saturating loss
+                    cd = c.detach()
+                    critic_loss = rl.loss(co_critic(cd, u_s[idx]), co_critic(cd, fake.detach()))
+                    co_opt.zero_grad(set_to_none=True)
+                    critic_loss.backward()
+                    co_opt.step()
+                    adv = F.softplus(-co_critic(c, fake)).mean()
+                    losses = {"loss": losses["score"] + self.adversarial_weight * adv, **losses,
+                              "critic": critic_loss.detach()}
+                else:
+                    losses = {"loss": losses["score"]}
+                return losses
+
+            val_g = torch.Generator(device=self.device)
+
+            def gen_validate(idx):
+                val_g.manual_seed(seed + 1)
+                return float(sum(energy_score(post._draw_standardized(post.context(x[i]), m, val_g), u_s[i]).sum()
+                                 for i in idx.split(2048)) / len(idx))
+
+            loop = TrainConfig(**{**self.loop.__dict__, "history": []})
+            if max_steps is not None:
+                loop.max_steps = max_steps
+            loop.time_budget = time_budget
+            ckpt = None if checkpoint is None else f"{checkpoint}.generator"
+            gen_summary = train({"context": post.context, "generator": post.generator, "co_critic": co_critic}, gen_step,
+                                gen_validate, len(x), loop, seed=seed, progress=progress, checkpoint=ckpt,
+                                desc="ImplicitVI generator", parameters=gen_params)
+            summary = {"generator": gen_summary}
+            if self.correction == "sir":
+                for p in gen_params:
+                    p.requires_grad_(False)
+                with torch.no_grad():
+                    c_all = torch.cat([post.context(x[i]) for i in torch.arange(len(x)).split(4096)])
+
+                def critic_step(idx, g):
+                    with torch.no_grad():
+                        fake = post._draw_standardized(c_all[idx], 1, g)[:, 0]
+                    return {"ratio_loss": rl.loss(post.critic(c_all[idx], u_s[idx]), post.critic(c_all[idx], fake))}
+
+                def critic_validate(idx):
+                    val_g.manual_seed(seed + 2)
+                    total = 0.0
+                    for i in idx.split(4096):
+                        fake = post._draw_standardized(c_all[i], 1, val_g)[:, 0]
+                        total += float(logistic_loss(post.critic(c_all[i], u_s[i]), post.critic(c_all[i], fake))) * len(i)
+                    return total / len(idx)
+
+                cl = TrainConfig(**{**self.critic_loop.__dict__, "history": []})
+                if max_steps is not None:
+                    cl.max_steps = max_steps
+                cl.time_budget = time_budget
+                ckpt = None if checkpoint is None else f"{checkpoint}.critic"
+                summary["critic"] = train({"critic": post.critic}, critic_step, critic_validate, len(x), cl,
+                                          seed=seed + 1, progress=progress, checkpoint=ckpt,
+                                          desc="ImplicitVI critic")
+                for p in gen_params:
+                    p.requires_grad_(True)
+            post.training_summary = {k: {kk: vv for kk, vv in v.items() if kk != "history"} for k, v in summary.items()}
+        return post

@@ -1,0 +1,193 @@
+"""The one training loop every method uses: minibatches, a validation split, early stopping,
+``max_steps`` / ``time_budget``, a tqdm bar with the current losses, resumable checkpoints
+(safetensors + JSON, no pickle), and a NaN/inf guard that restores the best weights.
+
+A method supplies ``step(batch, generator) -> {name: loss}`` (the first entry is optimised, the
+others are shown) and ``validate(batch) -> float`` (lower is better). Everything random in the
+loop draws from one seeded ``torch.Generator``; with a seed, training is deterministic and a
+resumed run continues exactly where the interrupted one stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+
+from ..errors import FormatError
+from ..io import load_tensors, save_tensors
+
+__all__ = ["TrainingError", "TrainConfig", "train"]
+
+_CKPT_KIND = "implicitbayes.Checkpoint"
+_CKPT_VERSION = 1
+
+
+class TrainingError(RuntimeError):
+    """Training produced a non-finite loss; the best weights so far have been restored."""
+
+
+@dataclass
+class TrainConfig:
+    """Loop settings shared by the methods; each method sets its own defaults."""
+
+    batch_size: int = 256
+    lr: float = 1e-3
+    max_steps: int = 20_000
+    validation_fraction: float = 0.1
+    validate_every: int = 100
+    patience: int = 15  # validations without improvement before stopping
+    weight_decay: float = 0.0
+    clip_grad_norm: float | None = 5.0
+    lr_decay: bool = True  # cosine decay over max_steps
+    time_budget: float | None = None  # seconds
+    history: list = field(default_factory=list)
+
+
+def split(n: int, fraction: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random (train, validation) split of ``range(n)``; at least one row in each."""
+    if n < 2:
+        raise ValueError(f"data: need at least 2 simulations to hold some out for validation, got {n}")
+    perm = torch.randperm(n, generator=generator)
+    n_val = min(max(1, int(round(n * fraction))), n - 1)
+    return perm[n_val:], perm[:n_val]
+
+
+def _state_tensors(modules: Mapping[str, nn.Module], optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out = {f"module.{k}.{p}": v for k, m in modules.items() for p, v in m.state_dict().items()}
+    opt = optimizer.state_dict()
+    for i, st in opt["state"].items():
+        for key, v in st.items():
+            out[f"optim.{i}.{key}"] = torch.as_tensor(v)
+    return out
+
+
+def _restore(tensors: dict, meta: dict, modules: Mapping[str, nn.Module], optimizer: torch.optim.Optimizer) -> None:
+    for k, m in modules.items():
+        prefix = f"module.{k}."
+        m.load_state_dict({name[len(prefix):]: v for name, v in tensors.items() if name.startswith(prefix)})
+    opt = optimizer.state_dict()
+    state: dict = {}
+    for name, v in tensors.items():
+        if name.startswith("optim."):
+            _, i, key = name.split(".", 2)
+            state.setdefault(int(i), {})[key] = v
+    opt["state"] = state
+    optimizer.load_state_dict(opt)
+
+
+def train(
+    modules: Mapping[str, nn.Module],
+    step: Callable[[torch.Tensor, torch.Generator], Mapping[str, torch.Tensor]],
+    validate: Callable[[torch.Tensor], float],
+    num_rows: int,
+    config: TrainConfig,
+    *,
+    seed: int,
+    progress: bool = True,
+    checkpoint: str | os.PathLike | None = None,
+    desc: str = "training",
+    parameters: list | None = None,
+) -> dict:
+    """Train ``modules`` on row indices ``0..num_rows-1``; returns a summary dict.
+
+    ``step`` receives a tensor of training row indices and the loop's generator; ``validate``
+    receives the validation row indices. The best weights (by validation) are restored at the
+    end. ``checkpoint`` is a file path: if it exists the run resumes from it (same settings
+    required), and it is rewritten atomically at every validation.
+    """
+    g = torch.Generator().manual_seed(seed)
+    train_idx, val_idx = split(num_rows, config.validation_fraction, g)
+    params = parameters if parameters is not None else [p for m in modules.values() for p in m.parameters()]
+    optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+
+    def learning_rate(step: int) -> float:  # closed-form cosine decay to 1 %: resumes exactly
+        if not config.lr_decay:
+            return config.lr
+        return config.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(step, config.max_steps) / config.max_steps)))
+    start, best, best_state, bad, history = 0, math.inf, None, 0, []
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    if ckpt is not None and ckpt.exists():
+        tensors, meta = load_tensors(ckpt, kind=_CKPT_KIND, max_version=_CKPT_VERSION)
+        if meta.get("num_rows") != num_rows or meta.get("seed") != seed or meta.get("desc") != desc:
+            raise FormatError(f"{ckpt}: checkpoint of another training run (rows {meta.get('num_rows')}, seed "
+                              f"{meta.get('seed')}, {meta.get('desc')!r}); delete it or use another path")
+        _restore(tensors, meta, modules, optimizer)
+        g.set_state(tensors["loop.generator"])
+        best_state = {k: v for k, v in tensors.items() if k.startswith("best.")}
+        start, best, bad, history = meta["step"], meta["best"], meta["bad"], meta["history"]
+    from tqdm.auto import tqdm
+
+    def snapshot():
+        return {f"best.{k}.{p}": v.detach().clone() for k, m in modules.items() for p, v in m.state_dict().items()}
+
+    def restore_best():
+        if best_state:
+            for k, m in modules.items():
+                prefix = f"best.{k}."
+                m.load_state_dict({n[len(prefix):]: v for n, v in best_state.items() if n.startswith(prefix)})
+
+    t0 = time.perf_counter()
+    bar = tqdm(total=config.max_steps, initial=start, desc=desc, disable=not progress, leave=False)
+    stopped = "max_steps"
+    s = start
+    try:
+        for s in range(start, config.max_steps):
+            for m in modules.values():
+                m.train()
+            batch = train_idx[torch.randint(0, len(train_idx), (min(config.batch_size, len(train_idx)),), generator=g)]
+            losses = step(batch, g)
+            loss = next(iter(losses.values()))
+            if not torch.isfinite(loss):
+                restore_best()
+                raise TrainingError(f"{desc}: the loss became {loss.item()} at step {s}; the best weights "
+                                    f"(validation {best:.4g}) were restored. Lower the learning rate or check "
+                                    "the data for extreme values.")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.clip_grad_norm:
+                nn.utils.clip_grad_norm_(params, config.clip_grad_norm)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(s)
+            optimizer.step()
+            bar.update(1)
+            if (s + 1) % config.validate_every == 0 or s + 1 == config.max_steps:
+                for m in modules.values():
+                    m.eval()
+                with torch.no_grad():
+                    val = float(validate(val_idx))
+                history.append({"step": s + 1, "validation": val, **{k: float(v.detach()) for k, v in losses.items()}})
+                bar.set_postfix({**{k: f"{float(v.detach()):.3g}" for k, v in losses.items()}, "val": f"{val:.4g}"})
+                improved = not math.isfinite(best) or val < best - 1e-6 * abs(best)
+                if improved:
+                    best, bad, best_state = val, 0, snapshot()
+                else:
+                    bad += 1
+                if ckpt is not None:
+                    tensors = _state_tensors(modules, optimizer)
+                    tensors.update(best_state or {})
+                    tensors["loop.generator"] = g.get_state()
+                    save_tensors(ckpt, tensors, kind=_CKPT_KIND, version=_CKPT_VERSION,
+                                 meta={"step": s + 1, "best": best, "bad": bad, "history": history,
+                                       "num_rows": num_rows, "seed": seed, "desc": desc})
+                if bad >= config.patience:
+                    stopped = "early_stopping"
+                    break
+                if config.time_budget is not None and time.perf_counter() - t0 > config.time_budget:
+                    stopped = "time_budget"
+                    break
+    finally:
+        bar.close()
+    restore_best()
+    for m in modules.values():
+        m.eval()
+    config.history.extend(history)
+    return {"steps": s + 1, "best_validation": best, "stopped": stopped, "seconds": time.perf_counter() - t0,
+            "history": history}

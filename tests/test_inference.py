@@ -1,0 +1,136 @@
+"""NPE and ImplicitVI on gaussian_linear (analytic posterior), in small budgets.
+
+With 3 000 simulations of the 10-D task, each method's draws for observation 1 must have
+means within 0.5 posterior sd and sds within 25 % of the exact posterior's, per coordinate
+(the exact posterior: N(x/2, 0.05 I)). These are loose on purpose: they catch a method that
+is wrong, not one that is slightly less converged; the benchmark measures accuracy (C2ST).
+"""
+
+import pyro
+import pytest
+import torch
+
+import implicitbayes as ib
+import simulators
+
+TASK = simulators.get("gaussian_linear")
+X = TASK.observation(1)
+EXACT = TASK.posterior(X)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return ib.simulate(TASK.model, 3000, observed="x", seed=0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def npe(data):
+    return ib.NPE(TASK.model, observed="x", flow="maf").fit(data, seed=0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def implicit(data):
+    return ib.ImplicitVI(TASK.model, observed="x", hidden=128, critic_hidden=128).fit(
+        data, seed=0, progress=False, max_steps=1500)
+
+
+def check_against_exact(draws):
+    loc, sd = EXACT.base_dist.loc, EXACT.base_dist.scale
+    assert draws.shape == (4000, 10)
+    assert ((draws.mean(0) - loc).abs() / sd).max() < 0.5
+    assert ((draws.std(0) / sd) - 1).abs().max() < 0.25
+
+
+def test_npe_matches_the_analytic_posterior(npe):
+    check_against_exact(npe.sample(4000, X, seed=1)["theta"])
+
+
+def test_npe_log_prob_is_a_normalised_density_close_to_the_exact_one(npe):
+    draws = EXACT.sample((2000,))
+    lq = npe.log_prob({"theta": draws}, X)
+    lp = EXACT.log_prob(draws)
+    # E_p[log p − log q] = KL(p ‖ q) ≥ 0, and small for a good fit
+    kl = (lp - lq).mean().item()
+    assert -0.05 < kl < 0.5
+
+
+def test_implicit_vi_matches_the_analytic_posterior(implicit):
+    draws = implicit.sample(4000, X, seed=1)["theta"]
+    check_against_exact(draws)
+    assert implicit.last_ess is not None and 1 <= implicit.last_ess <= 32
+    raw = implicit.sample(4000, X, seed=1, correction=None)["theta"]
+    check_against_exact(raw)
+
+
+@pytest.mark.parametrize("which", ["npe", "implicit"])
+def test_save_load_round_trip_gives_identical_samples(which, request, tmp_path):
+    post = request.getfixturevalue(which)
+    post.save(tmp_path / "post.safetensors")
+    back = ib.load(tmp_path / "post.safetensors")
+    a, b = post.sample(500, X, seed=3), back.sample(500, X, seed=3)
+    assert torch.equal(a["theta"], b["theta"])
+
+
+def test_as_guide_with_predictive(npe):
+    predictive = pyro.infer.Predictive(TASK.model, guide=npe.as_guide(X), num_samples=300)
+    out = predictive()
+    assert out["theta"].shape == (300, 10) and out["x"].shape == (300, 10)
+    # posterior predictive: x_rep | θ ~ N(θ, 0.1): around the posterior mean
+    assert (out["x"].mean(0) - EXACT.base_dist.loc).abs().max() < 0.15
+
+
+def test_bad_inputs_give_clear_errors(npe, data):
+    with pytest.raises(ValueError, match=r"site 'x' must have shape \(10,\), got \(3,\)"):
+        npe.sample(10, torch.zeros(3))
+    with pytest.raises(ValueError, match="NaN"):
+        npe.sample(10, torch.full((10,), float("nan")))
+    with pytest.raises(ValueError, match="num_samples"):
+        npe.sample(0, X)
+    with pytest.raises(ValueError, match=r"observed: \['y'\] is not a site"):
+        ib.NPE(TASK.model, observed="y").fit(data, progress=False)
+    with pytest.raises(ValueError, match="empty"):
+        ib.NPE(TASK.model, observed="x").fit(data.subset(torch.arange(0)), progress=False)
+    other = ib.simulate(simulators.get("two_moons").model, 50, observed="x", seed=0, progress=False)
+    with pytest.raises(ValueError, match="another model"):
+        ib.NPE(TASK.model, observed="x").fit(other, progress=False)
+    with pytest.raises(TypeError, match="SimulationSet"):
+        ib.NPE(TASK.model, observed="x").fit({"theta": torch.zeros(3)}, progress=False)
+    with pytest.raises(ValueError, match="max_steps"):
+        ib.NPE(TASK.model, observed="x").fit(data, max_steps=0, progress=False)
+    with pytest.raises(ValueError, match="flow"):
+        ib.NPE(TASK.model, observed="x", flow="planar")
+    with pytest.raises(ValueError, match="critic_loss"):
+        ib.ImplicitVI(TASK.model, observed="x", critic_loss="hinge")
+
+
+def test_bounded_prior_draws_stay_in_the_support():
+    task = simulators.get("gaussian_linear_uniform")
+    data = ib.simulate(task.model, 1000, observed="x", seed=0, progress=False)
+    post = ib.NPE(task.model, observed="x", flow="maf").fit(data, seed=0, progress=False, max_steps=300)
+    draws = post.sample(5000, torch.full((10,), 0.95), seed=0)["theta"]
+    assert draws.min() >= -1 and draws.max() <= 1
+
+
+def test_training_is_deterministic_and_an_interrupted_run_resumes_exactly(data, tmp_path, monkeypatch):
+    make = lambda: ib.NPE(TASK.model, observed="x", flow="maf", validate_every=50)  # noqa: E731
+    a = make().fit(data, seed=5, max_steps=200, progress=False)
+    b = make().fit(data, seed=5, max_steps=200, progress=False)
+    assert torch.equal(a.sample(100, X, seed=0)["theta"], b.sample(100, X, seed=0)["theta"])
+
+    ckpt = tmp_path / "run.ckpt"
+    real_step, calls = torch.optim.Adam.step, {"n": 0}
+
+    def interrupting_step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 120:
+            raise KeyboardInterrupt  # Ctrl-C after the checkpoint written at step 100
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", interrupting_step)
+    with pytest.raises(KeyboardInterrupt):
+        make().fit(data, seed=5, max_steps=200, progress=False, checkpoint=ckpt)
+    monkeypatch.setattr(torch.optim.Adam, "step", real_step)
+    c = make().fit(data, seed=5, max_steps=200, progress=False, checkpoint=ckpt)
+    assert torch.equal(a.sample(100, X, seed=0)["theta"], c.sample(100, X, seed=0)["theta"])
+    with pytest.raises(ib.FormatError, match="another training run"):
+        make().fit(data, seed=6, max_steps=200, progress=False, checkpoint=ckpt)
