@@ -2,7 +2,7 @@
 
 from .distributions import Implicit, LogUniform
 from .errors import FormatError, IntractableLikelihoodError, SimulationError, StoreMismatchError
-from .infer import NPE, ImplicitVI, TrainingError, load
+from .infer import ABC, NPE, NRE, ImplicitVI, TrainingError, load
 from .simulate import simulate
 from .simulation_set import SimulationSet
 from .space import ParameterSpace
@@ -21,6 +21,8 @@ __all__ = [
     "ParameterSpace",
     "ImplicitVI",
     "NPE",
+    "NRE",
+    "ABC",
     "TrainingError",
     "load",
 ]

@@ -34,7 +34,7 @@ from .errors import SimulationError, StoreMismatchError
 from .io import atomic_write_text, load_tensors, save_tensors
 from .simulation_set import SimulationSet
 
-__all__ = ["simulate", "model_sites", "SiteInfo", "resolve_device"]
+__all__ = ["simulate", "simulate_at", "model_sites", "SiteInfo", "resolve_device", "plate_layout"]
 
 _OUTER_PLATE = "_ib_simulations"
 _STORE_KIND = "implicitbayes.SimulationStore"
@@ -92,6 +92,14 @@ class _Seeded:
         np.random.set_state(self._np)
         random.setstate(self._py)
         return self._fork.__exit__(*exc)
+
+
+def plate_layout(value: torch.Tensor, plate_dim: int, batch_ndim: int) -> torch.Tensor:
+    """``(n, *site_shape)`` → the shape a site has when ``n`` copies of it run under a plate at
+    ``plate_dim``: size-1 dims are inserted between the plate dim and the site's own
+    ``batch_ndim`` batch dims (Pyro aligns batch dims from the right)."""
+    pad = -plate_dim - 1 - batch_ndim
+    return value.reshape((value.shape[0],) + (1,) * max(pad, 0) + tuple(value.shape[1:]))
 
 
 def _chunk_seed(seed: int, chunk: int) -> int:
@@ -274,6 +282,34 @@ def _failed_values(job: _ChunkJob) -> dict[str, torch.Tensor]:
     out = {s.name: torch.empty((0,) + s.shape, dtype=getattr(torch, s.dtype)) for s in job.sites}
     out[_INDEX] = torch.empty(0, dtype=torch.int64)
     return out
+
+
+def simulate_at(model: Callable, latents: Mapping[str, torch.Tensor], *, observed: str | Sequence[str],
+                model_args: tuple = (), model_kwargs: Mapping[str, Any] | None = None, seed: int = 0,
+                device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+    """Simulate the observed sites at given latents ``{site: (n, *shape)}`` in one vectorized call.
+
+    Every latent site of the model must be given. Returns ``{observed site: (n, *shape)}`` on
+    ``device``, NaN/inf included (the caller decides what to do with them).
+    """
+    observed = [observed] if isinstance(observed, str) else list(observed)
+    dev = resolve_device(device)
+    sites, outer_dim = model_sites(model, observed, model_args, model_kwargs)
+    latent = {s.name: s for s in sites if not s.observed}
+    if set(latents) != set(latent):
+        raise ValueError(f"latents: expected values for exactly {sorted(latent)}, got {sorted(latents)}")
+    sizes = {v.shape[0] for v in latents.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"latents: every site needs the same leading dimension, got {sorted(sizes)}")
+    n = sizes.pop()
+    for name, v in latents.items():
+        if tuple(v.shape[1:]) != latent[name].shape:
+            raise ValueError(f"latents: site '{name}' must have shape (n, {latent[name].shape}), got {tuple(v.shape)}")
+    data = {k: plate_layout(torch.as_tensor(v, device=dev), outer_dim, latent[k].batch_ndim) for k, v in latents.items()}
+    job = _ChunkJob(poutine.condition(model, data=data), tuple(model_args), dict(model_kwargs or {}),
+                    tuple(s for s in sites if s.observed), outer_dim, 0, 0, n, seed, str(dev))
+    out = _run_chunk(job)
+    return {s.name: out[s.name].to(dev) for s in sites if s.observed}
 
 
 def simulate(

@@ -16,11 +16,11 @@ from torch import nn
 
 from ..errors import FormatError
 from ..io import load_tensors, save_tensors
-from ..simulate import _Seeded, model_sites
+from ..simulate import _Seeded, model_sites, plate_layout
 from ..simulation_set import SimulationSet
 from ..space import ParameterSpace
 
-__all__ = ["Prepared", "prepare", "Posterior", "load", "register_posterior", "observation_tensor"]
+__all__ = ["Prepared", "prepare", "Posterior", "load", "register_posterior", "observation_tensor", "observed_values"]
 
 _KIND = "implicitbayes.Posterior"
 _VERSION = 1
@@ -76,6 +76,13 @@ def prepare(model: Callable, observed: Sequence[str], model_args, model_kwargs, 
 def observation_tensor(observed: Any, names: Sequence[str], shapes: Mapping[str, tuple[int, ...]],
                        device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """One observation as ``(1, *x_shape)``, from a tensor (one observed site) or ``{site: tensor}``."""
+    values = observed_values(observed, names, shapes, device, dtype)
+    return _x_from({n: v[None] for n, v in values.items()}, names)
+
+
+def observed_values(observed: Any, names: Sequence[str], shapes: Mapping[str, tuple[int, ...]],
+                    device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """One observation as validated ``{site: tensor of the site's shape}``."""
     if observed is None:
         raise ValueError("observed: give the observation to condition on (a tensor, or {site: tensor})")
     if not isinstance(observed, Mapping):
@@ -93,8 +100,8 @@ def observation_tensor(observed: Any, names: Sequence[str], shapes: Mapping[str,
             raise ValueError(f"observed: site '{n}' must have shape {tuple(shapes[n])}, got {tuple(v.shape)}")
         if not torch.isfinite(v).all():
             raise ValueError(f"observed: site '{n}' contains NaN or inf")
-        values[n] = v[None]
-    return _x_from(values, names)
+        values[n] = v
+    return values
 
 
 def _guide_plate() -> tuple[int, int] | None:
@@ -169,9 +176,7 @@ class Posterior(nn.Module):
                 if plate is None:
                     value = value[0]
                 else:
-                    batch_ndim = len(site.shape) - site.event_dim
-                    pad = -plate[1] - 1 - batch_ndim
-                    value = value.reshape((n,) + (1,) * max(pad, 0) + site.shape)
+                    value = plate_layout(value, plate[1], len(site.shape) - site.event_dim)
                 pyro.sample(site.name, dist.Delta(value, event_dim=site.event_dim))
             return draws
 
@@ -191,9 +196,10 @@ def register_posterior(cls: type) -> type:
     return cls
 
 
-def load(path: str | os.PathLike, device: str | torch.device | None = None, **modules: nn.Module) -> Posterior:
-    """Load a posterior written by ``.save``. A custom embedding network (not rebuildable from
-    JSON) must be passed again, e.g. ``ib.load(path, embedding=MyNet())``."""
+def load(path: str | os.PathLike, device: str | torch.device | None = None, **modules: Any) -> Posterior:
+    """Load a posterior written by ``.save``. What JSON cannot hold is passed again: a custom
+    embedding network (``ib.load(path, embedding=MyNet())``) and, for NRE, the model that MCMC
+    runs on (``model=...``)."""
     tensors, meta = load_tensors(path, kind=_KIND, max_version=_VERSION)
     cls = _POSTERIORS.get(meta.get("class"))
     if cls is None:

@@ -16,6 +16,11 @@ Training, in two stages (θ in unconstrained, standardised coordinates):
 2. Correction critic: with f_w frozen, a fresh critic is trained to convergence by the logistic
    loss (early-stopped on held-out pairs), so that it estimates log p(θ | y)/q_w(θ | y).
 
+Defaults (chosen by the ablation in ``benchmarks/results/implicit_vi_ablation.md``): λ = 0 —
+co-training the generator against a critic made the *corrected* posterior worse at every budget
+we measured — so the ratio-estimating critic enters through stage 2, and every default draw is
+weighted by it; the energy score only shapes the proposal it corrects.
+
 Sampling is sampling-importance-resampling with that ratio (``correction="sir"``): draw K
 candidates θ̃_k ~ q_w(· | y), keep one with probability ∝ exp r(y, θ̃_k). As K → ∞ the draw's
 law tends to q_w(θ | y) exp r / Z = p(θ | y) where r is exact. The generator stays implicit: no
@@ -117,12 +122,12 @@ class ImplicitVI:
     """
 
     def __init__(self, model: Callable, *, observed: str | Sequence[str], model_args: tuple = (),
-                 model_kwargs: Mapping | None = None, scoring_rule: str | None = "energy", num_draws: int = 16,
-                 adversarial_weight: float = 0.1, critic_loss: str = "logistic", correction: str | None = "sir",
-                 num_candidates: int = 32, hidden: int = 256, layers: int = 4, noise_features: int | None = None,
-                 noise_injection: str = "concat", critic_hidden: int = 256, critic_layers: int = 4,
-                 embedding: nn.Module | None = None, batch_size: int = 256, lr: float = 1e-3, max_steps: int = 20_000,
-                 critic_steps: int = 8_000, patience: int = 20, validate_every: int = 100,
+                 model_kwargs: Mapping | None = None, scoring_rule: str | None = "energy", num_draws: int = 8,
+                 adversarial_weight: float = 0.0, critic_loss: str = "logistic", correction: str | None = "sir",
+                 num_candidates: int = 64, hidden: int = 128, layers: int = 4, noise_features: int | None = None,
+                 noise_injection: str = "concat", critic_hidden: int = 128, critic_layers: int = 4,
+                 embedding: nn.Module | None = None, batch_size: int = 128, lr: float = 1e-3, max_steps: int = 20_000,
+                 critic_steps: int = 10_000, patience: int = 20, validate_every: int | None = 50,
                  validation_fraction: float = 0.1, device: str | torch.device | None = None):
         self.model, self.model_args, self.model_kwargs = model, tuple(model_args), dict(model_kwargs or {})
         self.observed = [observed] if isinstance(observed, str) else list(observed)

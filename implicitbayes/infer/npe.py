@@ -76,7 +76,7 @@ class NPE:
                  model_kwargs: Mapping | None = None, flow: str = "nsf", transforms: int = 5,
                  hidden_features: Sequence[int] = (64, 64), embedding: nn.Module | None = None,
                  batch_size: int = 128, lr: float = 1e-3, max_steps: int = 30_000, validation_fraction: float = 0.1,
-                 patience: int = 20, validate_every: int = 100, device: str | torch.device | None = None):
+                 patience: int = 20, validate_every: int | None = None, device: str | torch.device | None = None):
         self.model, self.model_args, self.model_kwargs = model, tuple(model_args), dict(model_kwargs or {})
         self.observed = [observed] if isinstance(observed, str) else list(observed)
         from ..nn import FLOWS

@@ -42,8 +42,8 @@ class TrainConfig:
     lr: float = 1e-3
     max_steps: int = 20_000
     validation_fraction: float = 0.1
-    validate_every: int = 100
-    patience: int = 15  # validations without improvement before stopping
+    validate_every: int | None = None  # steps between validations; None: one epoch (≥ 10 steps)
+    patience: int = 20  # validations without improvement before stopping
     weight_decay: float = 0.0
     clip_grad_norm: float | None = 5.0
     lr_decay: bool = True  # cosine decay over max_steps
@@ -105,6 +105,7 @@ def train(
     """
     g = torch.Generator().manual_seed(seed)
     train_idx, val_idx = split(num_rows, config.validation_fraction, g)
+    every = config.validate_every or max(10, math.ceil(len(train_idx) / config.batch_size))
     params = parameters if parameters is not None else [p for m in modules.values() for p in m.parameters()]
     optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
 
@@ -158,7 +159,7 @@ def train(
                 group["lr"] = learning_rate(s)
             optimizer.step()
             bar.update(1)
-            if (s + 1) % config.validate_every == 0 or s + 1 == config.max_steps:
+            if (s + 1) % every == 0 or s + 1 == config.max_steps:
                 for m in modules.values():
                     m.eval()
                 with torch.no_grad():
