@@ -265,3 +265,59 @@ def check_fit_args(max_steps, time_budget) -> None:
         raise ValueError(f"max_steps: expected a positive integer or None, got {max_steps!r}")
     if time_budget is not None and not (isinstance(time_budget, (int, float)) and time_budget > 0):
         raise ValueError(f"time_budget: expected a positive number of seconds or None, got {time_budget!r}")
+
+
+class NeuralPosterior(Posterior):
+    """A posterior with the shared input side: e(y) (standardise + embed) and θ standardised in
+    unconstrained coordinates."""
+
+    def __init__(self, space: ParameterSpace, observed, x_shapes, config: Mapping[str, Any],
+                 embedding: nn.Module | None = None):
+        super().__init__(space, observed, x_shapes, config)
+        check_embedding_for_load(config, embedding)
+        from ..nn import Standardize
+
+        self.context = ContextNet(config["x_shape"], embedding)
+        self.theta_standardize = Standardize((space.unconstrained_dim,), log=False)
+
+    def fit_standardizers(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Fit both standardisations on the training data; returns standardised ``u``."""
+        self.context.fit(x)
+        self.theta_standardize.fit(u)
+        return self.theta_standardize(u)
+
+
+class Method:
+    """Constructor plumbing and the ``fit`` preamble shared by the amortised methods."""
+
+    def __init__(self, model: Callable, observed: str | Sequence[str], model_args, model_kwargs,
+                 embedding: nn.Module | None, loop: "TrainConfig", device):
+        from ..simulate import resolve_device
+
+        if not callable(model):
+            raise TypeError(f"model: expected a callable Pyro model, got {type(model).__name__}")
+        self.model, self.model_args, self.model_kwargs = model, tuple(model_args), dict(model_kwargs or {})
+        self.observed = [observed] if isinstance(observed, str) else list(observed)
+        self.embedding, self.loop = embedding, loop
+        self.device = resolve_device(device)
+
+    def _begin(self, data, max_steps, time_budget, seed):
+        """Validate the fit arguments and the data; returns ``(prepared, seed, loop settings)``."""
+        check_fit_args(max_steps, time_budget)
+        seed = resolve_seed(seed)
+        prep = prepare(self.model, self.observed, self.model_args, self.model_kwargs, data)
+        return prep, seed, self._settings(self.loop, max_steps, time_budget)
+
+    @staticmethod
+    def _settings(loop: "TrainConfig", max_steps, time_budget) -> "TrainConfig":
+        """A fresh copy of ``loop`` with this fit's ``max_steps`` / ``time_budget``."""
+        from .training import TrainConfig
+
+        settings = TrainConfig(**{**loop.__dict__, "history": []})
+        if max_steps is not None:
+            settings.max_steps = max_steps
+        settings.time_budget = time_budget
+        return settings
+
+    def _config(self, prep: Prepared, **extra) -> dict:
+        return {"x_shape": list(prep.x.shape[1:]), "custom_embedding": self.embedding is not None, **extra}

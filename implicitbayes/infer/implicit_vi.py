@@ -36,29 +36,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..losses import energy_score, kernel_score, logistic_loss, ratio_loss
-from ..nn import Critic, ImplicitGenerator, Standardize
-from ..simulate import _Seeded, resolve_device
+from ..nn import Critic, ImplicitGenerator
+from ..simulate import _Seeded
 from ..space import ParameterSpace
-from .base import (ContextNet, Posterior, check_embedding_for_load, check_fit_args, prepare, register_posterior,
-                   resolve_seed)
+from .base import Method, NeuralPosterior, register_posterior
 from .training import TrainConfig, train
 
 __all__ = ["ImplicitVI", "ImplicitPosterior"]
 
 
 @register_posterior
-class ImplicitPosterior(Posterior):
+class ImplicitPosterior(NeuralPosterior):
     """An implicit posterior f_w(e(y), z) with an optional critic correcting its draws (SIR)."""
 
     method = "implicit_vi"
 
     def __init__(self, space: ParameterSpace, observed, x_shapes, config: Mapping[str, Any],
                  embedding: nn.Module | None = None):
-        super().__init__(space, observed, x_shapes, config)
-        check_embedding_for_load(config, embedding)
-        self.context = ContextNet(config["x_shape"], embedding)
+        super().__init__(space, observed, x_shapes, config, embedding)
         d = space.unconstrained_dim
-        self.theta_standardize = Standardize((d,), log=False)
         self.generator = ImplicitGenerator(self.context.out_features, d, config["noise_features"], config["hidden"],
                                            config["layers"], config["noise_injection"])
         self.critic = Critic(d, self.context.out_features, config["critic_hidden"], config["critic_layers"])
@@ -109,7 +105,7 @@ class ImplicitPosterior(Posterior):
         return self.space.to_constrained(self._sample_unconstrained(x, num_samples, g, correction, num_candidates))
 
 
-class ImplicitVI:
+class ImplicitVI(Method):
     """Amortized implicit posterior trained against a ratio-estimating critic (module docstring).
 
     Options (defaults are the recommended settings): ``scoring_rule`` ("energy", "kernel" or
@@ -129,8 +125,9 @@ class ImplicitVI:
                  embedding: nn.Module | None = None, batch_size: int = 128, lr: float = 1e-3, max_steps: int = 20_000,
                  critic_steps: int = 10_000, patience: int = 20, validate_every: int | None = 50,
                  validation_fraction: float = 0.1, device: str | torch.device | None = None):
-        self.model, self.model_args, self.model_kwargs = model, tuple(model_args), dict(model_kwargs or {})
-        self.observed = [observed] if isinstance(observed, str) else list(observed)
+        super().__init__(model, observed, model_args, model_kwargs, embedding,
+                         TrainConfig(batch_size=batch_size, lr=lr, max_steps=max_steps, patience=patience,
+                                     validate_every=validate_every, validation_fraction=validation_fraction), device)
         if scoring_rule not in ("energy", "kernel", None):
             raise ValueError(f"scoring_rule: expected 'energy', 'kernel' or None, got {scoring_rule!r}")
         if scoring_rule is None and adversarial_weight <= 0:
@@ -146,12 +143,8 @@ class ImplicitVI:
         self.critic_loss, self.correction, self.num_candidates = critic_loss, correction, num_candidates
         self.net = {"hidden": hidden, "layers": layers, "noise_features": noise_features,
                     "noise_injection": noise_injection, "critic_hidden": critic_hidden, "critic_layers": critic_layers}
-        self.embedding = embedding
-        self.loop = TrainConfig(batch_size=batch_size, lr=lr, max_steps=max_steps, patience=patience,
-                                validate_every=validate_every, validation_fraction=validation_fraction)
         self.critic_loop = TrainConfig(batch_size=512, lr=lr, max_steps=critic_steps, patience=patience,
                                        validate_every=validate_every, validation_fraction=validation_fraction)
-        self.device = resolve_device(device)
 
     def _score(self, draws: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if self.scoring_rule == "energy":
@@ -167,19 +160,15 @@ class ImplicitVI:
         ``max_steps`` and ``time_budget`` apply to each stage; ``checkpoint`` is a path prefix
         (``<checkpoint>.generator`` and ``<checkpoint>.critic`` are written).
         """
-        check_fit_args(max_steps, time_budget)
-        seed = resolve_seed(seed)
-        prep = prepare(self.model, self.observed, self.model_args, self.model_kwargs, data)
-        config = {**self.net, "x_shape": list(prep.x.shape[1:]), "custom_embedding": self.embedding is not None,
-                  "correction": self.correction, "num_candidates": self.num_candidates,
-                  "noise_features": self.net["noise_features"] or max(prep.space.unconstrained_dim, 2)}
+        prep, seed, loop = self._begin(data, max_steps, time_budget, seed)
+        critic_settings = self._settings(self.critic_loop, max_steps, time_budget)
+        config = self._config(prep, **self.net, correction=self.correction, num_candidates=self.num_candidates)
+        config["noise_features"] = self.net["noise_features"] or max(prep.space.unconstrained_dim, 2)
         rl = ratio_loss(self.critic_loss)
         with _Seeded(seed, self.device):
             post = ImplicitPosterior(prep.space, prep.observed, prep.x_shapes, config, self.embedding).to(self.device)
-            x, u = prep.x.to(self.device), prep.u.to(self.device)
-            post.context.fit(x)
-            post.theta_standardize.fit(u)
-            u_s = post.theta_standardize(u)
+            x = prep.x.to(self.device)
+            u_s = post.fit_standardizers(x, prep.u.to(self.device))
             gen_params = list(post.context.parameters()) + list(post.generator.parameters())
             co_critic = Critic(prep.space.unconstrained_dim, post.context.out_features, self.net["critic_hidden"],
                                self.net["critic_layers"]).to(self.device)
@@ -212,10 +201,6 @@ class ImplicitVI:
                 return float(sum(energy_score(post._draw_standardized(post.context(x[i]), m, val_g), u_s[i]).sum()
                                  for i in idx.split(2048)) / len(idx))
 
-            loop = TrainConfig(**{**self.loop.__dict__, "history": []})
-            if max_steps is not None:
-                loop.max_steps = max_steps
-            loop.time_budget = time_budget
             ckpt = None if checkpoint is None else f"{checkpoint}.generator"
             gen_summary = train({"context": post.context, "generator": post.generator, "co_critic": co_critic}, gen_step,
                                 gen_validate, len(x), loop, seed=seed, progress=progress, checkpoint=ckpt,
@@ -240,12 +225,8 @@ class ImplicitVI:
                         total += float(logistic_loss(post.critic(c_all[i], u_s[i]), post.critic(c_all[i], fake))) * len(i)
                     return total / len(idx)
 
-                cl = TrainConfig(**{**self.critic_loop.__dict__, "history": []})
-                if max_steps is not None:
-                    cl.max_steps = max_steps
-                cl.time_budget = time_budget
                 ckpt = None if checkpoint is None else f"{checkpoint}.critic"
-                summary["critic"] = train({"critic": post.critic}, critic_step, critic_validate, len(x), cl,
+                summary["critic"] = train({"critic": post.critic}, critic_step, critic_validate, len(x), critic_settings,
                                           seed=seed + 1, progress=progress, checkpoint=ckpt,
                                           desc="ImplicitVI critic")
                 for p in gen_params:

@@ -18,29 +18,24 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..nn import Standardize, build_flow
+from ..nn import FLOWS, build_flow
 from ..simulate import _Seeded
 from ..space import ParameterSpace
-from .base import (ContextNet, Posterior, check_embedding_for_load, check_fit_args, prepare, register_posterior,
-                   resolve_seed)
+from .base import Method, NeuralPosterior, register_posterior
 from .training import TrainConfig, train
 
 __all__ = ["NPE", "NPEPosterior"]
 
 
 @register_posterior
-class NPEPosterior(Posterior):
+class NPEPosterior(NeuralPosterior):
     """A flow posterior: ``sample``, ``log_prob``, ``as_guide``, ``save``."""
 
     method = "npe"
 
     def __init__(self, space: ParameterSpace, observed, x_shapes, config: Mapping[str, Any],
                  embedding: nn.Module | None = None):
-        super().__init__(space, observed, x_shapes, config)
-        check_embedding_for_load(config, embedding)
-        x_shape = config["x_shape"]
-        self.context = ContextNet(x_shape, embedding)
-        self.theta_standardize = Standardize((space.unconstrained_dim,), log=False)
+        super().__init__(space, observed, x_shapes, config, embedding)
         self.flow = build_flow(config["flow"], space.unconstrained_dim, self.context.out_features,
                                transforms=config["transforms"], hidden_features=config["hidden_features"])
 
@@ -63,7 +58,7 @@ class NPEPosterior(Posterior):
         return log_q - self.space.log_abs_det_jacobian(u)
 
 
-class NPE:
+class NPE(Method):
     """Neural posterior estimation with a conditional normalizing flow (NSF by default).
 
     Options: ``flow`` (one of ``implicitbayes.nn.FLOWS``), ``transforms``, ``hidden_features``,
@@ -77,39 +72,23 @@ class NPE:
                  hidden_features: Sequence[int] = (64, 64), embedding: nn.Module | None = None,
                  batch_size: int = 128, lr: float = 1e-3, max_steps: int = 30_000, validation_fraction: float = 0.1,
                  patience: int = 20, validate_every: int | None = None, device: str | torch.device | None = None):
-        self.model, self.model_args, self.model_kwargs = model, tuple(model_args), dict(model_kwargs or {})
-        self.observed = [observed] if isinstance(observed, str) else list(observed)
-        from ..nn import FLOWS
-
         if flow not in FLOWS:
             raise ValueError(f"flow: expected one of {FLOWS}, got {flow!r}")
+        super().__init__(model, observed, model_args, model_kwargs, embedding,
+                         TrainConfig(batch_size=batch_size, lr=lr, max_steps=max_steps, patience=patience,
+                                     validation_fraction=validation_fraction, validate_every=validate_every), device)
         self.flow, self.transforms, self.hidden_features = flow, int(transforms), tuple(hidden_features)
-        self.embedding = embedding
-        self.loop = TrainConfig(batch_size=batch_size, lr=lr, max_steps=max_steps,
-                                validation_fraction=validation_fraction, patience=patience,
-                                validate_every=validate_every)
-        from ..simulate import resolve_device
-
-        self.device = resolve_device(device)
 
     def fit(self, data, *, max_steps: int | None = None, time_budget: float | None = None, seed: int | None = None,
             progress: bool = True, checkpoint=None) -> NPEPosterior:
         """Train on a SimulationSet; returns an :class:`NPEPosterior`."""
-        check_fit_args(max_steps, time_budget)
-        seed = resolve_seed(seed)
-        prep = prepare(self.model, self.observed, self.model_args, self.model_kwargs, data)
-        config = {"flow": self.flow, "transforms": self.transforms, "hidden_features": list(self.hidden_features),
-                  "x_shape": list(prep.x.shape[1:]), "custom_embedding": self.embedding is not None}
-        loop = TrainConfig(**{**self.loop.__dict__, "history": []})
-        if max_steps is not None:
-            loop.max_steps = max_steps
-        loop.time_budget = time_budget
+        prep, seed, loop = self._begin(data, max_steps, time_budget, seed)
+        config = self._config(prep, flow=self.flow, transforms=self.transforms,
+                              hidden_features=list(self.hidden_features))
         with _Seeded(seed, self.device):
             post = NPEPosterior(prep.space, prep.observed, prep.x_shapes, config, self.embedding).to(self.device)
-            x, u = prep.x.to(self.device), prep.u.to(self.device)
-            post.context.fit(x)
-            post.theta_standardize.fit(u)
-            u_s = post.theta_standardize(u)
+            x = prep.x.to(self.device)
+            u_s = post.fit_standardizers(x, prep.u.to(self.device))
 
             def step(idx, g):
                 return {"nll": -post.flow(post.context(x[idx])).log_prob(u_s[idx]).mean()}

@@ -20,28 +20,24 @@ from torch import nn
 
 from ..handlers import replace_likelihood
 from ..losses import logistic_loss
-from ..nn import Critic, Standardize
-from ..simulate import _Seeded, resolve_device
+from ..nn import Critic
+from ..simulate import _Seeded
 from ..space import ParameterSpace
-from .base import (ContextNet, Posterior, check_embedding_for_load, check_fit_args, observed_values, prepare,
-                   register_posterior, resolve_seed)
+from .base import Method, NeuralPosterior, observed_values, register_posterior
 from .training import TrainConfig, train
 
 __all__ = ["NRE", "NREPosterior"]
 
 
 @register_posterior
-class NREPosterior(Posterior):
+class NREPosterior(NeuralPosterior):
     """p(θ) exp r(θ, y), sampled with NUTS on the model; ``log_ratio`` exposes r."""
 
     method = "nre"
 
     def __init__(self, space: ParameterSpace, observed, x_shapes, config: Mapping[str, Any],
                  embedding: nn.Module | None = None, model: Callable | None = None):
-        super().__init__(space, observed, x_shapes, config)
-        check_embedding_for_load(config, embedding)
-        self.context = ContextNet(config["x_shape"], embedding)
-        self.theta_standardize = Standardize((space.unconstrained_dim,), log=False)
+        super().__init__(space, observed, x_shapes, config, embedding)
         self.classifier = Critic(space.unconstrained_dim, self.context.out_features, config["hidden"], config["layers"])
         self.model, self.model_args, self.model_kwargs = model, (), {}
         self.chains: dict[str, torch.Tensor] = {}
@@ -89,7 +85,7 @@ class NREPosterior(Posterior):
         return diagnostics(self.chains, group_by_chain=True)
 
 
-class NRE:
+class NRE(Method):
     """Neural ratio estimation; sampling by NUTS on the model (module docstring).
 
     Options: ``hidden``, ``layers`` of the classifier, ``embedding``, ``num_chains`` and
@@ -101,31 +97,21 @@ class NRE:
                  embedding: nn.Module | None = None, num_chains: int = 2, warmup: int = 300, batch_size: int = 256,
                  lr: float = 1e-3, max_steps: int = 20_000, patience: int = 20, validate_every: int | None = None,
                  validation_fraction: float = 0.1, device: str | torch.device | None = None):
-        self.model, self.model_args, self.model_kwargs = model, tuple(model_args), dict(model_kwargs or {})
-        self.observed = [observed] if isinstance(observed, str) else list(observed)
+        super().__init__(model, observed, model_args, model_kwargs, embedding,
+                         TrainConfig(batch_size=batch_size, lr=lr, max_steps=max_steps, patience=patience,
+                                     validate_every=validate_every, validation_fraction=validation_fraction), device)
         self.net = {"hidden": hidden, "layers": layers, "num_chains": num_chains, "warmup": warmup}
-        self.embedding = embedding
-        self.loop = TrainConfig(batch_size=batch_size, lr=lr, max_steps=max_steps, patience=patience,
-                                validate_every=validate_every, validation_fraction=validation_fraction)
-        self.device = resolve_device(device)
 
     def fit(self, data, *, max_steps: int | None = None, time_budget: float | None = None, seed: int | None = None,
             progress: bool = True, checkpoint=None) -> NREPosterior:
-        check_fit_args(max_steps, time_budget)
-        seed = resolve_seed(seed)
-        prep = prepare(self.model, self.observed, self.model_args, self.model_kwargs, data)
-        config = {**self.net, "x_shape": list(prep.x.shape[1:]), "custom_embedding": self.embedding is not None}
-        loop = TrainConfig(**{**self.loop.__dict__, "history": []})
-        if max_steps is not None:
-            loop.max_steps = max_steps
-        loop.time_budget = time_budget
+        """Train on a SimulationSet; returns an :class:`NREPosterior` (sampled by NUTS)."""
+        prep, seed, loop = self._begin(data, max_steps, time_budget, seed)
+        config = self._config(prep, **self.net)
         with _Seeded(seed, self.device):
             post = NREPosterior(prep.space, prep.observed, prep.x_shapes, config, self.embedding, self.model).to(self.device)
             post.model_args, post.model_kwargs = self.model_args, self.model_kwargs
-            x, u = prep.x.to(self.device), prep.u.to(self.device)
-            post.context.fit(x)
-            post.theta_standardize.fit(u)
-            u_s = post.theta_standardize(u)
+            x = prep.x.to(self.device)
+            u_s = post.fit_standardizers(x, prep.u.to(self.device))
 
             def loss(idx, g):
                 c = post.context(x[idx])
