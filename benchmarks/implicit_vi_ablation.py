@@ -41,12 +41,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--task", default="two_moons")
     p.add_argument("--budgets", default="1000,10000")
-    p.add_argument("--configs", default=None, help="comma-separated names (default: all)")
+    p.add_argument("--configs", default=None, help="semicolon-separated names (default: all)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args()
     c2st = sbibm_c2st()
     task = simulators.get(args.task)
-    names = args.configs.split(",") if args.configs else list(CONFIGS)
+    names = args.configs.split(";") if args.configs else list(CONFIGS)
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"unknown configurations {unknown}; known: {list(CONFIGS)}")
     out = Path(args.out)
     path = out / "implicit_vi_ablation.json"
     results = json.loads(path.read_text()) if path.exists() else {"runs": []}
@@ -57,7 +60,15 @@ def main() -> None:
             if (args.task, budget, name) in done:
                 continue
             t0 = time.perf_counter()
-            post = ib.ImplicitVI(task.model, observed="x", **CONFIGS[name]).fit(data, seed=0, progress=False)
+            try:
+                post = ib.ImplicitVI(task.model, observed="x", **CONFIGS[name]).fit(data, seed=0, progress=False)
+            except ib.TrainingError as e:  # a diverging objective is a result too
+                row = {"task": args.task, "budget": budget, "config": name, "options": CONFIGS[name], "c2st": [],
+                       "c2st_mean": float("nan"), "train_seconds": time.perf_counter() - t0, "error": str(e)}
+                results["runs"].append(row)
+                path.write_text(json.dumps(results, indent=1))
+                print(f"{budget:>6d} {name:40s} diverged: {e}", flush=True)
+                continue
             seconds = time.perf_counter() - t0
             scores = []
             for k in (1, 2):
@@ -69,10 +80,15 @@ def main() -> None:
             path.write_text(json.dumps(results, indent=1))
             print(f"{budget:>6d} {name:40s} C2ST {row['c2st_mean']:.3f}  train {seconds:5.0f} s", flush=True)
     lines = [f"# ImplicitVI ablation ({args.task}; C2ST proxy: observations 1–2, 2 000 draws; 0.5 is perfect)", "",
+             "The proxy's noise is about ±0.02 and it reads lower than the suite's 10 000-draw protocol. "
+             "What chose the default: critic correction is essential (energy score alone 0.70 at 1e4), "
+             "K = 16–128 candidates are within noise, and co-training the generator adversarially "
+             "makes the corrected posterior worse at 1e4; the f-KL critic diverges.", "",
              "| simulations | configuration | C2ST | obs 1, obs 2 | train (s) |", "| --- | --- | --- | --- | --- |"]
-    for r in sorted(results["runs"], key=lambda r: (r["task"], r["budget"], r["c2st_mean"])):
-        lines.append(f"| {r['budget']} | {r['config']} | {r['c2st_mean']:.3f} | "
-                     f"{', '.join(f'{v:.3f}' for v in r['c2st'])} | {r['train_seconds']:.0f} |")
+    for r in sorted(results["runs"], key=lambda r: (r["task"], r["budget"], r["c2st"] == [], r["c2st_mean"])):
+        scores = ", ".join(f"{v:.3f}" for v in r["c2st"]) or "diverged (loss → inf; stopped with TrainingError)"
+        mean = f"{r['c2st_mean']:.3f}" if r["c2st"] else "—"
+        lines.append(f"| {r['budget']} | {r['config']} | {mean} | {scores} | {r['train_seconds']:.0f} |")
     (out / "implicit_vi_ablation.md").write_text("\n".join(lines) + "\n")
 
 

@@ -69,8 +69,8 @@ class NPE(Method):
 
     def __init__(self, model: Callable, *, observed: str | Sequence[str], model_args: tuple = (),
                  model_kwargs: Mapping | None = None, flow: str = "nsf", transforms: int = 5,
-                 hidden_features: Sequence[int] = (64, 64), embedding: nn.Module | None = None,
-                 batch_size: int = 128, lr: float = 1e-3, max_steps: int = 30_000, validation_fraction: float = 0.1,
+                 hidden_features: Sequence[int] = (50, 50), embedding: nn.Module | None = None,
+                 batch_size: int = 50, lr: float = 5e-4, max_steps: int = 30_000, validation_fraction: float = 0.1,
                  patience: int = 20, validate_every: int | None = None, device: str | torch.device | None = None):
         if flow not in FLOWS:
             raise ValueError(f"flow: expected one of {FLOWS}, got {flow!r}")
