@@ -149,3 +149,16 @@ def test_npe_passes_simulation_based_calibration(npe):
     for d in range(10):
         counts = np.bincount(ranks[:, d].numpy() // 10, minlength=10)
         assert scipy.stats.chisquare(counts).pvalue > 1e-4, (d, counts)
+
+
+def test_non_positive_observation_of_a_positive_simulator_is_refused():
+    import simulators as zoo
+
+    task = zoo.get("lotka_volterra_ode")
+    data = ib.simulate(task.model, 300, observed="x", seed=0, progress=False)
+    post = ib.NPE(task.model, observed="x", flow="maf").fit(data, seed=0, max_steps=20, progress=False)
+    x = task.observation(1).clone()
+    assert post.sample(5, x, seed=0)["theta"].shape == (5, 4)
+    x[3] = -1.0
+    with pytest.raises(ValueError, match=r"entries \[3\] are ≤ 0"):
+        post.sample(5, x)

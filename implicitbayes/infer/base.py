@@ -280,6 +280,16 @@ class NeuralPosterior(Posterior):
         self.context = ContextNet(config["x_shape"], embedding)
         self.theta_standardize = Standardize((space.unconstrained_dim,), log=False)
 
+    def _observation(self, observed) -> torch.Tensor:
+        x = super()._observation(observed)
+        bad = self.context.standardize.use_log & (x[0] <= 0)
+        if bad.any():
+            where = [tuple(i) if len(i) > 1 else int(i[0]) for i in bad.nonzero().tolist()]
+            raise ValueError(f"observed: entries {where[:10]} are ≤ 0, but every training simulation was strictly "
+                             "positive there (those features are standardised in log space); this observation is "
+                             "outside what the simulator produced")
+        return x
+
     def fit_standardizers(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Fit both standardisations on the training data; returns standardised ``u``."""
         self.context.fit(x)
