@@ -2,7 +2,7 @@
 
 from .distributions import Implicit, LogUniform
 from .errors import FormatError, IntractableLikelihoodError, SimulationError, StoreMismatchError
-from .infer import ABC, NPE, NRE, ImplicitVI, TrainingError, load
+from .infer import ABC, LFVI, NPE, NRE, ImplicitVI, TrainingError, load
 from .simulate import simulate
 from .simulation_set import SimulationSet
 from .space import ParameterSpace
@@ -20,6 +20,7 @@ __all__ = [
     "SimulationSet",
     "ParameterSpace",
     "ImplicitVI",
+    "LFVI",
     "NPE",
     "NRE",
     "ABC",

@@ -34,7 +34,7 @@ from .errors import SimulationError, StoreMismatchError
 from .io import atomic_write_text, load_tensors, save_tensors
 from .simulation_set import SimulationSet
 
-__all__ = ["simulate", "simulate_at", "model_sites", "SiteInfo", "resolve_device", "plate_layout"]
+__all__ = ["simulate", "simulate_at", "run_given", "model_sites", "SiteInfo", "resolve_device", "plate_layout"]
 
 _OUTER_PLATE = "_ib_simulations"
 _STORE_KIND = "implicitbayes.SimulationStore"
@@ -54,6 +54,7 @@ class SiteInfo:
     dtype: str
     observed: bool
     batch_ndim: int  # batch dims of the site in one run (plates and distribution batch shape)
+    plates: tuple[str, ...] = ()  # names of the vectorized plates the site is in
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -152,7 +153,8 @@ def model_sites(model: Callable, observed: Sequence[str], model_args=(), model_k
         plates = [-f.dim for f in s["cond_indep_stack"] if f.vectorized and f.dim is not None]
         used = max([used, batch_ndim] + plates)
         sites.append(SiteInfo(s["name"], tuple(value.shape), str(value.dtype).removeprefix("torch."),
-                              s["name"] in observed, batch_ndim))
+                              s["name"] in observed, batch_ndim,
+                              tuple(f.name for f in s["cond_indep_stack"] if f.vectorized and f.dim is not None)))
     missing = [o for o in observed if o not in names]
     if missing:
         raise ValueError(f"observed: {missing} {'is not a site' if len(missing) == 1 else 'are not sites'} "
@@ -284,6 +286,29 @@ def _failed_values(job: _ChunkJob) -> dict[str, torch.Tensor]:
     return out
 
 
+def run_given(model: Callable, given: Mapping[str, torch.Tensor], returns: Sequence[SiteInfo], outer_dim: int, *,
+              model_args: tuple = (), model_kwargs: Mapping[str, Any] | None = None, seed: int = 0,
+              device: torch.device = torch.device("cpu"), latent_info: Mapping[str, SiteInfo] | None = None
+              ) -> dict[str, torch.Tensor]:
+    """Run ``model`` once, vectorized over ``n`` copies, with the sites in ``given``
+    (``{site: (n, *shape)}``) fixed; the other sites are drawn from the model. Returns
+    ``{site: (n, *shape)}`` on ``device`` for each of ``returns`` (NaN/inf included). The sites'
+    layout comes from :func:`model_sites` (``latent_info`` describes the given sites)."""
+    info = {s.name: s for s in (latent_info.values() if latent_info is not None else returns)}
+    sizes = {v.shape[0] for v in given.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"latents: every site needs the same leading dimension, got {sorted(sizes)}")
+    n = sizes.pop()
+    for name, v in given.items():
+        if tuple(v.shape[1:]) != info[name].shape:
+            raise ValueError(f"latents: site '{name}' must have shape (n, {info[name].shape}), got {tuple(v.shape)}")
+    data = {k: plate_layout(torch.as_tensor(v, device=device), outer_dim, info[k].batch_ndim) for k, v in given.items()}
+    job = _ChunkJob(poutine.condition(model, data=data), tuple(model_args), dict(model_kwargs or {}),
+                    tuple(returns), outer_dim, 0, 0, n, seed, str(device))
+    out = _run_chunk(job)
+    return {s.name: out[s.name].to(device) for s in returns}
+
+
 def simulate_at(model: Callable, latents: Mapping[str, torch.Tensor], *, observed: str | Sequence[str],
                 model_args: tuple = (), model_kwargs: Mapping[str, Any] | None = None, seed: int = 0,
                 device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
@@ -298,18 +323,8 @@ def simulate_at(model: Callable, latents: Mapping[str, torch.Tensor], *, observe
     latent = {s.name: s for s in sites if not s.observed}
     if set(latents) != set(latent):
         raise ValueError(f"latents: expected values for exactly {sorted(latent)}, got {sorted(latents)}")
-    sizes = {v.shape[0] for v in latents.values()}
-    if len(sizes) != 1:
-        raise ValueError(f"latents: every site needs the same leading dimension, got {sorted(sizes)}")
-    n = sizes.pop()
-    for name, v in latents.items():
-        if tuple(v.shape[1:]) != latent[name].shape:
-            raise ValueError(f"latents: site '{name}' must have shape (n, {latent[name].shape}), got {tuple(v.shape)}")
-    data = {k: plate_layout(torch.as_tensor(v, device=dev), outer_dim, latent[k].batch_ndim) for k, v in latents.items()}
-    job = _ChunkJob(poutine.condition(model, data=data), tuple(model_args), dict(model_kwargs or {}),
-                    tuple(s for s in sites if s.observed), outer_dim, 0, 0, n, seed, str(dev))
-    out = _run_chunk(job)
-    return {s.name: out[s.name].to(dev) for s in sites if s.observed}
+    return run_given(model, latents, [s for s in sites if s.observed], outer_dim, model_args=model_args,
+                     model_kwargs=model_kwargs, seed=seed, device=dev, latent_info=latent)
 
 
 def simulate(

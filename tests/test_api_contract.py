@@ -41,6 +41,12 @@ def test_signatures():
         assert list(params)[:4] == ["model", "observed", "model_args", "model_kwargs"]
         fit = inspect.signature(method.fit).parameters
         assert list(fit)[:7] == ["self", "data", "max_steps", "time_budget", "seed", "progress", "checkpoint"]
+    for method in (ib.LFVI, ib.ABC):  # fitted to one observation: fit(data=None, *, observation, ...)
+        params = inspect.signature(method).parameters
+        assert list(params)[:4] == ["model", "observed", "model_args", "model_kwargs"]
+        fit = inspect.signature(method.fit).parameters
+        assert list(fit)[:2] == ["self", "data"] and fit["data"].default is None
+        assert {"observation", "max_steps", "time_budget", "seed", "progress", "checkpoint"} <= set(fit)
     for name in ("latent_names", "observed_names", "num_invalid"):
         assert hasattr(ib.simulate(model, 5, observed="x", seed=0, progress=False), name)
     assert callable(ib.SimulationSet.load) and callable(ib.load)

@@ -47,12 +47,17 @@ class TrainConfig:
     weight_decay: float = 0.0
     clip_grad_norm: float | None = 5.0
     lr_decay: bool = True  # cosine decay over max_steps
+    restore_best: bool = True  # end on the best validated weights (else on the last ones)
     time_budget: float | None = None  # seconds
     history: list = field(default_factory=list)
 
 
 def split(n: int, fraction: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """A random (train, validation) split of ``range(n)``; at least one row in each."""
+    """A random (train, validation) split of ``range(n)``; at least one row in each.
+    ``fraction=0`` validates on the training rows themselves (methods fitted to one dataset)."""
+    if fraction == 0:
+        perm = torch.randperm(n, generator=generator)
+        return perm, perm
     if n < 2:
         raise ValueError(f"data: need at least 2 simulations to hold some out for validation, got {n}")
     perm = torch.randperm(n, generator=generator)
@@ -99,15 +104,17 @@ def train(
     """Train ``modules`` on row indices ``0..num_rows-1``; returns a summary dict.
 
     ``step`` receives a tensor of training row indices and the loop's generator; ``validate``
-    receives the validation row indices. The best weights (by validation) are restored at the
+    receives the validation row indices. ``parameters`` may be Adam parameter groups; a group's
+    ``lr_scale`` multiplies the scheduled learning rate. The best weights (by validation) are restored at the
     end. ``checkpoint`` is a file path: if it exists the run resumes from it (same settings
     required), and it is rewritten atomically at every validation.
     """
     g = torch.Generator().manual_seed(seed)
     train_idx, val_idx = split(num_rows, config.validation_fraction, g)
     every = config.validate_every or max(10, math.ceil(len(train_idx) / config.batch_size))
-    params = parameters if parameters is not None else [p for m in modules.values() for p in m.parameters()]
-    optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    groups = parameters if parameters is not None else [p for m in modules.values() for p in m.parameters()]
+    optimizer = torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
 
     def learning_rate(step: int) -> float:  # closed-form cosine decay to 1 %: resumes exactly
         if not config.lr_decay:
@@ -156,7 +163,7 @@ def train(
             if config.clip_grad_norm:
                 nn.utils.clip_grad_norm_(params, config.clip_grad_norm)
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(s)
+                group["lr"] = learning_rate(s) * group.get("lr_scale", 1.0)
             optimizer.step()
             bar.update(1)
             if (s + 1) % every == 0 or s + 1 == config.max_steps:
@@ -186,7 +193,8 @@ def train(
                     break
     finally:
         bar.close()
-    restore_best()
+    if config.restore_best:
+        restore_best()
     for m in modules.values():
         m.eval()
     config.history.extend(history)

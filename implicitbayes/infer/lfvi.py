@@ -1,0 +1,394 @@
+r"""Likelihood-free variational inference for hierarchical implicit models
+(Tran, Ranganath & Blei 2017, "Hierarchical Implicit Models and Likelihood-Free Variational
+Inference", NeurIPS; SCIENCE.md §2).
+
+Model: global latents β ~ p(β); for groups n = 1..N inside a ``pyro.plate``, local latents and
+data (z_n, x_n) ~ p(x_n, z_n | β), sample-only (``ib.Implicit``). Variational family:
+q(β) a normalizing flow (tractable density) and an implicit local sampler
+z_n = g(x_n, β, ε_n), ε_n ~ N(0, I). The ELBO, up to the constant Σ_n log q_data(x_n), is
+
+    L = E_{q(β)}[ log p(β) − log q(β) ] + Σ_n E_{q(β) q(z_n | x_n, β)}[ r(x_n, z_n, β) ],
+    r(x, z, β) ≈ log p(x, z | β) − log q_data(x) q(z | x, β),
+
+where the ratio r is a critic trained by the logistic (or hinge) loss to tell model draws
+(x, z) ~ p(· | β) (label 1) from variational draws (x_n, z_n ~ q(z | x_n, β)) (label 0) at
+the same β. Gradients of L reach q(β) and g through r's inputs (reparameterisation), never
+through the simulator. Minibatches of M groups scale the local sum by N/M.
+
+The reference for x. With q_data, the empirical distribution of N points, the two classes are
+separable by x alone, the logistic loss saturates and the critic learns nothing about z and β
+at the data (we measured it: critic loss → 0.03, local intervals covering 77 % instead of 90 %
+on ``hierarchical_gaussian``). We therefore draw the x of the variational class from the
+model's own predictive p̄(x) = ∫ p(x | β') q(β') dβ' — the x simulated at *another* particle
+β' — with z ~ q(z | x, β). The optimal critic is then
+r = log p(x, z | β) − log p̄(x) q(z | x, β): it differs from Tran's ratio by log q_data(x) −
+log p̄(x), a function of x alone, so at the data the gradients in z and β — all that training
+uses — are the same, while both classes now overlap wherever the model can produce the data.
+
+Critic and variational parameters take simultaneous Adam steps on one draw of S global
+particles per step: the critic on its classification loss with its inputs detached, q(β) and g
+on −L/N through a copy of the critic whose weights are detached. All coordinates are
+unconstrained (``biject_to`` of each support) and standardised by a pilot simulation from the
+prior.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping, Sequence
+
+import pyro
+import pyro.poutine as poutine
+from pyro.poutine.runtime import NonlocalExit
+from pyro.poutine.subsample_messenger import _Subsample
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from ..errors import IntractableLikelihoodError
+from ..losses import ratio_loss
+from ..nn import FLOWS, Critic, ImplicitGenerator, Standardize, build_flow
+from ..simulate import _OUTER_PLATE, _Seeded, SiteInfo, model_sites, plate_layout, resolve_device, run_given
+from ..space import ParameterSpace, SiteSpace
+from .base import Method, Posterior, check_fit_args, observed_values, register_posterior, resolve_seed
+from .training import TrainConfig, train
+
+__all__ = ["LFVI", "LFVIPosterior"]
+
+
+def _group_space(space: ParameterSpace) -> ParameterSpace:
+    """The local sites of one group: each site's shape without its leading plate dim."""
+    return ParameterSpace([SiteSpace(s.name, s.shape[1:], s.support, s.transform, s.event_dim) for s in space.sites])
+
+
+@register_posterior
+class LFVIPosterior(Posterior):
+    """q(β) q(z_{1:N} | x_{1:N}, β) for the one dataset it was fitted to.
+
+    ``sample(n)`` returns every latent site (global and local) with the model's shapes;
+    ``log_prob_global`` evaluates the flow's density of the global sites.
+    """
+
+    method = "lfvi"
+
+    def __init__(self, space: ParameterSpace, observed, x_shapes, config: Mapping[str, Any]):
+        super().__init__(space, observed, x_shapes, config)
+        by_name = {s.name: s for s in space.sites}
+        self.global_space = ParameterSpace([by_name[n] for n in config["global_sites"]])
+        self.local_space = _group_space(ParameterSpace([by_name[n] for n in config["local_sites"]]))
+        self.num_groups = int(config["num_groups"])
+        dg, dl = self.global_space.unconstrained_dim, self.local_space.unconstrained_dim
+        self.x_group_shape = tuple(config["x_group_shape"])
+        dx = math.prod(self.x_group_shape)
+        self.x_standardize = Standardize(self.x_group_shape)
+        self.global_standardize = Standardize((dg,), log=False)
+        self.local_standardize = Standardize((dl,), log=False)
+        self.q_global = build_flow(config["flow"], dg, 0, transforms=config["transforms"],
+                                   hidden_features=config["flow_hidden"])
+        self.generator = ImplicitGenerator(dx + dg, dl, config["noise_features"], config["hidden"], config["layers"])
+        self.critic = Critic(dl + dg, dx, config["critic_hidden"], config["critic_layers"])
+        self.register_buffer("observation", torch.zeros(self.num_groups, dx))
+
+    # -- pieces used by training and sampling ----------------------------------------------
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Standardised per-group observations ``(..., *x_group_shape)`` → ``(..., dx)``."""
+        lead = x.shape[:x.dim() - len(self.x_group_shape)]
+        return self.x_standardize(x.reshape((-1,) + self.x_group_shape)).reshape(lead + (-1,))
+
+    def draw_global(self, num: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``num`` reparameterised draws of standardised unconstrained β and their log q."""
+        q = self.q_global()
+        eps = torch.randn((num, self.global_space.unconstrained_dim), generator=generator, device=self.device)
+        b_s, ladj = q.transform.inv.call_and_ladj(eps)
+        return b_s, q.base.log_prob(eps) - ladj
+
+    def draw_local(self, feats: torch.Tensor, b_s: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """z_n ~ q(z | x_n, β): ``feats (M, dx)`` or ``(S, M, dx)``, ``b_s (S, dg)`` → standardised
+        ``(S, M, dl)``."""
+        s, m = b_s.shape[0], feats.shape[-2]
+        feats = feats.expand(s, -1, -1) if feats.dim() == 3 else feats[None].expand(s, -1, -1)
+        ctx = torch.cat([feats, b_s[:, None].expand(-1, m, -1)], -1).reshape(s * m, -1)
+        noise = torch.randn((s * m, 1, self.generator.noise_features), generator=generator, device=ctx.device,
+                            dtype=ctx.dtype)
+        return self.generator(ctx, noise).reshape(s, m, -1)
+
+    def assemble(self, b_s: torch.Tensor, z_s: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Standardised draws ``(S, dg)``, ``(S, N, dl)`` → ``{site: (S, *shape)}`` on the supports."""
+        s, n = z_s.shape[:2]
+        out = self.global_space.to_constrained(self.global_standardize.inverse(b_s))
+        local = self.local_space.to_constrained(self.local_standardize.inverse(z_s.reshape(s * n, -1)))
+        out.update({k: v.reshape((s, n) + tuple(v.shape[1:])) for k, v in local.items()})
+        return out
+
+    # -- the Posterior interface -------------------------------------------------------------
+    def _observation(self, observed):
+        if observed is None:
+            observed = self.default_observed
+        if observed is None:
+            return self.observation
+        x = observed_values(observed, self.observed, self.x_shapes, self.device, self.observation.dtype)
+        flat = torch.cat([v.reshape(self.num_groups, -1) for v in x.values()], 1)
+        if not torch.allclose(flat, self.observation):
+            raise ValueError("observed: LFVI is fitted to one dataset; this is another one (fit again with it)")
+        return flat
+
+    def _sample_unconstrained(self, x, num_samples, generator):
+        return self.space.to_unconstrained(self._draw(num_samples, generator))
+
+    def _draw(self, num_samples: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        feats = self.features(self.observation.reshape((self.num_groups,) + self.x_group_shape))
+        out = []
+        for chunk in torch.arange(num_samples).split(max(1, 100_000 // self.num_groups)):
+            b_s, _ = self.draw_global(len(chunk), generator)
+            out.append(self.assemble(b_s, self.draw_local(feats, b_s, generator)))
+        return {k: torch.cat([o[k] for o in out]) for k in out[0]}
+
+    @torch.no_grad()
+    def sample(self, num_samples: int, observed: Any = None, *, seed: int | None = None) -> dict[str, torch.Tensor]:
+        """``num_samples`` joint draws of the global and local latents: ``{site: (num_samples, *shape)}``."""
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
+            raise ValueError(f"num_samples: expected a positive integer, got {num_samples!r}")
+        self._observation(observed)
+        g = torch.Generator(device=self.device)
+        g.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ())))
+        return self._draw(num_samples, g)
+
+    @torch.no_grad()
+    def log_prob_global(self, values: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """log q(β) of the global sites ``{site: (n, *shape)}`` in their own coordinates: ``(n,)``."""
+        u = self.global_space.to_unconstrained({k: torch.as_tensor(values[k], device=self.device)
+                                                for k in self.global_space.names})
+        log_q = self.q_global().log_prob(self.global_standardize(u)) - self.global_standardize.scale.log().sum()
+        return log_q - self.global_space.log_abs_det_jacobian(u)
+
+
+class _GlobalPrior:
+    """log p(β) of the global sites, differentiable in β: the model is run conditioned on β and
+    stopped (``poutine.escape``) at its first local site, so no simulator is called."""
+
+    def __init__(self, model, model_args, model_kwargs, global_info: Mapping[str, SiteInfo], outer_dim: int):
+        self.model, self.args, self.kwargs = model, model_args, model_kwargs
+        self.info, self.outer_dim = dict(global_info), outer_dim
+
+    def __call__(self, values: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        n = next(iter(values.values())).shape[0]
+        data = {k: plate_layout(v, self.outer_dim, self.info[k].batch_ndim) for k, v in values.items()}
+        escape = poutine.escape(poutine.condition(self.model, data=data), escape_fn=lambda msg: (
+            msg["type"] == "sample" and msg["name"] not in self.info and not isinstance(msg["fn"], _Subsample)
+            and not msg["is_observed"]))
+        tracer = poutine.trace(escape)
+        try:
+            with pyro.plate(_OUTER_PLATE, n, dim=self.outer_dim):
+                tracer.get_trace(*self.args, **self.kwargs)
+        except NonlocalExit:
+            pass
+        nodes = tracer.msngr.trace.nodes
+        missing = [k for k in self.info if k not in nodes]
+        if missing:
+            raise ValueError(f"LFVI: the global sites {missing} come after a local site in the model; "
+                             "sample every global latent before the plate of groups")
+        total = 0.0
+        for name in self.info:
+            site = nodes[name]
+            try:
+                lp = site["fn"].log_prob(site["value"])
+            except NotImplementedError as e:
+                raise IntractableLikelihoodError(
+                    f"LFVI: the global site '{name}' has no tractable prior density ({e}); LFVI needs "
+                    "explicit priors on the global latents (local latents may be implicit)") from e
+            total = total + lp.reshape(n, -1).sum(-1)
+        return total
+
+
+class LFVI:
+    """Likelihood-free variational inference for hierarchical implicit models (module docstring).
+
+    The data are N groups inside a ``pyro.plate`` (``plate``, default: the plate around the
+    observed site); latent sites inside that plate are local, the others global. Every local and
+    observed site must have the plate as its only batch dimension.
+
+    Options: ``critic_loss`` ("logistic" or "hinge"), ``num_particles`` S draws of β per step,
+    ``batch_size`` M groups per step, ``flow`` / ``transforms`` /
+    ``flow_hidden`` for q(β), ``hidden`` / ``layers`` / ``noise_features`` of the local
+    generator, ``critic_hidden`` / ``critic_layers``, ``lr``, ``critic_lr_scale``,
+    ``max_steps``, ``pilot_simulations``, ``device``.
+    """
+
+    def __init__(self, model: Callable, *, observed: str | Sequence[str], model_args: tuple = (),
+                 model_kwargs: Mapping | None = None, plate: str | None = None, critic_loss: str = "logistic",
+                 num_particles: int = 64, batch_size: int | None = None,
+                 flow: str = "nsf", transforms: int = 3, flow_hidden: Sequence[int] = (64, 64), hidden: int = 128,
+                 layers: int = 3, noise_features: int | None = None, critic_hidden: int = 128, critic_layers: int = 3,
+                 lr: float = 1e-3, critic_lr_scale: float = 10.0, max_steps: int = 4000, validate_every: int = 100,
+                 pilot_simulations: int = 256, device: str | torch.device | None = None):
+        if not callable(model):
+            raise TypeError(f"model: expected a callable Pyro model, got {type(model).__name__}")
+        if critic_loss not in ("logistic", "hinge"):
+            raise ValueError(f"critic_loss: expected 'logistic' or 'hinge', got {critic_loss!r}")
+        if flow not in FLOWS:
+            raise ValueError(f"flow: expected one of {FLOWS}, got {flow!r}")
+        for name, v in (("num_particles", num_particles), ("pilot_simulations", pilot_simulations)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 2:
+                raise ValueError(f"{name}: expected an integer >= 2, got {v!r}")
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size: expected a positive integer or None (all groups), got {batch_size!r}")
+        self.model, self.model_args, self.model_kwargs = model, tuple(model_args), dict(model_kwargs or {})
+        self.observed = [observed] if isinstance(observed, str) else list(observed)
+        self.plate, self.critic_loss = plate, critic_loss
+        self.num_particles, self.batch_size = num_particles, batch_size
+        self.net = {"flow": flow, "transforms": int(transforms), "flow_hidden": list(flow_hidden), "hidden": hidden,
+                    "layers": layers, "noise_features": noise_features, "critic_hidden": critic_hidden,
+                    "critic_layers": critic_layers}
+        self.critic_lr_scale, self.pilot_simulations = float(critic_lr_scale), pilot_simulations
+        self.loop = TrainConfig(batch_size=1, lr=lr, max_steps=max_steps, validation_fraction=0.0,
+                                validate_every=validate_every, patience=10**9, restore_best=False, clip_grad_norm=10.0)
+        self.device = resolve_device(device)
+
+    # -- reading the model ---------------------------------------------------------------------
+    def _layout(self):
+        sites, outer_dim = model_sites(self.model, self.observed, self.model_args, self.model_kwargs)
+        obs = [s for s in sites if s.observed]
+        plates = set(obs[0].plates)
+        for s in obs[1:]:
+            plates &= set(s.plates)
+        if self.plate is not None:
+            if self.plate not in plates:
+                raise ValueError(f"plate: {self.plate!r} is not a plate around every observed site; those have "
+                                 f"{sorted(plates) or 'none'}")
+            plates = {self.plate}
+        if len(plates) != 1:
+            raise ValueError("LFVI needs the observed sites inside one pyro.plate over groups (the local plate); "
+                             f"found {sorted(plates) or 'none'}" + ("; name it with plate=" if plates else ""))
+        plate = plates.pop()
+        local = [s for s in sites if plate in s.plates]
+        glob = [s for s in sites if plate not in s.plates and not s.observed]
+        if not glob:
+            raise ValueError(f"LFVI: the model has no global latent sites outside plate {plate!r}")
+        sizes = {s.shape[0] if s.shape else None for s in local}
+        for s in local:
+            if s.batch_ndim != 1:
+                raise ValueError(f"LFVI: site '{s.name}' has batch shape {s.shape[:s.batch_ndim]}; local sites need "
+                                 f"the plate {plate!r} as their only batch dimension")
+        if len(sizes) != 1:
+            raise ValueError(f"LFVI: the sites in plate {plate!r} disagree on its size: {sorted(map(str, sizes))}")
+        return sites, outer_dim, plate, glob, [s for s in local if not s.observed], obs, sizes.pop()
+
+    def fit(self, data=None, *, observation: Any, max_steps: int | None = None, time_budget: float | None = None,
+            seed: int | None = None, progress: bool = True, checkpoint=None) -> LFVIPosterior:
+        """Fit q to ``observation`` (a tensor of the observed site's shape, or ``{site: tensor}``).
+
+        LFVI simulates as it trains (model draws at the current q(β)); ``data`` is an optional
+        ``ib.SimulationSet`` from the prior used instead of the pilot simulation to standardise.
+        ``posterior.training_summary["simulations"]`` counts the simulated groups.
+        """
+        check_fit_args(max_steps, time_budget)
+        seed = resolve_seed(seed)
+        sites, outer_dim, plate, glob, local, obs, n_groups = self._layout()
+        if not local:
+            raise ValueError(f"LFVI: the model has no local latent sites inside plate {plate!r}")
+        x_obs = observed_values(observation, self.observed, {s.name: s.shape for s in obs}, self.device,
+                                torch.get_default_dtype())
+        x_flat = torch.cat([x_obs[s.name].reshape(n_groups, -1) for s in obs], 1)
+        x_group_shape = obs[0].shape[1:] if len(obs) == 1 else (x_flat.shape[1],)
+        latent_names = [s.name for s in glob] + [s.name for s in local]
+        space = ParameterSpace.from_model(self.model, latent_names, self.model_args, self.model_kwargs)
+        config = {**self.net, "global_sites": [s.name for s in glob], "local_sites": [s.name for s in local],
+                  "num_groups": n_groups, "x_group_shape": list(x_group_shape), "plate": plate,
+                  "critic_loss": self.critic_loss}
+        rl = ratio_loss(self.critic_loss)
+        loop = Method._settings(self.loop, max_steps, time_budget)
+        s_particles = self.num_particles
+        m = min(self.batch_size or n_groups, n_groups)
+        simulated = 0
+        with _Seeded(seed, self.device):
+            post = LFVIPosterior(space, self.observed, {s.name: s.shape for s in obs}, config).to(self.device)
+            post.observation.copy_(x_flat)
+            ginfo = {s.name: s for s in glob}
+            returns = local + obs
+
+            def simulate_groups(b_s: torch.Tensor, sim_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+                """Model draws at standardised β ``(S, dg)`` → local u ``(S, N, dl)``, x ``(S, N, dx)``."""
+                nonlocal simulated
+                given = post.global_space.to_constrained(post.global_standardize.inverse(b_s))
+                out = run_given(self.model, given, returns, outer_dim, model_args=self.model_args,
+                                model_kwargs=self.model_kwargs, seed=sim_seed, device=self.device, latent_info=ginfo)
+                simulated += b_s.shape[0] * n_groups
+                s = b_s.shape[0]
+                z_u = post.local_space.to_unconstrained(
+                    {k.name: out[k.name].reshape((s * n_groups,) + k.shape[1:]) for k in local}).reshape(s, n_groups, -1)
+                x = torch.cat([out[k.name].reshape(s, n_groups, -1) for k in obs], -1)
+                return z_u, x
+
+            # pilot: standardise x, z and β by a simulation from the prior
+            pilot = data if data is not None else None
+            if pilot is None:
+                from ..simulate import simulate
+
+                pilot = simulate(self.model, self.pilot_simulations, observed=self.observed, model_args=self.model_args,
+                                 model_kwargs=self.model_kwargs, seed=seed, device=self.device, progress=False)
+            simulated += len(pilot) * n_groups
+            missing = [k for k in latent_names + self.observed if k not in pilot.latent_names + pilot.observed_names]
+            if missing:
+                raise ValueError(f"data: the SimulationSet lacks the sites {missing}; was it simulated from this model?")
+            p_x = torch.cat([pilot[k.name].reshape(len(pilot) * n_groups, -1) for k in obs], 1).to(self.device)
+            post.x_standardize.fit(p_x.reshape((-1,) + tuple(x_group_shape)))
+            post.global_standardize.fit(post.global_space.to_unconstrained({k: pilot[k].to(self.device)
+                                                                            for k in post.global_space.names}))
+            post.local_standardize.fit(post.local_space.to_unconstrained(
+                {k: pilot[k].to(self.device).reshape((-1,) + pilot[k].shape[2:]) for k in post.local_space.names}))
+            log_prior = _GlobalPrior(self.model, self.model_args, self.model_kwargs, ginfo, outer_dim)
+            feats_obs = post.features(x_flat.reshape((n_groups,) + tuple(x_group_shape)))
+            log_scale = post.global_standardize.scale.log().sum()
+
+            def elbo_terms(b_s, log_q_s, z_s, feats, critic_params):
+                b_u = post.global_standardize.inverse(b_s)
+                log_p = log_prior(post.global_space.to_constrained(b_u)) + post.global_space.log_abs_det_jacobian(b_u)
+                log_q = log_q_s - log_scale
+                s = b_s.shape[0]
+                theta = torch.cat([z_s, b_s[:, None].expand(-1, z_s.shape[1], -1)], -1)
+                r = functional_call(post.critic, critic_params, (feats[None].expand(s, -1, -1).reshape(-1, feats.shape[-1]),
+                                                                  theta.reshape(-1, theta.shape[-1]))).reshape(s, -1)
+                return log_p - log_q, r
+
+            def step(_, g):
+                b_s, log_q_s = post.draw_global(s_particles, g)
+                idx = torch.randperm(n_groups, generator=g)[:m].to(self.device)
+                with torch.no_grad():
+                    z_u, x_sim = simulate_groups(b_s.detach(), int(torch.randint(0, 2**62, (), generator=g)))
+                    z_model = post.local_standardize(z_u[:, idx].reshape(s_particles * m, -1)).reshape(s_particles, m, -1)
+                    f_model = post.features(x_sim[:, idx].reshape((s_particles, m) + tuple(x_group_shape)))
+                    # the reference class: x simulated at another particle β', z ~ q(z | x, β)
+                    shift = int(torch.randint(1, s_particles, (), generator=g))
+                    f_ref = f_model.roll(shift, 0)
+                    z_ref = post.draw_local(f_ref, b_s.detach(), g)
+                bd = b_s.detach()[:, None].expand(-1, m, -1)
+                pos = post.critic(f_model.reshape(s_particles * m, -1), torch.cat([z_model, bd], -1).reshape(s_particles * m, -1))
+                neg = post.critic(f_ref.reshape(s_particles * m, -1), torch.cat([z_ref, bd], -1).reshape(s_particles * m, -1))
+                critic_loss = rl.loss(pos, neg)
+                frozen = {k: v.detach() for k, v in post.critic.named_parameters()}
+                f_data = feats_obs[idx]
+                glob_term, r = elbo_terms(b_s, log_q_s, post.draw_local(f_data, b_s, g), f_data, frozen)
+                elbo = glob_term + n_groups * r.mean(1)
+                loss = critic_loss - elbo.mean() / n_groups
+                return {"loss": loss, "critic": critic_loss.detach(), "elbo": elbo.mean().detach()}
+
+            val_g = torch.Generator(device=self.device)
+
+            def validate(_):
+                val_g.manual_seed(seed + 1)
+                b_s, log_q_s = post.draw_global(1024, val_g)
+                z_q = post.draw_local(feats_obs, b_s, val_g)
+                params = dict(post.critic.named_parameters())
+                glob_term, r = elbo_terms(b_s, log_q_s, z_q, feats_obs, params)
+                return -float((glob_term + r.sum(1)).mean())
+
+            groups = [
+                {"params": list(post.q_global.parameters()) + list(post.generator.parameters())},
+                {"params": list(post.critic.parameters()), "lr_scale": self.critic_lr_scale},
+            ]
+            summary = train({"posterior": post}, step, validate, n_groups, loop, seed=seed, progress=progress,
+                            checkpoint=checkpoint, desc="LFVI", parameters=groups)
+            summary["simulations"] = simulated
+            post.training_summary = summary
+        return post
+

@@ -1,0 +1,118 @@
+"""LFVI on hierarchical models with exact posteriors, in small budgets.
+
+hierarchical_gaussian (μ, τ global; θ_1..8 local; exact posterior by quadrature), observation 2,
+1 500 steps of 32 global particles (≈ 40 s on one core). Tolerances are looser than the
+benchmark's targets (``benchmarks/lfvi_hierarchical.py``: means within 0.1 sd, sds within 15 %,
+90 % intervals covering 85–95 % at the default budget): global means within 0.5 posterior sd,
+global sds within 30 %, local 90 % intervals holding 80–97 % of the exact posterior's mass on
+average. They catch a wrong method (a collapsed generator gave 61 % coverage and sds −40 % in
+development), not a slightly less converged one.
+"""
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+import implicitbayes as ib
+import simulators
+
+TASK = simulators.get("hierarchical_gaussian")
+X = TASK.observation(2)
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    return ib.LFVI(TASK.model, observed="x", num_particles=32).fit(observation=X, max_steps=1500, seed=0,
+                                                                    progress=False)
+
+
+def test_lfvi_matches_the_exact_hierarchical_posterior(fitted):
+    draws = fitted.sample(10_000, seed=1)
+    ref = TASK.reference_samples(2)
+    assert draws["mu"].shape == (10_000,) and draws["tau"].shape == (10_000,) and draws["theta"].shape == (10_000, 8)
+    assert (draws["tau"] > 0).all()
+    for name in ("mu", "tau"):
+        a, b = draws[name], ref[name]
+        assert abs(a.mean() - b.mean()) / b.std() < 0.5, name
+        assert abs(a.std() / b.std() - 1) < 0.3, name
+    lo, hi = draws["theta"].quantile(0.05, 0), draws["theta"].quantile(0.95, 0)
+    coverage = ((ref["theta"] >= lo) & (ref["theta"] <= hi)).float().mean()
+    assert 0.80 <= coverage <= 0.97
+    assert fitted.training_summary["simulations"] > 0
+
+
+def test_lfvi_global_density_is_normalised(fitted):
+    # q(β) is a flow: its density over a grid of (μ, τ) integrates to 1
+    mu, tau = torch.meshgrid(torch.linspace(-4, 4, 201), torch.linspace(1e-3, 6, 201), indexing="ij")
+    lq = fitted.log_prob_global({"mu": mu.reshape(-1), "tau": tau.reshape(-1)})
+    mass = lq.exp().sum() * (8 / 200) * ((6 - 1e-3) / 200)
+    assert abs(float(mass) - 1) < 0.05
+
+
+def test_lfvi_save_load_guide_and_wrong_observation(fitted, tmp_path):
+    fitted.save(tmp_path / "lfvi")
+    back = ib.load(tmp_path / "lfvi")
+    a, b = fitted.sample(50, seed=3), back.sample(50, seed=3)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    pred = pyro.infer.Predictive(TASK.model, guide=back.as_guide(), num_samples=20)()
+    assert pred["x"].shape == (20, 8, 5) and pred["theta"].shape == (20, 8)
+    with pytest.raises(ValueError, match="fitted to one dataset"):
+        back.sample(5, X + 1)
+
+
+def _implicit_local_model():
+    groups = pyro.plate("groups", 4)
+    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    with groups:
+        z = pyro.sample("z", ib.Implicit(lambda m: m + torch.randn_like(m), mu))
+        return pyro.sample("x", ib.Implicit(lambda t: t[:, None] + torch.randn(t.shape[0], 3), z, event_shape=(3,)))
+
+
+def test_lfvi_with_an_implicit_local_latent():
+    # mu ~ N(0, 1); z_n = mu + N(0, 1) is itself an ib.Implicit site; x_n = z_n + N(0, I_3).
+    # Exact: x̄_n ~ N(mu, v), v = 1 + 1/3, so mu | x ~ N(Σx̄ / (v (1 + N/v)), 1 / (1 + N/v)).
+    # (With x_n = z_n + 0.1 N(0, I), local posteriors 25× narrower than the prior, the same
+    # budget gave mu's sd +27 % and local sds down to 0.2× — a known limit, see the benchmark.)
+    x = torch.tensor([[0.4, 1.0, 1.9], [2.6, 1.2, 2.0], [-0.2, 0.9, 0.0], [1.4, 2.6, 0.5]])
+    # the default budget: with 4 groups q(β) narrows slowly (mu's sd +38 % after 1 500 steps, +18 % after 4 000)
+    post = ib.LFVI(_implicit_local_model, observed="x").fit(observation=x, seed=0, progress=False)
+    mu = post.sample(10_000, seed=1)["mu"]
+    v = 1 + 1 / 3
+    prec = 1 + 4 / v
+    mean, sd = float(x.mean(1).sum() / v / prec), prec**-0.5
+    assert abs(float(mu.mean()) - mean) / sd < 0.5
+    assert abs(float(mu.std()) / sd - 1) < 0.3
+
+
+def test_lfvi_runs_on_the_lotka_volterra_population():
+    task = simulators.get("lotka_volterra_population", num_systems=3)
+    post = ib.LFVI(task.model, observed="x", num_particles=4, pilot_simulations=8).fit(
+        observation=task.observation(1), max_steps=3, seed=0, progress=False)
+    draws = post.sample(7, seed=0)
+    assert draws["mu"].shape == (7, 4) and draws["sigma"].shape == (7, 4) and draws["log_theta"].shape == (7, 3, 4)
+    assert (draws["sigma"] > 0).all() and all(torch.isfinite(v).all() for v in draws.values())
+
+
+def _unplated():
+    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    return pyro.sample("x", ib.Implicit(lambda m: m[..., None] + torch.randn(m.shape + (2,)), mu, event_shape=(2,)))
+
+
+def _no_local():
+    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    with pyro.plate("groups", 3):
+        return pyro.sample("x", ib.Implicit(lambda m: m + torch.randn_like(m), mu))
+
+
+def test_lfvi_bad_inputs():
+    with pytest.raises(ValueError, match="pyro.plate over groups"):
+        ib.LFVI(_unplated, observed="x").fit(observation=torch.zeros(2), max_steps=1)
+    with pytest.raises(ValueError, match="no local latent"):
+        ib.LFVI(_no_local, observed="x").fit(observation=torch.zeros(3), max_steps=1)
+    with pytest.raises(ValueError, match="shape"):
+        ib.LFVI(TASK.model, observed="x").fit(observation=torch.zeros(8, 4), max_steps=1)
+    with pytest.raises(ValueError, match="critic_loss"):
+        ib.LFVI(TASK.model, observed="x", critic_loss="wasserstein")
+    with pytest.raises(ValueError, match="plate"):
+        ib.LFVI(TASK.model, observed="x", plate="systems").fit(observation=X, max_steps=1)
