@@ -1,5 +1,7 @@
 """implicitbayes: likelihood-free Bayesian inference for Pyro models whose likelihood is a simulator."""
 
+from . import diagnostics
+from .diagnostics import to_inference_data
 from .distributions import Implicit, LogUniform
 from .errors import FormatError, IntractableLikelihoodError, SimulationError, StoreMismatchError
 from .infer import ABC, LFVI, NPE, NRE, ImplicitVI, TrainingError, load
@@ -26,4 +28,6 @@ __all__ = [
     "ABC",
     "TrainingError",
     "load",
+    "diagnostics",
+    "to_inference_data",
 ]

@@ -54,7 +54,7 @@ class SiteInfo:
     dtype: str
     observed: bool
     batch_ndim: int  # batch dims of the site in one run (plates and distribution batch shape)
-    plates: tuple[str, ...] = ()  # names of the vectorized plates the site is in
+    plates: tuple[str, ...] = ()  # the vectorized plates the site is in, leftmost dim first
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -154,7 +154,8 @@ def model_sites(model: Callable, observed: Sequence[str], model_args=(), model_k
         used = max([used, batch_ndim] + plates)
         sites.append(SiteInfo(s["name"], tuple(value.shape), str(value.dtype).removeprefix("torch."),
                               s["name"] in observed, batch_ndim,
-                              tuple(f.name for f in s["cond_indep_stack"] if f.vectorized and f.dim is not None)))
+                              tuple(f.name for f in sorted((f for f in s["cond_indep_stack"]
+                                                            if f.vectorized and f.dim is not None), key=lambda f: f.dim))))
     missing = [o for o in observed if o not in names]
     if missing:
         raise ValueError(f"observed: {missing} {'is not a site' if len(missing) == 1 else 'are not sites'} "

@@ -156,7 +156,7 @@ class ABC:
         post.history = history
         post.training_summary = {"simulations": history[-1]["simulations"], "populations": len(history),
                                  "epsilon": history[-1]["epsilon"]}
-        return post
+        return post.attach_model(self.model, self.model_args, self.model_kwargs)
 
     def _smc(self, prep, u, d, distance, config, seed, used, history, max_steps, time_budget, progress):
         from tqdm.auto import tqdm
@@ -216,4 +216,4 @@ class ABC:
         post = ABCPosterior(prep.space, prep.observed, prep.x_shapes, config).to(self.device)
         post.particles.copy_(particles)
         post.weights.copy_(weights)
-        return post
+        return post.attach_model(self.model, self.model_args, self.model_kwargs)

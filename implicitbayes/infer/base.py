@@ -3,6 +3,7 @@ checks, and the posterior object (``sample``, ``as_guide``, ``save``/``ib.load``
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from dataclasses import dataclass
@@ -128,6 +129,13 @@ class Posterior(nn.Module):
         self.config = dict(config)
         self.default_observed = None
         self.training_summary: dict = {}
+        self.model, self.model_args, self.model_kwargs = None, (), {}
+
+    def attach_model(self, model: Callable, model_args=(), model_kwargs=None) -> "Posterior":
+        """Remember the model (in memory, not saved) for posterior predictive simulation;
+        ``fit`` does this, ``ib.load(path, model=...)`` too."""
+        self.model, self.model_args, self.model_kwargs = model, tuple(model_args), dict(model_kwargs or {})
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -188,7 +196,12 @@ class Posterior(nn.Module):
         save_tensors(path, self.state_dict(), kind=_KIND, version=_VERSION, meta={
             "class": type(self).__name__, "space": self.space.to_json(), "observed": list(self.observed),
             "x_shapes": {k: list(v) for k, v in self.x_shapes.items()}, "config": self.config,
-            "training": {k: v for k, v in self.training_summary.items() if k != "history"}})
+            "training": _without_history(self.training_summary)})
+
+
+def _without_history(summary: Mapping) -> dict:
+    """The training summary without its per-validation histories (kept in memory for plots)."""
+    return {k: _without_history(v) if isinstance(v, Mapping) else v for k, v in summary.items() if k != "history"}
 
 
 def register_posterior(cls: type) -> type:
@@ -198,12 +211,17 @@ def register_posterior(cls: type) -> type:
 
 def load(path: str | os.PathLike, device: str | torch.device | None = None, **modules: Any) -> Posterior:
     """Load a posterior written by ``.save``. What JSON cannot hold is passed again: a custom
-    embedding network (``ib.load(path, embedding=MyNet())``) and, for NRE, the model that MCMC
-    runs on (``model=...``)."""
+    embedding network (``ib.load(path, embedding=MyNet())``) and the model (``model=...``,
+    with ``model_args`` / ``model_kwargs``) that NRE's MCMC runs on and posterior predictive
+    checks simulate through."""
     tensors, meta = load_tensors(path, kind=_KIND, max_version=_VERSION)
     cls = _POSTERIORS.get(meta.get("class"))
     if cls is None:
         raise FormatError(f"{path}: unknown posterior class {meta.get('class')!r}")
+    model = modules.pop("model", None)
+    model_args, model_kwargs = modules.pop("model_args", ()), modules.pop("model_kwargs", None)
+    if model is not None and "model" in inspect.signature(cls).parameters:
+        modules["model"] = model
     try:
         space = ParameterSpace.from_json(meta["space"])
         post = cls(space, meta["observed"], meta["x_shapes"], meta["config"], **modules)
@@ -211,6 +229,8 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, **mo
     except (KeyError, RuntimeError, TypeError) as e:
         raise FormatError(f"{path}: cannot rebuild the {meta.get('class')}: {e}") from e
     post.training_summary = meta.get("training", {})
+    if model is not None:
+        post.attach_model(model, model_args, model_kwargs)
     return post.to(device) if device is not None else post
 
 

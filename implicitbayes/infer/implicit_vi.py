@@ -231,5 +231,5 @@ class ImplicitVI(Method):
                                           desc="ImplicitVI critic")
                 for p in gen_params:
                     p.requires_grad_(True)
-            post.training_summary = {k: {kk: vv for kk, vv in v.items() if kk != "history"} for k, v in summary.items()}
-        return post
+            post.training_summary = summary
+        return post.attach_model(self.model, self.model_args, self.model_kwargs)

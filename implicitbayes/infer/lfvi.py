@@ -390,5 +390,5 @@ class LFVI:
                             checkpoint=checkpoint, desc="LFVI", parameters=groups)
             summary["simulations"] = simulated
             post.training_summary = summary
-        return post
+        return post.attach_model(self.model, self.model_args, self.model_kwargs)
 

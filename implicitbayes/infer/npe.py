@@ -98,4 +98,4 @@ class NPE(Method):
 
             post.training_summary = train({"posterior": post}, step, validate, len(x), loop, seed=seed,
                                           progress=progress, checkpoint=checkpoint, desc="NPE")
-        return post
+        return post.attach_model(self.model, self.model_args, self.model_kwargs)

@@ -1,0 +1,154 @@
+"""Diagnostics: C2ST against sbibm's implementation, MMD, SBC and expected coverage that pass a
+calibrated posterior and fail an over-confident one, ArviZ conversion, PPC and plots."""
+
+import importlib.util
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+
+import implicitbayes as ib
+import simulators
+from implicitbayes.diagnostics import (c2st, coverage_from_draws, expected_coverage, mmd, plot_coverage,
+                                       plot_ppc_series, plot_sbc, plot_training, ppc, sbc)
+from implicitbayes.diagnostics.inference_data import _dims
+
+matplotlib.use("Agg")
+
+TASK = simulators.get("gaussian_linear")
+
+
+def _sbibm_c2st():
+    spec = importlib.util.find_spec("sbibm")
+    if spec is None or importlib.util.find_spec("sklearn") is None:
+        pytest.skip("sbibm and scikit-learn are needed for the comparison")
+    path = Path(spec.submodule_search_locations[0], "metrics", "c2st.py")
+    module_spec = importlib.util.spec_from_file_location("_sbibm_c2st", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.c2st
+
+
+@pytest.mark.parametrize("shift", [0.0, 0.4, 1.5])
+def test_c2st_agrees_with_sbibm(shift):
+    # same pairs of sample sets; the two implementations differ in initialisation and batch
+    # order only, so they agree within the accuracy's noise (sd ≈ 0.01 at n = 2 × 2000)
+    g = torch.Generator().manual_seed(int(shift * 10))
+    a = torch.randn(2000, 3, generator=g)
+    b = torch.randn(2000, 3, generator=g) + torch.tensor([shift, 0.0, 0.0])
+    ours, theirs = c2st(a, b), float(_sbibm_c2st()(a, b))
+    assert abs(ours - theirs) < 0.035, (ours, theirs)
+    if shift == 0:
+        assert abs(ours - 0.5) < 0.04
+    if shift == 1.5:
+        assert ours > 0.7
+
+
+def test_c2st_and_mmd_bad_input():
+    with pytest.raises(ValueError, match="different dimensions"):
+        c2st(torch.zeros(20, 2), torch.zeros(20, 3))
+    with pytest.raises(ValueError, match="NaN"):
+        mmd(torch.full((20, 2), float("nan")), torch.zeros(20, 2))
+
+
+def test_mmd_is_near_zero_for_equal_laws_and_positive_otherwise():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1000, 2, generator=g), torch.randn(1000, 2, generator=g)
+    same, shifted = mmd(a, b), mmd(a, b + 0.5)
+    assert abs(same) < 0.005 and shifted > 0.03
+
+
+class Analytic:
+    """gaussian_linear's exact posterior N(x/2, 0.05 I); ``scale`` < 1 makes it over-confident."""
+
+    def __init__(self, scale=1.0):
+        self.scale = scale
+
+    def sample(self, n, x, seed=None):
+        x = x["x"] if isinstance(x, dict) else x
+        post = TASK.posterior(x)
+        g = torch.Generator().manual_seed(seed or 0)
+        loc, sd = post.base_dist.loc, post.base_dist.scale * self.scale
+        return {"theta": loc + sd * torch.randn((n, 10), generator=g)}
+
+
+def test_sbc_passes_the_exact_posterior_and_fails_an_overconfident_one():
+    good = sbc(lambda x: Analytic(), TASK.model, observed="x", num_datasets=300, num_samples=99, progress=False)
+    bad = sbc(lambda x: Analytic(0.6), TASK.model, observed="x", num_datasets=300, num_samples=99, progress=False)
+    assert good.ranks.shape == (300, 10) and good.names[0] == "theta[0]"
+    assert good.passed and good.p_value > 0.01
+    assert not bad.passed and bad.p_value < 1e-6
+    for kind in ("ecdf", "hist"):
+        assert plot_sbc(good, kind=kind).axes
+
+
+@pytest.mark.parametrize("kind", ["tarp", "marginal"])
+def test_expected_coverage_is_diagonal_only_when_calibrated(kind):
+    good = expected_coverage(lambda x: Analytic(), TASK.model, observed="x", num_datasets=300, num_samples=200,
+                             kind=kind, progress=False)
+    bad = expected_coverage(lambda x: Analytic(0.6), TASK.model, observed="x", num_datasets=300, num_samples=200,
+                            kind=kind, progress=False)
+    # the binomial sd at n = 300 is ≤ 0.029; a calibrated curve stays within about 3 sd
+    assert good.max_gap < 0.09, good.max_gap
+    assert bad.max_gap > 0.2, bad.max_gap
+    mid = np.searchsorted(bad.alpha, 0.5)
+    assert bad.coverage[mid] < 0.4  # over-confident: under the diagonal
+    assert plot_coverage(good).axes
+
+
+def test_coverage_rejects_unknown_kind():
+    with pytest.raises(ValueError, match="kind"):
+        coverage_from_draws(torch.zeros(5, 1), torch.zeros(5, 4, 1), kind="hpd")
+
+
+@pytest.fixture(scope="module")
+def npe():
+    data = ib.simulate(TASK.model, 1000, observed="x", seed=0, progress=False)
+    return ib.NPE(TASK.model, observed="x").fit(data, max_steps=300, seed=0, progress=False)
+
+
+def test_to_inference_data_groups_and_arviz_functions(npe, tmp_path):
+    import arviz as az
+
+    x = TASK.observation(1)
+    idata = ib.to_inference_data(npe, {"x": x}, num_samples=200)
+    assert set(idata.groups()) >= {"posterior", "posterior_predictive", "observed_data", "prior", "prior_predictive"}
+    assert idata.posterior["theta"].shape == (1, 200, 10)
+    assert idata.posterior_predictive["x"].shape == (1, 200, 10)
+    assert np.allclose(idata.observed_data["x"].values, x.numpy())
+    assert "theta_dim_0" in idata.posterior["theta"].dims
+    summary = az.summary(idata, kind="stats")
+    assert len(summary) == 10
+    az.plot_posterior(idata, var_names=["theta"], coords={"theta_dim_0": [0]})
+    az.plot_ppc(idata, num_pp_samples=20)
+    az.plot_pair(idata, var_names=["theta"], coords={"theta_dim_0": [0, 1]})
+    idata.to_netcdf(str(tmp_path / "idata.nc"))
+    assert az.from_netcdf(str(tmp_path / "idata.nc")).posterior["theta"].shape == (1, 200, 10)
+    # a posterior loaded from disk has no model: a clear error, or pass it
+    npe.save(tmp_path / "npe")
+    back = ib.load(tmp_path / "npe")
+    with pytest.raises(ValueError, match="model"):
+        ib.to_inference_data(back, {"x": x})
+    assert "posterior_predictive" in ib.to_inference_data(back, {"x": x}, model=TASK.model, num_samples=10).groups()
+
+
+def test_dims_are_named_after_plates():
+    task = simulators.get("hierarchical_gaussian")
+    dims = _dims(task.model, ["x"], (), {})
+    assert dims["theta"] == ["groups"] and dims["x"] == ["groups", "x_dim_1"] and dims["mu"] == []
+
+
+def test_ppc_and_plots(npe):
+    x = TASK.observation(1)
+    pred = ppc(npe, {"x": x}, num_samples=50)
+    assert pred["theta"].shape == (50, 10) and pred["x"].shape == (50, 10)
+    # the predictive of a good posterior puts the observation inside its 1–99 % band
+    lo, hi = pred["x"].quantile(0.01, 0), pred["x"].quantile(0.99, 0)
+    assert ((x >= lo) & (x <= hi)).float().mean() >= 0.8
+    fig = plot_ppc_series(x[None], pred["x"][:, None], names=["x"])
+    assert len(fig.axes) == 1
+    with pytest.raises(ValueError, match="predictive"):
+        plot_ppc_series(x[None], pred["x"])
+    assert plot_training(npe.training_summary).axes
