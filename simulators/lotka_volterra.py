@@ -394,6 +394,24 @@ class _LotkaVolterra(Task):
             s = (s - self.summary_loc.to(s)) / self.summary_scale.to(s)
         return s
 
+    def trajectories(self, theta, seed=None) -> torch.Tensor:
+        """The series behind the summaries: ``theta (n, 4)`` → ``(n, 2, records)`` (predators X, prey Y);
+        with the same seed, the path that ``simulate`` summarises."""
+        theta = torch.as_tensor(theta)
+        if theta.dim() != 2 or theta.shape[1] != 4:
+            raise ValueError(f"{self.name}.trajectories: theta must have shape (n, 4), got {tuple(theta.shape)}")
+        return type(self)._engine(theta, generator=generator_for(seed, theta.device), **self.options)
+
+    def observed_trajectory(self, k: int) -> torch.Tensor:
+        """The series of observation ``k``: ``(2, records)``."""
+        k = self._check_k(k)
+        return self.trajectories(self.true_parameters(k)[None], seed=1_000_000 + k)[0]
+
+    @property
+    def record_times(self) -> torch.Tensor:
+        n, _ = _grid(self.options["T"], self.options["record_every"], self.options["record_every"])
+        return torch.arange(n) * self.options["record_every"]
+
     def _true_parameters(self, k):
         if k == 1:
             return torch.tensor(THETA_STAR)

@@ -6,7 +6,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["plot_sbc", "plot_coverage", "plot_ppc_series", "plot_training"]
+__all__ = ["plot_sbc", "plot_coverage", "plot_ppc_series", "plot_training", "plot_pair"]
 
 
 def _axes(ax, n: int = 1, width: float = 3.2, height: float = 2.8):
@@ -115,5 +115,58 @@ def plot_training(summary, ax=None):
         a.set_xlabel("step")
         a.set_title(stage or "training", fontsize=9)
         a.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def flat_coordinates(values, names: Sequence[str] | None = None) -> tuple[np.ndarray, list[str]]:
+    """``{site: (n, *shape)}`` → ``(n, d)`` and coordinate labels ``site`` / ``site[i]``."""
+    names = list(names or values)
+    cols, labels = [], []
+    for name in names:
+        v = np.asarray(values[name], dtype=float)
+        v = v.reshape(v.shape[0], -1)
+        cols.append(v)
+        labels += [name] if v.shape[1] == 1 else [f"{name}[{i}]" for i in range(v.shape[1])]
+    return np.concatenate(cols, 1), labels
+
+
+def plot_pair(draws, truth=None, names: Sequence[str] | None = None, max_dims: int = 8, log: bool = False):
+    """Corner plot of posterior draws ``{site: (n, *shape)}`` (first ``max_dims`` coordinates),
+    histograms on the diagonal, the true values (``{site: shape}``) as red lines."""
+    import matplotlib.pyplot as plt
+
+    x, labels = flat_coordinates(draws, names)
+    x, labels = x[:, :max_dims], labels[:max_dims]
+    t = None
+    if truth is not None:
+        t, _ = flat_coordinates({k: np.asarray(truth[k], dtype=float)[None] for k in (names or draws)}, names)
+        t = t[0, :max_dims]
+    if log:
+        x = np.log(x)
+        t = None if t is None else np.log(t)
+        labels = [f"log {lab}" for lab in labels]
+    d = x.shape[1]
+    fig, axes = plt.subplots(d, d, figsize=(1.9 * d + 1, 1.9 * d + 1), squeeze=False)
+    for i in range(d):
+        for j in range(d):
+            a = axes[i, j]
+            if j > i:
+                a.axis("off")
+                continue
+            if i == j:
+                a.hist(x[:, i], bins=40, color="C0", alpha=0.8)
+                if t is not None:
+                    a.axvline(t[i], color="C3")
+                a.set_yticks([])
+            else:
+                a.plot(x[:, j], x[:, i], ".", ms=1, alpha=0.3, color="C0")
+                if t is not None:
+                    a.plot(t[j], t[i], "+", color="C3", ms=10, mew=2)
+            if i == d - 1:
+                a.set_xlabel(labels[j], fontsize=8)
+            if j == 0 and i > 0:
+                a.set_ylabel(labels[i], fontsize=8)
+            a.tick_params(labelsize=6)
     fig.tight_layout()
     return fig

@@ -298,7 +298,7 @@ class NeuralPosterior(Posterior):
         from ..nn import Standardize
 
         self.context = ContextNet(config["x_shape"], embedding)
-        self.theta_standardize = Standardize((space.unconstrained_dim,), log=False)
+        self.theta_standardize = Standardize((space.unconstrained_dim,), log=False, robust=False)
 
     def _observation(self, observed) -> torch.Tensor:
         x = super()._observation(observed)

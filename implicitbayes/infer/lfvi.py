@@ -81,8 +81,8 @@ class LFVIPosterior(Posterior):
         self.x_group_shape = tuple(config["x_group_shape"])
         dx = math.prod(self.x_group_shape)
         self.x_standardize = Standardize(self.x_group_shape)
-        self.global_standardize = Standardize((dg,), log=False)
-        self.local_standardize = Standardize((dl,), log=False)
+        self.global_standardize = Standardize((dg,), log=False, robust=False)
+        self.local_standardize = Standardize((dl,), log=False, robust=False)
         self.q_global = build_flow(config["flow"], dg, 0, transforms=config["transforms"],
                                    hidden_features=config["flow_hidden"])
         self.generator = ImplicitGenerator(dx + dg, dl, config["noise_features"], config["hidden"], config["layers"])

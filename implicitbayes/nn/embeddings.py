@@ -21,20 +21,37 @@ class Standardize(nn.Module):
 
     ``log="auto"`` (default) standardises in log space every feature that is strictly positive
     in the fitting data: positive, heavy-tailed outputs (populations, concentrations) are
-    near-Gaussian on the log scale, where a network learns far better. Constant features get
-    scale 1. ``forward`` works on ``(n, *shape)`` and keeps the shape.
+    near-Gaussian on the log scale, where a network learns far better. ``robust="auto"``
+    (default) then detects features whose sd exceeds 3× their robust spread (IQR / 1.349; for a
+    feature with a mass point at its median, that of the other values) — a mass point with far
+    outliers, e.g. a simulator summary that is constant for most parameters and explodes for a
+    few — and maps them by asinh((y − median) / spread) before z-scoring, so that the bulk is
+    not squeezed to a point by the outliers. Every step is invertible (:meth:`inverse`).
+    Constant features get scale 1. ``forward`` works on ``(n, *shape)`` and keeps the shape.
     """
 
-    def __init__(self, shape: Sequence[int], log: bool | str = "auto"):
+    def __init__(self, shape: Sequence[int], log: bool | str = "auto", robust: bool | str = "auto"):
         super().__init__()
         if log not in (True, False, "auto"):
             raise ValueError(f"log: expected True, False or 'auto', got {log!r}")
+        if robust not in (True, False, "auto"):
+            raise ValueError(f"robust: expected True, False or 'auto', got {robust!r}")
         self.shape = tuple(shape)
-        self.log_mode = log
+        self.log_mode, self.robust_mode = log, robust
         self.register_buffer("loc", torch.zeros(self.shape))
         self.register_buffer("scale", torch.ones(self.shape))
         self.register_buffer("use_log", torch.zeros(self.shape, dtype=torch.bool))
+        self.register_buffer("use_asinh", torch.zeros(self.shape, dtype=torch.bool))
+        self.register_buffer("center", torch.zeros(self.shape))
+        self.register_buffer("spread", torch.ones(self.shape))
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # files written before the robust step have no asinh buffers: they used none
+        for name, default in (("use_asinh", torch.zeros(self.shape, dtype=torch.bool)),
+                              ("center", torch.zeros(self.shape)), ("spread", torch.ones(self.shape))):
+            state_dict.setdefault(prefix + name, default)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def fit(self, data: torch.Tensor) -> "Standardize":
@@ -51,20 +68,41 @@ class Standardize(nn.Module):
             if self.log_mode and not (data > 0).all():
                 raise ValueError("Standardize.fit: log=True needs strictly positive data")
         z = torch.where(use_log, data.clamp_min(1e-30).log(), data)
+        flat = z.reshape(z.shape[0], -1)
+        q = torch.quantile(flat[:100_000], torch.tensor([0.25, 0.5, 0.75], dtype=flat.dtype, device=flat.device), dim=0)
+        spread = (q[2] - q[0]) / 1.349
+        for j in (spread == 0).nonzero().flatten().tolist():  # a mass point: the spread of the rest
+            rest = flat[:100_000, j][flat[:100_000, j] != q[1, j]]
+            if len(rest) >= 2:
+                rq = torch.quantile(rest, torch.tensor([0.25, 0.75], dtype=flat.dtype, device=flat.device))
+                spread[j] = (rq[1] - rq[0]) / 1.349 if rq[1] > rq[0] else (rest - q[1, j]).abs().median()
+        spread = spread.reshape(self.shape)
+        center = q[1].reshape(self.shape)
+        if self.robust_mode == "auto":
+            use_asinh = (spread > 0) & (z.std(0) > 3 * spread)
+        else:
+            use_asinh = torch.full(self.shape, bool(self.robust_mode), device=data.device) & (spread > 0)
+        spread = torch.where(spread > 0, spread, torch.ones_like(spread))
+        z = torch.where(use_asinh, torch.asinh((z - center) / spread), z)
         sd = z.std(0)
         self.loc.copy_(z.mean(0))
         self.scale.copy_(torch.where(sd > 0, sd, torch.ones_like(sd)))
         self.use_log.copy_(use_log)
+        self.use_asinh.copy_(use_asinh)
+        self.center.copy_(center)
+        self.spread.copy_(spread)
         self.fitted.fill_(True)
         return self
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         z = torch.where(self.use_log, y.clamp_min(1e-30).log(), y)
+        z = torch.where(self.use_asinh, torch.asinh((z - self.center) / self.spread), z)
         return (z - self.loc) / self.scale
 
     def inverse(self, z: torch.Tensor) -> torch.Tensor:
         """Undo :meth:`forward`."""
         y = z * self.scale + self.loc
+        y = torch.where(self.use_asinh, torch.sinh(y) * self.spread + self.center, y)
         return torch.where(self.use_log, y.exp(), y)
 
 
