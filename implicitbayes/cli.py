@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import os
 import sys
 import time
 from pathlib import Path
@@ -47,7 +48,7 @@ def _executor(spec: str | None):
             raise ValueError("--executor dask needs dask.distributed: pip install 'implicitbayes[dask]'") from e
         if arg:
             try:
-                client = Client(arg, timeout="10s")
+                client = Client(arg, timeout="5s")
             except (OSError, TimeoutError) as e:
                 raise ValueError(f"--executor: no Dask scheduler answers at {arg!r}: {e}") from e
             return client.get_executor(), client.close
@@ -215,7 +216,9 @@ def _cmd_run(args) -> int:
     post.set_default_observed(x_obs if len(observed) > 1 else {observed[0]: x_obs})
     obs = {observed[0]: x_obs}
     idata = ib.to_inference_data(post, obs, num_samples=args.num_samples, seed=args.seed)
-    idata.to_netcdf(str(out / "inference_data.nc"))
+    partial = out / ".inference_data.nc.partial"  # written whole, then renamed: readers never see half a file
+    idata.to_netcdf(str(partial))
+    os.replace(partial, out / "inference_data.nc")
     draws = {k: torch.as_tensor(idata.posterior[k].values).reshape((-1,) + idata.posterior[k].shape[2:])
              for k in post.space.names}
     fig = plots.plot_pair(draws, truth, log=args.simulator.startswith("lotka_volterra_") and

@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import torch
+
 import implicitbayes as ib
 from implicitbayes.cli import main
 
@@ -47,3 +49,63 @@ def test_demo_writes_a_plot_and_a_summary(tmp_path, capsys):
     assert "path-steps/s" in out and "extinct" in out
     png = tmp_path / "lotka_volterra_sde.png"
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+RUN = ["run", "gaussian_linear", "--method", "npe", "-n", "600", "--max-steps", "60", "--num-samples", "100", "--quiet"]
+
+
+def test_run_writes_the_analysis_and_resumes(tmp_path, capsys):
+    import arviz as az
+
+    out = tmp_path / "run"
+    assert main([*RUN, "--out", str(out), "--sbc", "20"]) == 0
+    text = capsys.readouterr().out
+    assert "theta[9]" in text and "inside the central 95 % intervals" in text and "wall time" in text
+    for name in ("posterior.safetensors", "inference_data.nc", "pair.png", "ppc.png", "sbc.png", "coverage.png",
+                 "summary.txt", "run.json", "training.png"):
+        assert (out / name).stat().st_size > 0, name
+    idata = az.from_netcdf(str(out / "inference_data.nc"))
+    assert idata.posterior["theta"].shape == (1, 100, 10) and "posterior_predictive" in idata.groups()
+    before = ib.load(out / "posterior.safetensors").sample(5, {"x": torch.zeros(10)}, seed=0)["theta"]
+    assert main([*RUN, "--out", str(out)]) == 0  # the same run: loads, does not train again
+    assert "loading the trained posterior" in capsys.readouterr().out
+    after = ib.load(out / "posterior.safetensors").sample(5, {"x": torch.zeros(10)}, seed=0)["theta"]
+    assert torch.equal(before, after)
+    # other settings in the same directory: refused, then replaced with --force
+    assert main([*RUN, "--seed", "1", "--out", str(out)]) == 2
+    assert "other settings (seed)" in capsys.readouterr().err
+    assert main([*RUN, "--seed", "1", "--out", str(out), "--force"]) == 0
+
+
+def test_run_with_a_data_file(tmp_path, capsys):
+    csv = tmp_path / "obs.csv"
+    csv.write_text(",".join(["0.1"] * 10) + "\n")
+    assert main([*RUN, "--data", str(csv), "--out", str(tmp_path / "r")]) == 0
+    assert "data " in capsys.readouterr().out
+    bad = tmp_path / "bad.csv"
+    bad.write_text("x1,x2,x3\n1,2,3\n")
+    assert main([*RUN, "--data", str(bad), "--out", str(tmp_path / "r2")]) == 2
+    err = capsys.readouterr().err
+    assert "holds 3 numbers" in err and "(10,)" in err and "Traceback" not in err
+
+
+def test_run_errors_are_messages(tmp_path, capsys):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    assert main([*RUN, "--out", str(foreign)]) == 2
+    assert "not an implicitbayes run directory" in capsys.readouterr().err
+    assert (foreign / "notes.txt").read_text() == "mine"
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main([*RUN, "--out", str(blocker / "sub")]) == 2
+    assert "error" in capsys.readouterr().err
+    assert main(["run", "gaussian_linea", "--out", str(tmp_path / "x")]) == 2
+    assert "did you mean 'gaussian_linear'" in capsys.readouterr().err
+    assert main([*RUN, "--method", "vi", "--out", str(tmp_path / "y")]) == 2
+    assert "--method" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main([*RUN, "--device", "cuda", "--out", str(tmp_path / "z")]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
+    assert main([*RUN, "--executor", "dask=tcp://127.0.0.1:9", "--out", str(tmp_path / "w")]) == 2
+    assert "no Dask scheduler answers" in capsys.readouterr().err
