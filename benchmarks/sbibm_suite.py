@@ -90,7 +90,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "sbibm_suite.json"
     results = json.loads(path.read_text()) if path.exists() else {"runs": []}
-    done = {(r["task"], r["budget"], r["method"], r["seed"]) for r in results["runs"]}
+    obs = parse_range(args.observations)
+    done = {(r["task"], r["budget"], r["method"], r["seed"]) for r in results["runs"]
+            if sorted(map(int, r["c2st"])) == obs}
     results["environment"] = {"torch": torch.__version__, "python": platform.python_version(),
                               "threads": torch.get_num_threads()}
     for name in args.tasks.split(","):
@@ -105,7 +107,7 @@ def main() -> None:
                 sampler = train_sbi(task, data, args.seed) if method == "sbi_npe" else train_ours(method, task, data, args.seed)
                 train_s = time.perf_counter() - t0
                 scores, sample_s = {}, []
-                for k in parse_range(args.observations):
+                for k in obs:
                     x = task.observation(k)
                     t0 = time.perf_counter()
                     draws = sampler(x, args.num_samples)
