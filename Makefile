@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 venv: $(VENV)/.installed
 
 demo: venv
-	$(VENV)/bin/implicitbayes demo --out results/demo
+	$(VENV)/bin/implicitbayes run lotka_volterra_sde --out results/lotka_volterra_sde
 
 test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)
