@@ -50,18 +50,26 @@ def calibration_draws(posterior: Any, model: Callable, *, observed: str | Sequen
 
     from ..simulate import simulate
 
+    from ..infer.base import Posterior
+
     fit_for = _posterior_for(posterior)
     observed = [observed] if isinstance(observed, str) else list(observed)
     data = simulate(model, num_datasets, observed=observed, model_args=model_args, model_kwargs=model_kwargs,
                     seed=seed, progress=False)
     names = list(data.latent_names)
-    thetas, draws = [], []
-    for i in tqdm(range(len(data)), desc="calibration", disable=not progress, leave=False):
-        x = {o: data[o][i] for o in observed}
-        post = fit_for(x)
-        d = post.sample(num_samples, x, seed=seed + 1 + i)
-        draws.append(torch.cat([d[n].reshape(num_samples, -1).float().cpu() for n in names], 1))
-        thetas.append(torch.cat([data[n][i].reshape(-1).float() for n in names]))
+    thetas = [torch.cat([data[n][i].reshape(-1).float() for n in names]) for i in range(len(data))]
+    draws = []
+    if isinstance(posterior, Posterior):  # amortized: one trained posterior, datasets in batches
+        for start in tqdm(range(0, len(data), 64), desc="calibration", disable=not progress, leave=False):
+            rows = {o: data[o][start:start + 64] for o in observed}
+            d = posterior.sample_batch(num_samples, rows, seed=seed + 1 + start)
+            b = next(iter(d.values())).shape[0]
+            draws.extend(torch.cat([d[n].reshape(b, num_samples, -1).float().cpu() for n in names], 2))
+    else:
+        for i in tqdm(range(len(data)), desc="calibration", disable=not progress, leave=False):
+            x = {o: data[o][i] for o in observed}
+            d = fit_for(x).sample(num_samples, x, seed=seed + 1 + i)
+            draws.append(torch.cat([d[n].reshape(num_samples, -1).float().cpu() for n in names], 1))
     sizes = {n: int(np.prod(data[n].shape[1:])) for n in names}
     coords = [n if sizes[n] == 1 else f"{n}[{j}]" for n in names for j in range(sizes[n])]
     return torch.stack(thetas), torch.stack(draws), coords

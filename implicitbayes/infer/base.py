@@ -160,6 +160,37 @@ class Posterior(nn.Module):
         u = self._sample_unconstrained(x, num_samples, g)
         return self.space.to_constrained(u)
 
+    def _observation_rows(self, observations: Any) -> dict[str, torch.Tensor]:
+        """Many observations ``{site: (B, *shape)}`` (or one tensor for one observed site), checked."""
+        if not isinstance(observations, Mapping):
+            if len(self.observed) != 1:
+                raise ValueError(f"observations: the model has several observed sites {list(self.observed)}; pass a dict")
+            observations = {self.observed[0]: observations}
+        if set(observations) != set(self.observed):
+            raise ValueError(f"observations: expected the sites {list(self.observed)}, got {list(observations)}")
+        rows = {}
+        for n in self.observed:
+            v = torch.as_tensor(observations[n], dtype=torch.get_default_dtype(), device=self.device)
+            if tuple(v.shape[1:]) != tuple(self.x_shapes[n]) or v.dim() != len(self.x_shapes[n]) + 1:
+                raise ValueError(f"observations: site '{n}' must have shape (B, {', '.join(map(str, self.x_shapes[n]))}), "
+                                 f"got {tuple(v.shape)}")
+            rows[n] = v
+        sizes = {v.shape[0] for v in rows.values()}
+        if len(sizes) != 1:
+            raise ValueError(f"observations: the sites have different numbers of rows {sorted(sizes)}")
+        return rows
+
+    @torch.no_grad()
+    def sample_batch(self, num_samples: int, observations: Any, *, seed: int | None = None) -> dict[str, torch.Tensor]:
+        """``num_samples`` draws for each of B observations: ``{latent site: (B, num_samples, *shape)}``.
+        Amortized posteriors with a batched sampler (NPE) draw for all rows in one call; the
+        others go row by row (each row seeded from ``seed``)."""
+        rows = self._observation_rows(observations)
+        b = next(iter(rows.values())).shape[0]
+        base = seed if seed is not None else int(torch.randint(0, 2**62, ()))
+        out = [self.sample(num_samples, {n: v[i] for n, v in rows.items()}, seed=base + i) for i in range(b)]
+        return {k: torch.stack([o[k] for o in out]) for k in out[0]}
+
     def set_default_observed(self, observed: Any) -> "Posterior":
         """Observation used when ``sample``/``as_guide`` are called without one."""
         self._observation(observed)  # validate now

@@ -21,7 +21,7 @@ from torch import nn
 from ..nn import FLOWS, build_flow
 from ..simulate import _Seeded
 from ..space import ParameterSpace
-from .base import Method, NeuralPosterior, register_posterior
+from .base import Method, NeuralPosterior, _x_from, register_posterior
 from .training import TrainConfig, train
 
 __all__ = ["NPE", "NPEPosterior"]
@@ -47,6 +47,24 @@ class NPEPosterior(NeuralPosterior):
         with _Seeded(int(torch.randint(0, 2**62, (), generator=generator)), self.device):
             u_s = self.distribution(x).sample((num_samples,))[:, 0]
         return self.theta_standardize.inverse(u_s)
+
+    @torch.no_grad()
+    def sample_batch(self, num_samples: int, observations: Any, *, seed: int | None = None) -> dict[str, torch.Tensor]:
+        """Draws for B observations in one flow call: ``{site: (B, num_samples, *shape)}``."""
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
+            raise ValueError(f"num_samples: expected a positive integer, got {num_samples!r}")
+        rows = self._observation_rows(observations)
+        x = _x_from(rows, self.observed)
+        bad = self.context.standardize.use_log & (x <= 0)
+        if bad.any():
+            raise ValueError(f"observations: rows {sorted(set(bad.reshape(len(x), -1).any(1).nonzero().flatten().tolist()))[:10]} "
+                             "have entries ≤ 0 where every training simulation was strictly positive")
+        base = seed if seed is not None else int(torch.randint(0, 2**62, ()))
+        with _Seeded(base, self.device):
+            u_s = self.distribution(x).sample((num_samples,))  # (n, B, d)
+        b = x.shape[0]
+        u = self.theta_standardize.inverse(u_s.transpose(0, 1).reshape(b * num_samples, -1))
+        return {k: v.reshape((b, num_samples) + tuple(v.shape[1:])) for k, v in self.space.to_constrained(u).items()}
 
     @torch.no_grad()
     def log_prob(self, theta: Mapping[str, torch.Tensor], observed: Any = None) -> torch.Tensor:
