@@ -47,6 +47,11 @@ def test_signatures():
         fit = inspect.signature(method.fit).parameters
         assert list(fit)[:2] == ["self", "data"] and fit["data"].default is None
         assert {"observation", "max_steps", "time_budget", "seed", "progress", "checkpoint"} <= set(fit)
+    tid = inspect.signature(ib.to_inference_data).parameters
+    assert list(tid)[:2] == ["posterior", "observed"] and tid["num_samples"].default == 1000
+    assert tid["posterior_predictive"].default is True and tid["num_samples"].kind is inspect.Parameter.KEYWORD_ONLY
+    for name in ("c2st", "mmd", "sbc", "expected_coverage", "ppc"):
+        assert callable(getattr(ib.diagnostics, name))
     for name in ("latent_names", "observed_names", "num_invalid"):
         assert hasattr(ib.simulate(model, 5, observed="x", seed=0, progress=False), name)
     assert callable(ib.SimulationSet.load) and callable(ib.load)

@@ -101,6 +101,8 @@ def test_expected_coverage_is_diagonal_only_when_calibrated(kind):
 def test_coverage_rejects_unknown_kind():
     with pytest.raises(ValueError, match="kind"):
         coverage_from_draws(torch.zeros(5, 1), torch.zeros(5, 4, 1), kind="hpd")
+    with pytest.raises(ValueError, match="levels"):
+        coverage_from_draws(torch.zeros(5, 1), torch.zeros(5, 4, 1), levels=0)
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +166,10 @@ def test_sample_batch_draws_all_rows_at_once(npe):
         assert (batch[i].mean(0) - single.mean(0)).abs().max() < 0.04
     with pytest.raises(ValueError, match=r"\(B, 10\)"):
         npe.sample_batch(10, torch.zeros(3, 4))
+    nan_rows = torch.zeros(3, 10)
+    nan_rows[1, 4] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN or inf in rows \[1\]"):
+        npe.sample_batch(10, nan_rows)
     # the batched path is what SBC uses for a trained posterior
     result = sbc(npe, TASK.model, observed="x", num_datasets=70, num_samples=49, progress=False)
     assert result.ranks.shape == (70, 10) and result.ranks.min() >= 0 and result.ranks.max() <= 49

@@ -112,6 +112,8 @@ def test_lfvi_bad_inputs():
         ib.LFVI(_no_local, observed="x").fit(observation=torch.zeros(3), max_steps=1)
     with pytest.raises(ValueError, match="shape"):
         ib.LFVI(TASK.model, observed="x").fit(observation=torch.zeros(8, 4), max_steps=1)
+    with pytest.raises(ValueError, match="critic_lr_scale"):
+        ib.LFVI(TASK.model, observed="x", critic_lr_scale=-1.0)
     with pytest.raises(ValueError, match="critic_loss"):
         ib.LFVI(TASK.model, observed="x", critic_loss="wasserstein")
     with pytest.raises(ValueError, match="plate"):

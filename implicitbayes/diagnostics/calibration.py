@@ -160,6 +160,8 @@ def coverage_from_draws(theta: torch.Tensor, draws: torch.Tensor, *, kind: str =
     """Expected coverage from true values ``(n, d)`` and posterior draws ``(n, L, d)``."""
     if kind not in ("tarp", "marginal"):
         raise ValueError(f"kind: expected 'tarp' or 'marginal', got {kind!r}")
+    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
+        raise ValueError(f"levels: expected an integer >= 2, got {levels!r}")
     alpha = np.linspace(0, 1, levels + 1)
     n = theta.shape[0]
     if kind == "tarp":

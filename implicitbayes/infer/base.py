@@ -174,6 +174,9 @@ class Posterior(nn.Module):
             if tuple(v.shape[1:]) != tuple(self.x_shapes[n]) or v.dim() != len(self.x_shapes[n]) + 1:
                 raise ValueError(f"observations: site '{n}' must have shape (B, {', '.join(map(str, self.x_shapes[n]))}), "
                                  f"got {tuple(v.shape)}")
+            if not torch.isfinite(v).all():
+                bad = (~torch.isfinite(v.reshape(len(v), -1))).any(1).nonzero().flatten().tolist()
+                raise ValueError(f"observations: site '{n}' has NaN or inf in rows {bad[:10]}")
             rows[n] = v
         sizes = {v.shape[0] for v in rows.values()}
         if len(sizes) != 1:

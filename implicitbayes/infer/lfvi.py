@@ -232,6 +232,8 @@ class LFVI:
                 raise ValueError(f"{name}: expected an integer >= 2, got {v!r}")
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"batch_size: expected a positive integer or None (all groups), got {batch_size!r}")
+        if not (isinstance(critic_lr_scale, (int, float)) and critic_lr_scale > 0):
+            raise ValueError(f"critic_lr_scale: expected a positive number, got {critic_lr_scale!r}")
         self.model, self.model_args, self.model_kwargs = model, tuple(model_args), dict(model_kwargs or {})
         self.observed = [observed] if isinstance(observed, str) else list(observed)
         self.plate, self.critic_loss = plate, critic_loss
@@ -320,7 +322,7 @@ class LFVI:
                 return z_u, x
 
             # pilot: standardise x, z and β by a simulation from the prior
-            pilot = data if data is not None else None
+            pilot = data
             if pilot is None:
                 from ..simulate import simulate
 
