@@ -9,6 +9,7 @@ go to a temporary file in the same directory and are renamed into place, so a cr
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -21,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import FormatError
 
-__all__ = ["save_tensors", "load_tensors", "atomic_write_text", "FORMAT_KEY"]
+__all__ = ["save_tensors", "load_tensors", "atomic_write_text", "unlink_stale_temporaries", "FORMAT_KEY"]
 
 FORMAT_KEY = "implicitbayes"
 
@@ -51,13 +52,34 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     _atomic_replace(Path(path), write)
 
 
+def _digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """BLAKE2b of the tensors' names, dtypes, shapes and bytes: safetensors has no checksum of
+    its own, and a flipped byte in the data would otherwise load as a wrong number."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(tensors):
+        v = tensors[name]
+        h.update(f"{name}|{v.dtype}|{tuple(v.shape)}|".encode())
+        if v.numel():
+            h.update(v.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if v.dtype != torch.bool
+                     else v.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def unlink_stale_temporaries(path: str | os.PathLike) -> None:
+    """Remove temporary files a writer of ``path`` left when it was killed mid-write."""
+    path = Path(path)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
 def save_tensors(
     path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], *, kind: str, version: int,
     meta: Mapping[str, Any] | None = None,
 ) -> None:
-    """Atomically write ``tensors`` (moved to CPU, made contiguous) and JSON ``meta``."""
-    header = {"kind": kind, "format_version": version, **(meta or {})}
+    """Atomically write ``tensors`` (moved to CPU, made contiguous) and JSON ``meta``, with a
+    checksum of the tensors that :func:`load_tensors` verifies."""
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    header = {"kind": kind, "format_version": version, **(meta or {}), "checksum": _digest(cpu)}
     _atomic_replace(Path(path), lambda tmp: save_file(cpu, tmp, metadata={FORMAT_KEY: json.dumps(header)}))
 
 
@@ -93,4 +115,7 @@ def load_tensors(
             f"{path}: format version {version!r} is not supported by this implicitbayes "
             f"(reads versions 1..{max_version}); upgrade implicitbayes"
         )
+    checksum = meta.pop("checksum", None)
+    if checksum is not None and checksum != _digest({k: v.cpu() for k, v in tensors.items()}):
+        raise FormatError(f"{path}: corrupt file: its tensors do not match the checksum written with them")
     return tensors, meta

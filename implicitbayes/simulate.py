@@ -10,6 +10,13 @@ the run was interrupted and resumed from a ``store``.
 Invalid outputs policy: a simulation with a NaN or infinite value in any site is dropped,
 counted in ``SimulationSet.num_invalid`` and reported in a warning with the parameter ranges
 that produced it; if more than half of all simulations are invalid, :class:`SimulationError`.
+
+Failures: a chunk whose simulator raises is tried again (``retries`` times, same seed, so a
+transient failure leaves no trace in the result), then bisected with its latents held fixed
+until the simulations that fail on their own are found. Those are named with their parameters
+in the error (``on_error="raise"``) or dropped and counted like invalid outputs
+(``on_error="drop"``); the rest of the chunk is kept. Every simulation index appears exactly
+once: in the result, or among the invalid/failed.
 """
 
 from __future__ import annotations
@@ -195,6 +202,77 @@ class _ChunkJob:
     size: int
     seed: int
     device: str
+    retries: int = 0  # whole-chunk attempts after the first, before isolating failures
+
+
+_MAX_ISOLATION_CALLS = 256
+_FAILED = "__failed__"
+
+
+def _simulate_chunk(job: _ChunkJob) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """One chunk for :func:`simulate`: retried, then bisected on failure.
+
+    Returns ``(values, failures)``: the simulations that ran (with their global ``__index__``),
+    and for each simulation that failed on its own ``{"index", "parameters", "error"}``.
+    """
+    for attempt in range(job.retries + 1):
+        try:
+            return _run_chunk(job), []
+        except SimulationError as e:
+            error, given = e, getattr(e, "latents", None)
+    if not given:  # nothing to hold fixed (it failed before any latent was drawn): all of it failed
+        cause = error.__cause__ if error.__cause__ is not None else error
+        return _empty_values(job), [{"index": i, "parameters": {}, "error": _first_line(cause)}
+                                    for i in range(job.start, job.start + job.size)]
+    return _isolate(job, given, error)
+
+
+def _isolate(job: _ChunkJob, given: dict[str, torch.Tensor], error: SimulationError):
+    """Bisect a failing chunk with its latents ``given`` fixed; sub-runs are seeded from
+    ``(chunk seed, first row, size)``, so the outcome is deterministic for a given seed."""
+    sites = {s.name: s for s in job.sites}
+    returns = [s for s in job.sites if s.name not in given]
+    kept: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []
+    failures: list[dict] = []
+    calls = 0
+
+    def attempt(rows: torch.Tensor) -> None:
+        nonlocal calls
+        calls += 1
+        sub_seed = int(np.random.SeedSequence([job.seed, int(rows[0]), len(rows)]).generate_state(2, np.uint32)
+                       .view(np.uint64)[0] >> 1)
+        try:
+            if calls > _MAX_ISOLATION_CALLS:
+                raise SimulationError(f"not isolated: more than {_MAX_ISOLATION_CALLS} bisection runs")
+            out = run_given(job.model, {k: v[rows] for k, v in given.items()}, returns, job.outer_dim,
+                            model_args=job.model_args, model_kwargs=job.model_kwargs, seed=sub_seed,
+                            device=torch.device(job.device), latent_info=sites)
+            kept.append((rows, {k: v.cpu() for k, v in out.items()}))
+        except SimulationError as e:
+            if len(rows) == 1 or calls > _MAX_ISOLATION_CALLS:
+                cause = e.__cause__ if e.__cause__ is not None else e
+                for r in rows.tolist():
+                    failures.append({"index": job.start + r,
+                                     "parameters": {k: v[r].tolist() for k, v in given.items()},
+                                     "error": _first_line(cause)})
+                return
+            half = len(rows) // 2
+            attempt(rows[:half])
+            attempt(rows[half:])
+
+    attempt(torch.arange(job.size))
+    rows = torch.cat([r for r, _ in kept]) if kept else torch.empty(0, dtype=torch.int64)
+    order = rows.argsort()
+    values = {}
+    for s in job.sites:
+        part = given[s.name] if s.name in given else None
+        if part is not None:
+            values[s.name] = part[rows[order]]
+        else:
+            values[s.name] = (torch.cat([o[s.name] for _, o in kept]) if kept
+                              else torch.empty((0,) + s.shape, dtype=getattr(torch, s.dtype)))[order]
+    values[_INDEX] = job.start + rows[order]
+    return values, sorted(failures, key=lambda f: f["index"])
 
 
 def _run_chunk(job: _ChunkJob) -> dict[str, torch.Tensor]:
@@ -211,10 +289,16 @@ def _run_chunk(job: _ChunkJob) -> dict[str, torch.Tensor]:
                    if s in _random_sites(tracer.msngr.trace) and isinstance(s.get("value"), torch.Tensor)
                    and s["value"].numel() % max(job.size, 1) == 0}
         latent = [s.name for s in job.sites if not s.observed]
-        raise SimulationError(
+        err = SimulationError(
             f"the model failed in chunk {job.chunk} (simulations {job.start}..{job.start + job.size - 1}, "
             f"chunk seed {job.seed}) with {type(e).__name__}: {e}\n"
-            f"parameters in that chunk: {_latent_ranges(partial, latent)}") from e
+            f"parameters in that chunk: {_latent_ranges(partial, latent)}")
+        # the latents drawn before the failure, complete for every simulation: held fixed to
+        # isolate the failing simulations (see _isolate)
+        err.latents = {n: partial[n].reshape((job.size,) + s.shape) for s in job.sites
+                       for n in [s.name] if not s.observed and n in partial
+                       and partial[n].numel() == job.size * math.prod(s.shape)}
+        raise err from e
     out = {}
     for site in job.sites:
         value = trace.nodes[site.name]["value"]
@@ -267,24 +351,47 @@ class _Store:
     def chunk_path(self, k: int) -> Path:
         return self.path / f"chunk-{k:07d}.safetensors"
 
-    def load(self, job: _ChunkJob) -> dict[str, torch.Tensor] | None:
+    def load(self, job: _ChunkJob) -> tuple[dict[str, torch.Tensor], list[dict]] | None:
         p = self.chunk_path(job.chunk)
         if not p.exists():
             return None
         tensors, meta = load_tensors(p, kind=_CHUNK_KIND, max_version=_STORE_VERSION)
         if (meta.get("start"), meta.get("size"), meta.get("seed")) != (job.start, job.size, job.seed):
             return None  # planned differently (e.g. num_simulations grew): simulate it again
-        return tensors
+        missing = [s.name for s in job.sites if s.name not in tensors] + ([] if _INDEX in tensors else [_INDEX])
+        if missing:
+            from .errors import FormatError
 
-    def save(self, job: _ChunkJob, values: dict[str, torch.Tensor], failed: bool) -> None:
+            raise FormatError(f"{p}: chunk file lacks the tensors {missing}")
+        return tensors, list(meta.get("failures", []))
+
+    def save(self, job: _ChunkJob, values: dict[str, torch.Tensor], failures: list[dict]) -> None:
         save_tensors(self.chunk_path(job.chunk), values, kind=_CHUNK_KIND, version=_STORE_VERSION,
-                     meta={"start": job.start, "size": job.size, "seed": job.seed, "failed": failed})
+                     meta={"start": job.start, "size": job.size, "seed": job.seed, "failures": failures})
 
 
-def _failed_values(job: _ChunkJob) -> dict[str, torch.Tensor]:
+def _empty_values(job: _ChunkJob) -> dict[str, torch.Tensor]:
     out = {s.name: torch.empty((0,) + s.shape, dtype=getattr(torch, s.dtype)) for s in job.sites}
     out[_INDEX] = torch.empty(0, dtype=torch.int64)
     return out
+
+
+def _first_line(e: BaseException) -> str:
+    """``Type: message`` without the trace-shape table Pyro appends to errors inside a model."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else "[" + ", ".join(_fmt(x) for x in v) + "]" if isinstance(v, list) else str(v)
+
+
+def _describe_failures(failures: Sequence[dict], limit: int = 5) -> str:
+    lines = [f"  simulation {f['index']}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in f["parameters"].items())
+             + f" ({f['error']})" for f in failures[:limit]]
+    if len(failures) > limit:
+        lines.append(f"  … and {len(failures) - limit} more")
+    return "\n".join(lines)
 
 
 def run_given(model: Callable, given: Mapping[str, torch.Tensor], returns: Sequence[SiteInfo], outer_dim: int, *,
@@ -360,9 +467,12 @@ def simulate(
             picklable for it. ``None`` runs in this process.
         store: directory written chunk by chunk; running again with the same store resumes
             (only missing chunks are simulated).
-        retries: how often a failing chunk is tried again before ``on_error`` applies.
-        on_error: ``"raise"`` (default) raises :class:`SimulationError` naming the chunk and
-            its parameters; ``"drop"`` drops the failing chunk and counts it as invalid.
+        retries: how often a chunk whose simulator raised is tried again (same seed) before
+            its failing simulations are isolated by bisection and ``on_error`` applies. A chunk
+            lost by the executor (a worker killed) is resubmitted up to ``max(retries, 3)`` times.
+        on_error: ``"raise"`` (default) raises :class:`SimulationError` naming each failing
+            simulation with its parameters; ``"drop"`` drops only those simulations (the rest of
+            their chunk is kept) and counts them in ``num_invalid``.
         progress: show a tqdm progress bar.
 
     Returns:
@@ -410,13 +520,26 @@ def simulate(
     for k, start in enumerate(range(0, num_simulations, batch_size)):
         size = min(batch_size, num_simulations - start)
         jobs.append(_ChunkJob(model, model_args, model_kwargs, tuple(sites), outer_dim, k, start, size,
-                              _chunk_seed(seed, k), str(dev)))
+                              _chunk_seed(seed, k), str(dev), retries))
 
     from tqdm.auto import tqdm
 
     results: dict[int, dict[str, torch.Tensor]] = {}
-    failed: dict[int, BaseException] = {}
+    failures: list[dict] = []
     bar = tqdm(total=num_simulations, desc="simulating", unit="sim", disable=not progress)
+
+    def finish(job, values, chunk_failures):
+        if chunk_failures and on_error == "raise":
+            raise SimulationError(
+                f"{len(chunk_failures)} simulation(s) of chunk {job.chunk} (simulations {job.start}.."
+                f"{job.start + job.size - 1}) failed on their own (after {retries} "
+                f"retries of the chunk); pass on_error='drop' to drop them:\n{_describe_failures(chunk_failures)}")
+        results[job.chunk] = values
+        failures.extend(chunk_failures)
+        if st is not None:
+            st.save(job, values, chunk_failures)
+        bar.update(job.size)
+
     try:
         todo = []
         for job in jobs:
@@ -424,58 +547,48 @@ def simulate(
             if cached is None:
                 todo.append(job)
             else:
-                results[job.chunk] = cached
+                results[job.chunk] = cached[0]
+                failures.extend(cached[1])
                 bar.update(job.size)
-        attempts = {job.chunk: 0 for job in todo}
-
-        def finish(job, values=None, error=None):
-            if error is not None:
-                attempts[job.chunk] += 1
-                if attempts[job.chunk] <= retries:
-                    return True  # try again
-                if on_error == "raise":
-                    raise error
-                failed[job.chunk] = error
-                values = _failed_values(job)
-            results[job.chunk] = values
-            if st is not None:
-                st.save(job, values, failed=error is not None)
-            bar.update(job.size)
-            return False
-
         if executor is None:
             for job in todo:
-                while True:
-                    try:
-                        values, error = _run_chunk(job), None
-                    except SimulationError as e:
-                        values, error = None, e
-                    if not finish(job, values, error):
-                        break
+                finish(job, *_simulate_chunk(job))
         else:
-            pending = {executor.submit(_run_chunk, job): job for job in todo}
+            # the model's own failures are retried inside the task; these retries are for the
+            # executor failing (a worker killed, a lost connection): same job, same seed
+            resubmits = {job.chunk: 0 for job in todo}
+            pending = {executor.submit(_simulate_chunk, job): job for job in todo}
             while pending:
                 done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
                 for fut in done:
                     job = pending.pop(fut)
                     try:
-                        values, error = fut.result(), None
-                    except Exception as e:  # worker died or the model raised
-                        values, error = None, e if isinstance(e, SimulationError) else SimulationError(
-                            f"chunk {job.chunk} (simulations {job.start}..{job.start + job.size - 1}) "
-                            f"failed in the executor: {type(e).__name__}: {e}")
-                    if finish(job, values, error):
-                        pending[executor.submit(_run_chunk, job)] = job
+                        values, chunk_failures = fut.result()
+                    except SimulationError:
+                        raise
+                    except Exception as e:  # the worker died or the task was lost
+                        resubmits[job.chunk] += 1
+                        if resubmits[job.chunk] <= max(retries, 3):
+                            pending[executor.submit(_simulate_chunk, job)] = job
+                            continue
+                        error = SimulationError(
+                            f"chunk {job.chunk} (simulations {job.start}..{job.start + job.size - 1}) failed in the "
+                            f"executor {resubmits[job.chunk]} times: {type(e).__name__}: {e}")
+                        if on_error == "raise":
+                            raise error from e
+                        values, chunk_failures = _empty_values(job), [
+                            {"index": i, "parameters": {}, "error": str(error)} for i in range(job.start, job.start + job.size)]
+                    finish(job, values, chunk_failures)
     finally:
         bar.close()
 
     ordered = [results[k] for k in range(len(jobs))]
     values = {name: torch.cat([r[name] for r in ordered]) for name in ordered[0]}
     index = values.pop(_INDEX)
-    n_failed = sum(j.size for j in jobs if j.chunk in failed)
-    if failed:
-        warnings.warn(f"simulate: dropped {len(failed)} failing chunk(s) ({n_failed} simulations): "
-                      + "; ".join(f"chunk {k}: {e}" for k, e in list(failed.items())[:3]), stacklevel=2)
+    n_failed = num_simulations - index.shape[0]
+    if n_failed:
+        warnings.warn(f"simulate: dropped {n_failed} failing simulation(s) (on_error='drop'):\n"
+                      + _describe_failures(failures), stacklevel=2)
     finite = torch.ones(index.shape[0], dtype=torch.bool)
     for v in values.values():
         if v.is_floating_point() or v.is_complex():
@@ -494,7 +607,7 @@ def simulate(
     if n_failed > num_simulations / 2:
         raise SimulationError(f"{n_failed} of {num_simulations} simulations failed; more than half")
     meta = {"seed": int(seed), "batch_size": batch_size, "model": model_name, "device": dev.type,
-            "num_requested": num_simulations}
+            "num_requested": num_simulations, "failed_indices": sorted(f["index"] for f in failures)}
     return SimulationSet({n: v.to(dev) for n, v in values.items()},
                          latent_names=latent, observed_names=[s.name for s in sites if s.observed],
                          num_invalid=n_bad + n_failed, index=index, meta=meta)

@@ -76,3 +76,21 @@ def sleepy_simulator(theta):
 def sleepy_model():
     theta = pyro.sample("theta", dist.Uniform(-torch.ones(2), torch.ones(2)).to_event(1))
     return pyro.sample("x", ib.Implicit(sleepy_simulator, theta, event_shape=(2,)))
+
+
+_flaky_calls = [0]
+
+
+def flaky_simulator(theta):
+    """Fails on every other call, whatever its input: a transient fault (a lost licence, a
+    crashed external process). Draws its noise after the check, so a retry reproduces exactly
+    what an undisturbed call would have returned."""
+    _flaky_calls[0] += 1
+    if _flaky_calls[0] % 2:
+        raise OSError("transient failure")
+    return gaussian_simulator(theta)
+
+
+def flaky_model():
+    theta = pyro.sample("theta", dist.Uniform(-torch.ones(2), torch.ones(2)).to_event(1))
+    return pyro.sample("x", ib.Implicit(flaky_simulator, theta, event_shape=(2,)))

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import implicitbayes as ib
-from tests.models import (gaussian_model, hierarchical_model, mostly_invalid_model, numpy_model,
+from tests.models import (flaky_model, gaussian_model, hierarchical_model, mostly_invalid_model, numpy_model,
                           partly_invalid_model, raising_model)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,6 +90,33 @@ def test_dask_local_cluster_gives_the_local_result():
     assert same(local, remote)
 
 
+def test_dask_worker_killed_mid_run_gives_the_undisturbed_result():
+    distributed = pytest.importorskip("dask.distributed")
+    import threading
+
+    from tests.models import sleepy_model
+
+    local = ib.simulate(sleepy_model, 400, observed="x", seed=13, batch_size=10, progress=False)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        pids = client.run(os.getpid)  # {worker address: pid}
+        victim = next(iter(pids.values()))
+        killed = threading.Event()
+
+        def kill_soon():  # 40 chunks of 0.1 s on 2 workers: about 2 s; kill one worker at 0.6 s
+            time.sleep(0.6)
+            os.kill(victim, signal.SIGKILL)
+            killed.set()
+
+        threading.Thread(target=kill_soon, daemon=True).start()
+        t0 = time.perf_counter()
+        remote = ib.simulate(sleepy_model, 400, observed="x", seed=13, batch_size=10,
+                             executor=client.get_executor(), progress=False)
+        assert killed.is_set() and time.perf_counter() - t0 > 0.6, "the run ended before the worker was killed"
+        assert victim not in client.run(os.getpid).values()  # the nanny restarted it: a new process
+    assert same(local, remote) and remote.num_invalid == 0
+
+
 def test_invalid_outputs_are_dropped_counted_and_reported():
     with pytest.warns(UserWarning, match=r"NaN/inf outputs; parameters of those: theta ∈ \[0\.6"):
         data = ib.simulate(partly_invalid_model, 2000, observed="x", seed=1, progress=False)
@@ -105,19 +132,49 @@ def test_mostly_invalid_is_an_error():
         ib.simulate(mostly_invalid_model, 500, observed="x", seed=0, progress=False)
 
 
-def test_simulator_error_names_chunk_and_parameters():
-    with pytest.raises(ib.SimulationError, match=r"(chunk \d+ \(simulations \d+\.\.\d+|trial run).*simulator exploded") as info:
-        ib.simulate(raising_model, 1000, observed="x", seed=0, batch_size=50, progress=False)
-    assert "theta ∈" in str(info.value)
-
-
-def test_on_error_drop_counts_failed_chunks():
-    with pytest.warns(UserWarning, match="dropped .* failing chunk"):
-        data = ib.simulate(raising_model, 400, observed="x", seed=0, batch_size=10, on_error="drop",
+def test_on_error_drop_drops_exactly_the_failing_simulations():
+    # raising_simulator fails a whole call if any theta_0 > 0.9 (P = 5 % per simulation): the
+    # bisection keeps the rest of each failing chunk and drops only those simulations
+    with pytest.warns(UserWarning, match=r"dropped \d+ failing simulation\(s\).*\n  simulation \d+: theta=\[0\.9"):
+        data = ib.simulate(raising_model, 400, observed="x", seed=0, batch_size=100, on_error="drop",
                            retries=1, progress=False)
-    assert data.num_invalid > 0 and len(data) + data.num_invalid == 400
+    failed = data.meta["failed_indices"]
+    assert 5 <= len(failed) <= 40 and data.num_invalid == len(failed)
     assert (data["theta"][:, 0] <= 0.9).all()
-    assert len(set(data.index.tolist())) == len(data)
+    # never a lost or duplicated simulation: kept and failed indices partition range(400)
+    kept = data.index.tolist()
+    assert len(set(kept)) == len(kept) and set(kept).isdisjoint(failed)
+    assert sorted(kept + failed) == list(range(400))
+    # gaussian_model draws its latents exactly like raising_model: the same seed gives the same
+    # theta for every index, so the dropped ones are exactly those with theta_0 > 0.9
+    reference = ib.simulate(gaussian_model, 400, observed="x", seed=0, batch_size=100, progress=False)
+    assert torch.equal(reference["theta"][data.index], data["theta"])
+    assert failed == (reference["theta"][:, 0] > 0.9).nonzero().flatten().tolist()
+
+
+def test_failing_simulations_are_named_with_their_parameters():
+    with pytest.raises(ib.SimulationError, match=r"failed on their own.*\n  simulation \d+: theta=\[0\.9\d+, "
+                                                  r"-?\d\.\d+\] \(RuntimeError: simulator exploded\)"):
+        ib.simulate(raising_model, 400, observed="x", seed=0, batch_size=100, progress=False)
+
+
+def test_retries_absorb_transient_failures_exactly():
+    undisturbed = ib.simulate(gaussian_model, 300, observed="x", seed=6, batch_size=50, progress=False)
+    # without retries the bisection re-runs a failed chunk under a sub-seed: complete, not identical
+    rerun = ib.simulate(flaky_model, 300, observed="x", seed=6, batch_size=50, progress=False)
+    assert len(rerun) == 300 and rerun.num_invalid == 0 and not torch.equal(rerun["x"], undisturbed["x"])
+    retried = ib.simulate(flaky_model, 300, observed="x", seed=6, batch_size=50, retries=1, progress=False)
+    assert same(undisturbed, retried) and retried.num_invalid == 0
+
+
+def test_failures_survive_resumption_from_a_store(tmp_path):
+    kw = dict(observed="x", seed=0, batch_size=100, on_error="drop", progress=False)
+    with pytest.warns(UserWarning, match="failing simulation"):
+        first = ib.simulate(raising_model, 400, store=tmp_path / "s", **kw)
+    with pytest.warns(UserWarning, match="failing simulation"):
+        resumed = ib.simulate(raising_model, 400, store=tmp_path / "s", **kw)
+    assert same(first, resumed) and resumed.num_invalid == first.num_invalid > 0
+    assert resumed.meta["failed_indices"] == first.meta["failed_indices"]
 
 
 @pytest.mark.parametrize("kwargs, match", [

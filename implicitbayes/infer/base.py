@@ -260,8 +260,8 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, **mo
         space = ParameterSpace.from_json(meta["space"])
         post = cls(space, meta["observed"], meta["x_shapes"], meta["config"], **modules)
         post.load_state_dict(tensors)
-    except (KeyError, RuntimeError, TypeError) as e:
-        raise FormatError(f"{path}: cannot rebuild the {meta.get('class')}: {e}") from e
+    except (KeyError, RuntimeError, TypeError, ValueError) as e:
+        raise FormatError(f"{path}: cannot rebuild the {meta.get('class')}: {type(e).__name__}: {e}") from e
     post.training_summary = meta.get("training", {})
     if model is not None:
         post.attach_model(model, model_args, model_kwargs)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import FormatError
-from ..io import load_tensors, save_tensors
+from ..io import load_tensors, save_tensors, unlink_stale_temporaries
 
 __all__ = ["TrainingError", "TrainConfig", "train"]
 
@@ -122,15 +122,21 @@ def train(
         return config.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(step, config.max_steps) / config.max_steps)))
     start, best, best_state, bad, history = 0, math.inf, None, 0, []
     ckpt = Path(checkpoint) if checkpoint is not None else None
+    if ckpt is not None:
+        unlink_stale_temporaries(ckpt)  # a previous run killed while writing it
     if ckpt is not None and ckpt.exists():
         tensors, meta = load_tensors(ckpt, kind=_CKPT_KIND, max_version=_CKPT_VERSION)
         if meta.get("num_rows") != num_rows or meta.get("seed") != seed or meta.get("desc") != desc:
             raise FormatError(f"{ckpt}: checkpoint of another training run (rows {meta.get('num_rows')}, seed "
                               f"{meta.get('seed')}, {meta.get('desc')!r}); delete it or use another path")
-        _restore(tensors, meta, modules, optimizer)
-        g.set_state(tensors["loop.generator"])
-        best_state = {k: v for k, v in tensors.items() if k.startswith("best.")}
-        start, best, bad, history = meta["step"], meta["best"], meta["bad"], meta["history"]
+        try:
+            _restore(tensors, meta, modules, optimizer)
+            g.set_state(tensors["loop.generator"])
+            best_state = {k: v for k, v in tensors.items() if k.startswith("best.")}
+            start, best, bad, history = meta["step"], meta["best"], meta["bad"], meta["history"]
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            raise FormatError(f"{ckpt}: checkpoint does not fit this training run ({type(e).__name__}: {e}); "
+                              "delete it or use another path") from e
     from tqdm.auto import tqdm
 
     def snapshot():
