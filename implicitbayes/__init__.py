@@ -3,7 +3,7 @@
 from . import diagnostics
 from .diagnostics import to_inference_data
 from .distributions import Implicit, LogUniform
-from .errors import FormatError, IntractableLikelihoodError, SimulationError, StoreMismatchError
+from .errors import FormatError, IntractableLikelihoodError, SimulationError, SimulatorOutputError, StoreMismatchError
 from .infer import ABC, LFVI, NPE, NRE, ImplicitVI, TrainingError, load
 from .simulate import simulate
 from .simulation_set import SimulationSet
@@ -16,6 +16,7 @@ __all__ = [
     "LogUniform",
     "IntractableLikelihoodError",
     "SimulationError",
+    "SimulatorOutputError",
     "FormatError",
     "StoreMismatchError",
     "simulate",

@@ -19,7 +19,7 @@ import pyro.poutine.runtime as pyro_runtime
 import torch
 from torch.distributions import constraints
 
-from .errors import LIKELIHOOD_FREE_METHODS, IntractableLikelihoodError
+from .errors import LIKELIHOOD_FREE_METHODS, IntractableLikelihoodError, SimulatorOutputError
 
 __all__ = ["Implicit", "LogUniform"]
 
@@ -170,9 +170,9 @@ class Implicit(dist.TorchDistribution):
         if self.vectorized:
             out = self.simulator(*flat_params)
             if not isinstance(out, torch.Tensor):
-                raise TypeError(f"Implicit: simulator {name} returned {type(out).__name__}, expected a torch.Tensor")
+                raise SimulatorOutputError(f"Implicit: simulator {name} returned {type(out).__name__}, expected a torch.Tensor")
             if out.dim() == 0 or out.shape[0] != n:
-                raise ValueError(
+                raise SimulatorOutputError(
                     f"Implicit: simulator {name} returned shape {tuple(out.shape)} for a batch of "
                     f"{n} parameter sets; a vectorized simulator must return (batch, *event_shape) = "
                     f"({n}, ...). If it handles one parameter set at a time, pass vectorized=False"
@@ -189,7 +189,7 @@ class Implicit(dist.TorchDistribution):
             return torch.empty((0,) + tuple(getattr(self, "event_shape", ())))
         shapes = {tuple(o.shape) for o in outs}
         if len(shapes) != 1:
-            raise ValueError(f"Implicit: simulator {name} returned outputs of differing shapes {sorted(shapes)}")
+            raise SimulatorOutputError(f"Implicit: simulator {name} returned outputs of differing shapes {sorted(shapes)}")
         return torch.stack(outs)
 
     def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
@@ -202,12 +202,19 @@ class Implicit(dist.TorchDistribution):
             for p, e in zip(self.params, self._param_event_shapes)
         )
         out = self._call(flat, n)
+        name = getattr(self.simulator, "__qualname__", repr(self.simulator))
         if tuple(out.shape[1:]) != tuple(self.event_shape):
-            name = getattr(self.simulator, "__qualname__", repr(self.simulator))
-            raise ValueError(
+            raise SimulatorOutputError(
                 f"Implicit: simulator {name} returned event shape {tuple(out.shape[1:])}, "
                 f"expected event_shape={tuple(self.event_shape)}"
             )
+        if out.is_complex() or not (out.is_floating_point() or out.dtype in _COUNT_DTYPES):
+            raise SimulatorOutputError(f"Implicit: simulator {name} returned dtype {out.dtype}; expected real floating point "
+                            "values or integer counts")
+        devices = {p.device for p in flat if isinstance(p, torch.Tensor)}
+        if devices and out.device not in devices:
+            raise SimulatorOutputError(f"Implicit: simulator {name} returned a tensor on {out.device}, but its parameters are "
+                             f"on {', '.join(sorted(map(str, devices)))}; return the output on the parameters' device")
         return out.reshape(shape + self.event_shape)
 
     def log_prob(self, value):
@@ -219,6 +226,9 @@ class Implicit(dist.TorchDistribution):
             f"{', '.join(LIKELIHOOD_FREE_METHODS)} (NRE replaces the site's log-density by a "
             "learned log-ratio, so Pyro's MCMC can run on the model)."
         )
+
+
+_COUNT_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
 class LogUniform(dist.TransformedDistribution):

@@ -18,6 +18,13 @@ class SimulationError(RuntimeError):
     """A simulator failed, or produced too many invalid (NaN/inf) outputs."""
 
 
+class SimulatorOutputError(SimulationError, ValueError, TypeError):
+    """A simulator broke its contract: output of the wrong type, shape, dtype or device, or
+    one output for a whole batch. A bug in the simulator rather than a failure at some
+    parameters, so it is never retried, bisected or dropped. (Also a ``ValueError`` and a
+    ``TypeError``, the types these checks raised before.)"""
+
+
 class FormatError(ValueError):
     """A file is not an implicitbayes file, is corrupt, or has an unsupported format version."""
 

@@ -37,7 +37,7 @@ import pyro.poutine as poutine
 from pyro.poutine.subsample_messenger import _Subsample
 import torch
 
-from .errors import SimulationError, StoreMismatchError
+from .errors import SimulationError, SimulatorOutputError, StoreMismatchError
 from .io import atomic_write_text, load_tensors, save_tensors
 from .simulation_set import SimulationSet
 
@@ -140,13 +140,14 @@ def model_sites(model: Callable, observed: Sequence[str], model_args=(), model_k
                 trace = tracer.get_trace(*tuple(model_args), **dict(model_kwargs or {}))
             break
         except Exception as e:  # user code: say it was the trial run, and with which parameters
-            if attempt + 1 < _TRIAL_ATTEMPTS:
-                continue
+            if attempt + 1 < _TRIAL_ATTEMPTS and not isinstance(e, SimulatorOutputError):
+                continue  # it may fail at some parameters only; a broken contract fails at all
             values = {s["name"]: torch.as_tensor(s["value"]).detach().reshape(1, -1)
                       for s in _random_sites(tracer.msngr.trace) if s.get("value") is not None}
-            raise SimulationError(
-                f"the model failed in all {_TRIAL_ATTEMPTS} trial runs (single unbatched simulations, used to read "
-                f"the sites' shapes), last with {type(e).__name__}: {e}\nparameters: "
+            kind = SimulatorOutputError if isinstance(e, SimulatorOutputError) else SimulationError
+            raise kind(
+                f"the model failed in {attempt + 1} trial run(s) (single unbatched simulations, used to read "
+                f"the sites' shapes), last with {_first_line(e)}\nparameters: "
                 f"{_latent_ranges(values, list(values))}") from e
     sites, names, used = [], [], 0
     for s in _random_sites(trace):
@@ -218,6 +219,8 @@ def _simulate_chunk(job: _ChunkJob) -> tuple[dict[str, torch.Tensor], list[dict]
     for attempt in range(job.retries + 1):
         try:
             return _run_chunk(job), []
+        except SimulatorOutputError:
+            raise
         except SimulationError as e:
             error, given = e, getattr(e, "latents", None)
     if not given:  # nothing to hold fixed (it failed before any latent was drawn): all of it failed
@@ -248,6 +251,8 @@ def _isolate(job: _ChunkJob, given: dict[str, torch.Tensor], error: SimulationEr
                             model_args=job.model_args, model_kwargs=job.model_kwargs, seed=sub_seed,
                             device=torch.device(job.device), latent_info=sites)
             kept.append((rows, {k: v.cpu() for k, v in out.items()}))
+        except SimulatorOutputError:
+            raise
         except SimulationError as e:
             if len(rows) == 1 or calls > _MAX_ISOLATION_CALLS:
                 cause = e.__cause__ if e.__cause__ is not None else e
@@ -283,6 +288,9 @@ def _run_chunk(job: _ChunkJob) -> dict[str, torch.Tensor]:
         with _Seeded(job.seed, device), torch.device(device), \
                 pyro.plate(_OUTER_PLATE, job.size, dim=job.outer_dim):
             trace = tracer.get_trace(*job.model_args, **job.model_kwargs)
+    except SimulatorOutputError as e:  # a broken contract: a bug, never isolated
+        raise SimulatorOutputError(f"chunk {job.chunk} (simulations {job.start}..{job.start + job.size - 1}): "
+                                   f"{_first_line(e)}") from e
     except Exception as e:  # the simulator is user code: say where it failed, keep the cause
         partial = {n: s["value"].detach().reshape(job.size, -1).cpu()
                    for n, s in tracer.msngr.trace.nodes.items()
@@ -304,10 +312,14 @@ def _run_chunk(job: _ChunkJob) -> dict[str, torch.Tensor]:
         value = trace.nodes[site.name]["value"]
         want = (job.size,) + site.shape
         if value.numel() != math.prod(want):
-            raise SimulationError(
+            raise SimulatorOutputError(
                 f"site '{site.name}' has shape {tuple(value.shape)} under a plate of {job.size} simulations, "
                 f"which cannot hold {job.size} copies of its single-run shape {site.shape}; does its "
                 "simulator ignore the batch?")
+        if str(value.dtype).removeprefix("torch.") != site.dtype:
+            raise SimulatorOutputError(
+                f"site '{site.name}' has dtype {value.dtype} in chunk {job.chunk}, but {site.dtype} in the trial run; "
+                "a simulator must return one dtype whatever its parameters")
         out[site.name] = value.detach().reshape(want).cpu()
     out[_INDEX] = torch.arange(job.start, job.start + job.size, dtype=torch.int64)
     return out

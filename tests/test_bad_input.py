@@ -1,0 +1,154 @@
+"""The bad-input catalogue of docs/bad_input.md: one case per row, each checking the error type
+and the words of its message. The first test keeps the table and the cases in step."""
+
+import re
+from pathlib import Path
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+import implicitbayes as ib
+from tests.models import gaussian_model, raising_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _model(simulator, prior=None, event_shape=(2,)):
+    def model():
+        theta = pyro.sample("theta", prior if prior is not None else dist.Uniform(-torch.ones(2), torch.ones(2)).to_event(1))
+        return pyro.sample("x", ib.Implicit(simulator, theta, event_shape=event_shape))
+    return model
+
+
+def _simulate(model, **kw):
+    return lambda: ib.simulate(model, 20, observed="x", seed=0, progress=False, **kw)
+
+
+def _dtype_by_parameter(theta):  # float32 for the single trial run, float64 for a batch
+    return theta.double() if theta.shape[0] > 1 else theta.clone()
+
+
+def _ignores_batch(theta):
+    return theta[:1].clone()
+
+
+def _posterior():
+    data = ib.simulate(gaussian_model, 300, observed="x", seed=0, progress=False)
+    return ib.NPE(gaussian_model, observed="x").fit(data, max_steps=5, seed=0, progress=False)
+
+
+def _other_model_data():
+    def other():
+        a = pyro.sample("a", dist.Normal(0.0, 1.0))
+        return pyro.sample("x", ib.Implicit(lambda t: torch.stack([t, t], -1), a, event_shape=(2,)))
+    data = ib.simulate(other, 50, observed="x", seed=0, progress=False)
+    return lambda: ib.NPE(gaussian_model, observed="x").fit(data, max_steps=2, progress=False)
+
+
+def _empty_data():
+    data = ib.simulate(gaussian_model, 10, observed="x", seed=0, progress=False)
+    empty = data.subset(torch.zeros(10, dtype=torch.bool))
+    return lambda: ib.NPE(gaussian_model, observed="x").fit(empty, max_steps=2, progress=False)
+
+
+def _store_other_settings(tmp_path):
+    ib.simulate(gaussian_model, 40, observed="x", seed=1, batch_size=10, store=tmp_path / "s", progress=False)
+    return lambda: ib.simulate(gaussian_model, 40, observed="x", seed=1, batch_size=20, store=tmp_path / "s",
+                               progress=False)
+
+
+def _store_foreign_dir(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    return lambda: ib.simulate(gaussian_model, 10, observed="x", seed=0, store=tmp_path, progress=False)
+
+
+def _corrupt_file(tmp_path):
+    data = ib.simulate(gaussian_model, 10, observed="x", seed=0, progress=False)
+    data.save(tmp_path / "d.safetensors")
+    raw = (tmp_path / "d.safetensors").read_bytes()
+    (tmp_path / "d.safetensors").write_bytes(raw[:-1] + bytes([raw[-1] ^ 1]))
+    return lambda: ib.SimulationSet.load(tmp_path / "d.safetensors")
+
+
+def _cli_foreign_dir(tmp_path):
+    from implicitbayes.cli import main
+
+    (tmp_path / "notes.txt").write_text("mine")
+
+    def run():
+        code = main(["run", "gaussian_linear", "--method", "npe", "-n", "100", "--max-steps", "5", "--quiet",
+                     "--out", str(tmp_path)])
+        assert (tmp_path / "notes.txt").read_text() == "mine"
+        raise SystemExit(code)
+    return run
+
+
+# id: (factory(tmp_path) -> callable that must fail, exception type, regex of the message)
+CASES = {
+    "sim-shape": (lambda t: _simulate(_model(lambda th: torch.cat([th, th[:, :1]], 1))), ib.SimulatorOutputError,
+                  r"returned event shape \(3,\), expected event_shape=\(2,\).*\nparameters: theta ∈"),
+    "sim-not-tensor": (lambda t: _simulate(_model(lambda th: th.numpy())), ib.SimulatorOutputError,
+                       r"returned ndarray, expected a torch.Tensor"),
+    "sim-dtype": (lambda t: _simulate(_model(lambda th: th.to(torch.complex64))), ib.SimulatorOutputError,
+                  r"returned dtype torch.complex64; expected real floating point values or integer counts"),
+    "sim-dtype-changes": (lambda t: _simulate(_model(_dtype_by_parameter)), ib.SimulatorOutputError,
+                          r"site 'x' has dtype torch.float64 in chunk 0, but float32 in the trial run"),
+    "sim-device": (lambda t: _simulate(_model(lambda th: torch.empty(th.shape, device="meta"))), ib.SimulatorOutputError,
+                   r"returned a tensor on meta, but its parameters are on cpu"),
+    "sim-ignores-batch": (lambda t: _simulate(_model(_ignores_batch)), ib.SimulatorOutputError,
+                          r"returned shape \(1, 2\) for a batch of 20 parameter sets; a vectorized simulator must return"),
+    "sim-raises": (lambda t: lambda: ib.simulate(raising_model, 400, observed="x", seed=0, batch_size=100,
+                                                 progress=False), ib.SimulationError,
+                   r"simulation \d+: theta=\[0\.9\d*, -?\d\.\d+\] \(RuntimeError: simulator exploded\)"),
+    "obs-nan": (lambda t: lambda: _posterior().sample(10, torch.tensor([0.0, float("nan")])), ValueError,
+                r"observed: site 'x' contains NaN or inf"),
+    "obs-shape": (lambda t: lambda: _posterior().sample(10, torch.zeros(3)), ValueError,
+                  r"observed: site 'x' must have shape \(2,\), got \(3,\)"),
+    "obs-site-names": (lambda t: lambda: _posterior().sample(10, {"y": torch.zeros(2)}), ValueError,
+                       r"observed: expected the sites \['x'\], got \['y'\]"),
+    "prior-discrete": (lambda t: (lambda m: lambda: ib.NPE(m, observed="x").fit(
+        ib.simulate(m, 50, observed="x", seed=0, progress=False), max_steps=2, progress=False))(
+        _model(lambda th: th.float(), prior=dist.Bernoulli(0.5 * torch.ones(2)).to_event(1))),
+        ValueError, r"site 'theta' is discrete"),
+    "observed-misspelled": (lambda t: lambda: ib.simulate(gaussian_model, 10, observed="y", progress=False), ValueError,
+                            r"observed: \['y'\] is not a site of the model; its sample sites are \['theta', 'x'\]"),
+    "num-simulations": (lambda t: lambda: ib.simulate(gaussian_model, 0, observed="x", progress=False), ValueError,
+                        r"num_simulations: expected a positive integer, got 0"),
+    "batch-size": (lambda t: _simulate(gaussian_model, batch_size=0), ValueError,
+                   r"batch_size: expected a positive integer or None, got 0"),
+    "num-samples": (lambda t: lambda: _posterior().sample(0, torch.zeros(2)), ValueError,
+                    r"num_samples: expected a positive integer, got 0"),
+    "device-unknown": (lambda t: _simulate(gaussian_model, device="tpu9"), ValueError, r"device: 'tpu9' is not a device"),
+    "device-cuda-absent": (lambda t: _simulate(gaussian_model, device="cuda"), ValueError,
+                           r"device: 'cuda' was asked for but CUDA is not available on this machine"),
+    "data-other-model": (lambda t: _other_model_data(), ValueError, r"it was simulated from another model"),
+    "data-empty": (lambda t: _empty_data(), ValueError, r"data: the SimulationSet is empty"),
+    "data-not-a-set": (lambda t: lambda: ib.NPE(gaussian_model, observed="x").fit(
+        {"theta": torch.zeros(5, 2), "x": torch.zeros(5, 2)}), TypeError,
+        r"data: expected an ib.SimulationSet \(from ib.simulate\), got dict"),
+    "store-other-settings": (_store_other_settings, ib.StoreMismatchError, r"batch_size: store has 10, asked 20"),
+    "store-foreign-dir": (_store_foreign_dir, ValueError, r"is a non-empty directory that is not a simulation store"),
+    "file-corrupt": (_corrupt_file, ib.FormatError, r"d\.safetensors: corrupt file"),
+    "cli-foreign-dir": (_cli_foreign_dir, SystemExit, r"^2$"),
+}
+
+
+def test_catalogue_and_cases_match():
+    table = (ROOT / "docs" / "bad_input.md").read_text()
+    ids = re.findall(r"^\| `([a-z0-9-]+)` \|", table, flags=re.M)
+    assert len(ids) == len(set(ids)) and set(ids) == set(CASES), (sorted(set(ids) ^ set(CASES)))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_gives_its_error(case, tmp_path, capsys):
+    if case == "device-cuda-absent" and torch.cuda.is_available():
+        pytest.skip("checks the no-CUDA message")
+    factory, exc, pattern = CASES[case]
+    call = factory(tmp_path)
+    with pytest.raises(exc) as info:
+        call()
+    assert re.search(pattern, str(info.value)), f"{case}: {info.value}"
+    if case == "cli-foreign-dir":
+        assert "is not empty and is not an implicitbayes run directory" in capsys.readouterr().err
