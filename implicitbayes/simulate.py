@@ -26,6 +26,7 @@ import json
 import math
 import os
 import random
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -280,8 +281,19 @@ def _isolate(job: _ChunkJob, given: dict[str, torch.Tensor], error: SimulationEr
     return values, sorted(failures, key=lambda f: f["index"])
 
 
+# Pyro's effect-handler stack and torch's default generator are process-global: two chunks
+# run by threads of one process (a ThreadPoolExecutor, a Dask worker with several threads)
+# would see each other's plates and seeds. One chunk at a time per process, then.
+_PROCESS_LOCK = threading.RLock()
+
+
 def _run_chunk(job: _ChunkJob) -> dict[str, torch.Tensor]:
     """Simulate one chunk; returns CPU tensors ``(size, *site_shape)`` plus the index."""
+    with _PROCESS_LOCK:
+        return _run_chunk_locked(job)
+
+
+def _run_chunk_locked(job: _ChunkJob) -> dict[str, torch.Tensor]:
     device = torch.device(job.device)
     tracer = poutine.trace(job.model)
     try:
@@ -476,7 +488,9 @@ def simulate(
         device: where the model runs (``torch.device`` context) and the result lives.
         executor: any ``concurrent.futures.Executor`` (e.g. a ``ProcessPoolExecutor`` or a
             Dask ``Client.get_executor()``) to run chunks in parallel; the model must be
-            picklable for it. ``None`` runs in this process.
+            picklable for it. ``None`` runs in this process. Threads of one process run one
+            chunk at a time (Pyro's handler stack is process-global): parallelism comes from
+            processes.
         store: directory written chunk by chunk; running again with the same store resumes
             (only missing chunks are simulated).
         retries: how often a chunk whose simulator raised is tried again (same seed) before
