@@ -368,7 +368,12 @@ class _Store:
                              "give a new or empty directory")
         path.mkdir(parents=True, exist_ok=True)
         for stale in path.glob(".*.tmp"):  # left by a writer killed mid-write; never a finished chunk
-            stale.unlink(missing_ok=True)
+            if stale.is_dir():
+                import shutil
+
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
         atomic_write_text(mpath, json.dumps(manifest, indent=1))
         return cls(path, manifest)
 
@@ -416,6 +421,97 @@ def _describe_failures(failures: Sequence[dict], limit: int = 5) -> str:
     if len(failures) > limit:
         lines.append(f"  … and {len(failures) - limit} more")
     return "\n".join(lines)
+
+
+class _Assembler:
+    """Puts chunks together in order, dropping simulations with NaN/inf values: in memory, or
+    (``directory`` given) appended to one raw file per site and returned memory-mapped, so the
+    result of a store of any size costs one chunk of memory to build and none to hold."""
+
+    def __init__(self, sites: Sequence[SiteInfo], latent: Sequence[str], directory: Path | None = None,
+                 num_simulations: int = 0):
+        self.sites, self.latent, self.directory = list(sites), list(latent), directory
+        self.names = [s.name for s in self.sites] + [_INDEX]
+        self.n_rows = self.n_bad = 0
+        self._parts: dict[str, list[torch.Tensor]] = {n: [] for n in self.names}
+        self._bad: dict[str, list[torch.Tensor]] = {n: [] for n in self.latent}
+        self.reused = False
+        if directory is None:
+            return
+        from .simulation_set import MAPPED_MANIFEST, open_mapped
+
+        self._manifest = {"num_simulations": num_simulations,
+                          "sites": {s.name: [list(s.shape), s.dtype] for s in self.sites}}
+        done = directory / MAPPED_MANIFEST
+        if done.exists():
+            try:
+                old = json.loads(done.read_text())
+                if {k: old.get(k) for k in self._manifest} == self._manifest:
+                    self._mapped = open_mapped(directory)
+                    self.n_rows, self.n_bad = old["n_rows"], old["n_bad"]
+                    self._bad = {n: [torch.as_tensor(v)] for n, v in old.get("bad_latents", {}).items()}
+                    self.reused = True
+                    return
+            except (OSError, ValueError, KeyError):
+                pass  # unreadable or stale: rebuild it from the chunks
+        import shutil
+        import tempfile
+
+        self._tmp = Path(tempfile.mkdtemp(prefix=".set-", suffix=".tmp", dir=directory.parent))
+        self._files = {n: open(self._tmp / f"{n}.bin", "wb") for n in self.names}
+        self._rmtree = shutil.rmtree
+
+    def add(self, values: Mapping[str, torch.Tensor]) -> None:
+        index = values[_INDEX]
+        finite = torch.ones(index.shape[0], dtype=torch.bool)
+        for s in self.sites:
+            v = values[s.name]
+            if v.is_floating_point():
+                finite &= torch.isfinite(v.reshape(v.shape[0], -1)).all(1)
+        self.n_rows += int(index.shape[0])
+        if not finite.all():
+            self.n_bad += int((~finite).sum())
+            for n in self.latent:
+                self._bad[n].append(values[n][~finite])
+        for n in self.names:
+            kept = values[n][finite]
+            if self.directory is None:
+                self._parts[n].append(kept)
+            else:
+                self._files[n].write(kept.contiguous().numpy().tobytes())
+
+    def bad_latents(self) -> dict[str, torch.Tensor]:
+        return {n: torch.cat(v) for n, v in self._bad.items() if v}
+
+    def finish(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        if self.directory is None:
+            values = {n: torch.cat(p) for n, p in self._parts.items()}
+        elif self.reused:
+            values = dict(self._mapped)
+        else:
+            from .simulation_set import MAPPED_MANIFEST, open_mapped
+
+            for f in self._files.values():
+                f.flush()
+                os.fsync(f.fileno())
+                f.close()
+            kept = self.n_rows - self.n_bad
+            shapes = {**{s.name: [kept, *s.shape] for s in self.sites}, _INDEX: [kept]}
+            dtypes = {**{s.name: s.dtype for s in self.sites}, _INDEX: "int64"}
+            manifest = {**self._manifest, "n_rows": self.n_rows, "n_bad": self.n_bad,
+                        "arrays": {n: {"shape": shapes[n], "dtype": dtypes[n]} for n in self.names},
+                        "bad_latents": {n: v.tolist() for n, v in self.bad_latents().items()}}
+            atomic_write_text(self._tmp / MAPPED_MANIFEST, json.dumps(manifest))
+            if self.directory.exists():  # a stale one: swap the new one in
+                old = self.directory.with_name(f".old-{self.directory.name}-{os.getpid()}.tmp")
+                os.replace(self.directory, old)
+                os.replace(self._tmp, self.directory)
+                self._rmtree(old, ignore_errors=True)
+            else:
+                os.replace(self._tmp, self.directory)
+            values = dict(open_mapped(self.directory))
+        index = values.pop(_INDEX)
+        return values, index
 
 
 def run_given(model: Callable, given: Mapping[str, torch.Tensor], returns: Sequence[SiteInfo], outer_dim: int, *,
@@ -560,10 +656,11 @@ def simulate(
                 f"{len(chunk_failures)} simulation(s) of chunk {job.chunk} (simulations {job.start}.."
                 f"{job.start + job.size - 1}) failed on their own (after {retries} "
                 f"retries of the chunk); pass on_error='drop' to drop them:\n{_describe_failures(chunk_failures)}")
-        results[job.chunk] = values
         failures.extend(chunk_failures)
         if st is not None:
-            st.save(job, values, chunk_failures)
+            st.save(job, values, chunk_failures)  # read back, in order, when assembling
+        else:
+            results[job.chunk] = values
         bar.update(job.size)
 
     try:
@@ -573,7 +670,6 @@ def simulate(
             if cached is None:
                 todo.append(job)
             else:
-                results[job.chunk] = cached[0]
                 failures.extend(cached[1])
                 bar.update(job.size)
         if executor is None:
@@ -608,32 +704,35 @@ def simulate(
     finally:
         bar.close()
 
-    ordered = [results[k] for k in range(len(jobs))]
-    values = {name: torch.cat([r[name] for r in ordered]) for name in ordered[0]}
-    index = values.pop(_INDEX)
-    n_failed = num_simulations - index.shape[0]
+    latent = [s.name for s in sites if not s.observed]
+    if st is None:
+        assembler = _Assembler(sites, latent)
+        for k in range(len(jobs)):
+            assembler.add(results.pop(k))
+    else:  # chunk by chunk from the store into memory-mapped files: one chunk in memory at a time
+        assembler = _Assembler(sites, latent, directory=st.path / "set", num_simulations=num_simulations)
+        if not assembler.reused:
+            for job in jobs:
+                assembler.add(st.load(job)[0])
+    values, index = assembler.finish()
+    n_failed = num_simulations - assembler.n_rows
     if n_failed:
         warnings.warn(f"simulate: dropped {n_failed} failing simulation(s) (on_error='drop'):\n"
                       + _describe_failures(failures), stacklevel=2)
-    finite = torch.ones(index.shape[0], dtype=torch.bool)
-    for v in values.values():
-        if v.is_floating_point() or v.is_complex():
-            finite &= torch.isfinite(v.reshape(v.shape[0], -1)).all(1)
-    n_bad = int((~finite).sum())
-    latent = [s.name for s in sites if not s.observed]
+    n_bad = assembler.n_bad
     if n_bad:
-        ranges = _latent_ranges({n: v[~finite] for n, v in values.items()}, latent)
+        ranges = _latent_ranges(assembler.bad_latents(), latent)
         msg = (f"{n_bad} of {num_simulations} simulations produced NaN/inf outputs; parameters of "
                f"those: {ranges}")
         if n_bad + n_failed > num_simulations / 2:
             raise SimulationError(msg + ". More than half are invalid: check the simulator and the prior.")
         warnings.warn(f"simulate: dropped {msg}", stacklevel=2)
-        values = {n: v[finite] for n, v in values.items()}
-        index = index[finite]
     if n_failed > num_simulations / 2:
         raise SimulationError(f"{n_failed} of {num_simulations} simulations failed; more than half")
     meta = {"seed": int(seed), "batch_size": batch_size, "model": model_name, "device": dev.type,
             "num_requested": num_simulations, "failed_indices": sorted(f["index"] for f in failures)}
+    if st is not None:
+        meta["store"] = str(st.path)
     return SimulationSet({n: v.to(dev) for n, v in values.items()},
                          latent_names=latent, observed_names=[s.name for s in sites if s.observed],
                          num_invalid=n_bad + n_failed, index=index, meta=meta)

@@ -9,11 +9,54 @@ import torch
 
 from .io import load_tensors, save_tensors
 
-__all__ = ["SimulationSet"]
+__all__ = ["SimulationSet", "open_mapped", "MAPPED_MANIFEST"]
 
 _KIND = "implicitbayes.SimulationSet"
 _VERSION = 1
 _INDEX = "__index__"
+MAPPED_MANIFEST = "set.json"
+
+
+def open_mapped(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The arrays of a store's assembled set (``<store>/set``), memory-mapped read-only from
+    their raw files: pages are read when rows are indexed, so a set larger than memory can be
+    trained on in minibatches. Raises ``FormatError`` naming the file on a missing, truncated
+    or inconsistent one."""
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    from .errors import FormatError
+
+    directory = Path(directory)
+    mpath = directory / MAPPED_MANIFEST
+    try:
+        manifest = json.loads(mpath.read_text())
+        arrays = manifest["arrays"]
+    except (OSError, ValueError, KeyError) as e:
+        raise FormatError(f"{mpath}: not a readable assembled simulation set: {e}") from e
+    out = {}
+    for name, spec in arrays.items():
+        path = directory / f"{name}.bin"
+        dtype = np.dtype(spec["dtype"])
+        shape = tuple(spec["shape"])
+        want = dtype.itemsize * int(np.prod(shape))
+        size = path.stat().st_size if path.exists() else -1
+        if size != want:
+            raise FormatError(f"{path}: expected {want} bytes for {name} {shape} {dtype}, found "
+                              f"{'no file' if size < 0 else size}; truncated or from another run")
+        if want == 0:
+            out[name] = torch.empty(shape, dtype=getattr(torch, spec["dtype"]))
+            continue
+        # copy-on-write: writable for torch (no warning), and nothing is ever written back
+        out[name] = torch.from_numpy(np.memmap(path, dtype=dtype, mode="c", shape=shape))
+        out[name]._ib_memory_mapped = True  # what SimulationSet.is_memory_mapped reads; copies lack it
+    return out
+
+
+def _is_mapped(v: torch.Tensor) -> bool:
+    return bool(getattr(v, "_ib_memory_mapped", False))
 
 
 class SimulationSet:
@@ -132,10 +175,22 @@ class SimulationSet:
             "latent_names": list(self.latent_names), "observed_names": list(self.observed_names),
             "num_invalid": self.num_invalid, "meta": self.meta})
 
+    @property
+    def is_memory_mapped(self) -> bool:
+        """Whether the tensors are memory-mapped from a store (rows are read from disk when indexed)."""
+        return any(_is_mapped(v) for v in self._values.values())
+
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device | None = None) -> "SimulationSet":
-        """Read a file written by :meth:`save`; raises ``FormatError`` naming the file if it is not one."""
+        """Read a file written by :meth:`save`, or open a simulation store (the directory given
+        to ``ib.simulate(store=...)``) memory-mapped; raises ``FormatError`` naming the file if
+        it is not one."""
+        from pathlib import Path
+
         from .errors import FormatError
+
+        if Path(path).is_dir():
+            return cls._open_store(Path(path), device)
 
         tensors, header = load_tensors(path, kind=_KIND, max_version=_VERSION, device=device)
         try:
@@ -144,3 +199,26 @@ class SimulationSet:
                        num_invalid=header["num_invalid"], index=index.cpu(), meta=header.get("meta"))
         except (KeyError, ValueError) as e:
             raise FormatError(f"{path}: inconsistent SimulationSet file: {e}") from e
+
+    @classmethod
+    def _open_store(cls, path, device) -> "SimulationSet":
+        import json
+
+        from .errors import FormatError
+
+        try:
+            store = json.loads((path / "manifest.json").read_text())
+            assembled = json.loads((path / "set" / MAPPED_MANIFEST).read_text())
+        except (OSError, ValueError) as e:
+            raise FormatError(f"{path}: not a complete simulation store (run ib.simulate with store= to finish it): "
+                              f"{e}") from e
+        values = open_mapped(path / "set")
+        index = values.pop(_INDEX)
+        observed = list(store["observed"])
+        latent = [n for n in store["sites"] if n not in observed]
+        n_req = assembled["num_simulations"]
+        meta = {"seed": store["seed"], "batch_size": store["batch_size"], "model": store["model"],
+                "device": store["device"], "num_requested": n_req, "store": str(path)}
+        data = cls(values, latent_names=latent, observed_names=observed,
+                   num_invalid=n_req - assembled["n_rows"] + assembled["n_bad"], index=index, meta=meta)
+        return data.to(device) if device is not None else data

@@ -334,3 +334,51 @@ def test_extend_subset_to():
         a.extend(other)
     with pytest.raises(KeyError, match="sites: "):
         a["nope"]
+
+
+# -- a store's result is memory-mapped -------------------------------------------------------
+def test_store_result_is_memory_mapped_and_equal_to_the_in_memory_one(tmp_path):
+    kw = dict(observed="x", seed=2, batch_size=64, progress=False)
+    with pytest.warns(UserWarning, match="NaN/inf"):
+        plain = ib.simulate(partly_invalid_model, 500, **kw)
+    with pytest.warns(UserWarning, match="NaN/inf"):
+        stored = ib.simulate(partly_invalid_model, 500, store=tmp_path / "s", **kw)
+    assert stored.is_memory_mapped and not plain.is_memory_mapped
+    assert same(plain, stored) and stored.num_invalid == plain.num_invalid
+    # opened again, without simulating: the same set, memory-mapped, with its provenance
+    opened = ib.SimulationSet.load(tmp_path / "s")
+    assert opened.is_memory_mapped and same(plain, opened) and opened.num_invalid == plain.num_invalid
+    assert opened.meta["seed"] == 2 and opened.meta["store"] == str(tmp_path / "s")
+    # copies are ordinary tensors
+    assert not opened.subset(torch.arange(10)).is_memory_mapped
+
+
+def test_store_set_is_rebuilt_when_the_store_grows_and_checked_on_open(tmp_path):
+    kw = dict(observed="x", seed=2, batch_size=64, progress=False)
+    ib.simulate(gaussian_model, 200, store=tmp_path / "s", **kw)
+    grown = ib.simulate(gaussian_model, 300, store=tmp_path / "s", **kw)
+    reference = ib.simulate(gaussian_model, 300, **kw)
+    assert same(grown, reference)
+    del grown  # it maps the file damaged below
+    raw = tmp_path / "s" / "set" / "x.bin"
+    raw.write_bytes(raw.read_bytes()[:-8])
+    with pytest.raises(ib.FormatError, match=r"x\.bin: expected 2400 bytes .* found 2392"):
+        ib.SimulationSet.load(tmp_path / "s")
+    # simulate(store=...) does not trust a damaged set either: it rebuilds it from the chunks
+    with pytest.raises(ib.FormatError):
+        ib.SimulationSet.load(tmp_path / "s")
+    again = ib.simulate(gaussian_model, 300, store=tmp_path / "s", **kw)
+    assert same(reference, again)
+    with pytest.raises(ib.FormatError, match="not a complete simulation store"):
+        ib.SimulationSet.load(tmp_path)
+
+
+def test_training_on_a_memory_mapped_set_equals_training_in_memory(tmp_path):
+    kw = dict(observed="x", seed=3, progress=False)
+    plain = ib.simulate(gaussian_model, 1500, **kw)
+    mapped = ib.simulate(gaussian_model, 1500, store=tmp_path / "s", **kw)
+    x = torch.tensor([0.3, -0.2])
+    for method in (ib.NPE, ib.ImplicitVI):
+        a = method(gaussian_model, observed="x").fit(plain, max_steps=60, seed=0, progress=False)
+        b = method(gaussian_model, observed="x").fit(mapped, max_steps=60, seed=0, progress=False)
+        assert torch.equal(a.sample(200, x, seed=1)["theta"], b.sample(200, x, seed=1)["theta"]), method.__name__

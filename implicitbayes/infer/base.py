@@ -19,9 +19,10 @@ from ..errors import FormatError
 from ..io import load_tensors, save_tensors
 from ..simulate import _Seeded, model_sites, plate_layout
 from ..simulation_set import SimulationSet
+from ..nn.embeddings import row_blocks
 from ..space import ParameterSpace
 
-__all__ = ["Prepared", "prepare", "Posterior", "load", "register_posterior", "observation_tensor", "observed_values"]
+__all__ = ["Prepared", "Rows", "prepare", "Posterior", "load", "register_posterior", "observation_tensor", "observed_values"]
 
 _KIND = "implicitbayes.Posterior"
 _VERSION = 1
@@ -37,6 +38,31 @@ class Prepared:
     x_shapes: dict[str, tuple[int, ...]]
     u: torch.Tensor  # (n, unconstrained_dim)
     x: torch.Tensor  # (n, *x_shape): the one observed site, or all observed sites flattened
+    mapped: bool = False  # x is memory-mapped from a store: gathered per minibatch, never whole
+
+    def x_on(self, device: torch.device) -> "torch.Tensor | Rows":
+        """``x`` for training on ``device``: the tensor moved there, or for a memory-mapped set
+        a :class:`Rows` view that reads and moves only the rows each minibatch indexes."""
+        return Rows(self.x, device, self.u.dtype) if self.mapped else self.x.to(device)
+
+
+class Rows:
+    """Rows of a (memory-mapped) CPU tensor, gathered and moved to ``device`` per index."""
+
+    def __init__(self, data: torch.Tensor, device: torch.device, dtype: torch.dtype):
+        self.data, self.device, self.dtype = data, torch.device(device), dtype
+
+    def __len__(self) -> int:
+        return self.data.shape[0]
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        if isinstance(idx, torch.Tensor):
+            idx = idx.cpu()
+        return self.data[idx].to(device=self.device, dtype=self.dtype)
 
 
 def _x_from(values: Mapping[str, torch.Tensor], observed: Sequence[str]) -> torch.Tensor:
@@ -69,9 +95,11 @@ def prepare(model: Callable, observed: Sequence[str], model_args, model_kwargs, 
         raise ValueError(f"data: {int(bad.sum())} simulations have latents on the boundary of their support "
                          "(infinite in unconstrained coordinates); drop them with data.subset(...)")
     x = _x_from({o: data[o] for o in observed}, observed)
-    if not torch.isfinite(x).all():
+    mapped = data.is_memory_mapped and len(observed) == 1
+    if not all(bool(torch.isfinite(block).all()) for block in row_blocks(x)):
         raise ValueError("data: observed values contain NaN/inf; ib.simulate drops those, was the set edited?")
-    return Prepared(space, tuple(observed), {o: shapes[o] for o in observed}, u, x.to(u.dtype))
+    return Prepared(space, tuple(observed), {o: shapes[o] for o in observed}, u, x if mapped else x.to(u.dtype),
+                    mapped)
 
 
 def observation_tensor(observed: Any, names: Sequence[str], shapes: Mapping[str, tuple[int, ...]],

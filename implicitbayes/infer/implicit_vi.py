@@ -107,6 +107,28 @@ class ImplicitPosterior(NeuralPosterior):
         return self.space.to_constrained(self._sample_unconstrained(x, num_samples, g, correction, num_candidates))
 
 
+class _Contexts:
+    """e(y) of every training row for the critic stage (the embedding is frozen then): computed
+    once and kept when it takes at most ``CACHE_BYTES``, else recomputed per minibatch, so a
+    memory-mapped set is never held whole."""
+
+    CACHE_BYTES = 512 * 2**20
+
+    def __init__(self, context: nn.Module, x):
+        self.context, self.x = context, x
+        self.device = context.standardize.loc.device
+        self.cache = None
+        if len(x) * context.out_features * 4 <= self.CACHE_BYTES:
+            with torch.no_grad():
+                self.cache = torch.cat([context(x[i]) for i in torch.arange(len(x)).split(4096)])
+
+    def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.cache is not None:
+            return self.cache[idx]
+        with torch.no_grad():
+            return self.context(self.x[idx])
+
+
 class ImplicitVI(Method):
     """Amortized implicit posterior trained against a ratio-estimating critic (module docstring).
 
@@ -172,8 +194,14 @@ class ImplicitVI(Method):
         k, m = self.num_candidates, 16
         n = len(idx)
         # each of the m draws per observation resamples its own K candidates, as sampling does
-        cand = post._draw_standardized(c_all[idx], m * k, g).reshape(n, m, k, -1)
-        logits = post.critic(c_all[idx], cand.reshape(n, m * k, -1)).reshape(n, m, k)
+        c = c_all[idx]
+        # n·m·k generator draws and critic values, 64 observations at a time (bounded activations)
+        cand, logits = [], []
+        for i in torch.arange(n, device=c.device).split(64):
+            cand.append(post._draw_standardized(c[i], m * k, g))
+            logits.append(post.critic(c[i], cand[-1]))
+        cand = torch.cat(cand).reshape(n, m, k, -1)
+        logits = torch.cat(logits).reshape(n, m, k)
         uniforms = torch.rand((n, m, 1), generator=g, device=c_all.device)
         scores = {}
         for lam in self.TEMPERATURES:
@@ -197,8 +225,8 @@ class ImplicitVI(Method):
         rl = ratio_loss(self.critic_loss)
         with _Seeded(seed, self.device):
             post = ImplicitPosterior(prep.space, prep.observed, prep.x_shapes, config, self.embedding).to(self.device)
-            x = prep.x.to(self.device)
-            u_s = post.fit_standardizers(x, prep.u.to(self.device))
+            x = prep.x_on(self.device)
+            u_s = post.fit_standardizers(prep.x, prep.u.to(self.device))
             gen_params = list(post.context.parameters()) + list(post.generator.parameters())
             co_critic = Critic(prep.space.unconstrained_dim, post.context.out_features, self.net["critic_hidden"],
                                self.net["critic_layers"]).to(self.device)
@@ -239,8 +267,7 @@ class ImplicitVI(Method):
             if self.correction == "sir":
                 for p in gen_params:
                     p.requires_grad_(False)
-                with torch.no_grad():
-                    c_all = torch.cat([post.context(x[i]) for i in torch.arange(len(x)).split(4096)])
+                c_all = _Contexts(post.context, x)  # the generator is frozen: e(y) cached where it fits
 
                 def critic_step(idx, g):
                     with torch.no_grad():

@@ -105,8 +105,8 @@ class NPE(Method):
                               hidden_features=list(self.hidden_features))
         with _Seeded(seed, self.device):
             post = NPEPosterior(prep.space, prep.observed, prep.x_shapes, config, self.embedding).to(self.device)
-            x = prep.x.to(self.device)
-            u_s = post.fit_standardizers(x, prep.u.to(self.device))
+            x = prep.x_on(self.device)
+            u_s = post.fit_standardizers(prep.x, prep.u.to(self.device))
 
             def step(idx, g):
                 return {"nll": -post.flow(post.context(x[idx])).log_prob(u_s[idx]).mean()}

@@ -110,8 +110,8 @@ class NRE(Method):
         with _Seeded(seed, self.device):
             post = NREPosterior(prep.space, prep.observed, prep.x_shapes, config, self.embedding, self.model).to(self.device)
             post.model_args, post.model_kwargs = self.model_args, self.model_kwargs
-            x = prep.x.to(self.device)
-            u_s = post.fit_standardizers(x, prep.u.to(self.device))
+            x = prep.x_on(self.device)
+            u_s = post.fit_standardizers(prep.x, prep.u.to(self.device))
 
             def loss(idx, g):
                 c = post.context(x[idx])

@@ -16,6 +16,13 @@ from torch import nn
 __all__ = ["Standardize", "ResidualMLP", "CausalConvEmbedding", "GRUEmbedding", "DeepSets", "Flatten"]
 
 
+def row_blocks(x: torch.Tensor, max_elements: int = 2**24):
+    """``x`` split along its first dimension into blocks of at most ``max_elements`` numbers
+    (at least one row each): full passes over a memory-mapped set in bounded memory."""
+    per_row = max(1, math.prod(x.shape[1:]))
+    return x.split(max(1, max_elements // per_row))
+
+
 class Standardize(nn.Module):
     """z-scoring fitted from data, saved with the model (buffers).
 
@@ -53,19 +60,35 @@ class Standardize(nn.Module):
             state_dict.setdefault(prefix + name, default)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    FIT_ROWS = 100_000  # rows the location and scale are estimated from (all rows when fewer)
+    FIT_ELEMENTS = 2**25  # ... and at most this many numbers (wide observations)
+
     @torch.no_grad()
     def fit(self, data: torch.Tensor) -> "Standardize":
-        """Fit on ``data (n, *shape)``; raises on non-finite values or a wrong shape."""
-        data = torch.as_tensor(data, dtype=self.loc.dtype, device=self.loc.device)
+        """Fit on ``data (n, *shape)`` (any device; memory-mapped is fine); raises on non-finite
+        values or a wrong shape. Positivity and finiteness are checked on every row; location
+        and scale come from at most ``FIT_ROWS`` evenly spread rows."""
+        data = torch.as_tensor(data)
         if tuple(data.shape[1:]) != self.shape or data.shape[0] < 2:
             raise ValueError(f"Standardize.fit: expected data of shape (n >= 2, {self.shape}), got {tuple(data.shape)}")
-        if not torch.isfinite(data).all():
+        # finiteness and positivity are properties of every row (a later observation is checked
+        # against them): read in blocks, so a memory-mapped set is never loaded whole
+        finite, positive = True, torch.ones(self.shape, dtype=torch.bool, device=self.loc.device)
+        for block in row_blocks(data):
+            block = block.to(device=self.loc.device, dtype=self.loc.dtype)
+            finite = finite and bool(torch.isfinite(block).all())
+            positive &= (block > 0).all(0)
+        if not finite:
             raise ValueError("Standardize.fit: data contains NaN or inf")
+        rows = min(self.FIT_ROWS, max(1_000, self.FIT_ELEMENTS // max(1, math.prod(self.shape))))
+        if data.shape[0] > rows:  # location and scale from evenly spread rows
+            data = data[:: -(-data.shape[0] // rows)]
+        data = data.to(device=self.loc.device, dtype=self.loc.dtype)
         if self.log_mode == "auto":
-            use_log = (data > 0).all(0)
+            use_log = positive
         else:
             use_log = torch.full(self.shape, bool(self.log_mode), device=data.device)
-            if self.log_mode and not (data > 0).all():
+            if self.log_mode and not positive.all():
                 raise ValueError("Standardize.fit: log=True needs strictly positive data")
         z = torch.where(use_log, data.clamp_min(1e-30).log(), data)
         flat = z.reshape(z.shape[0], -1)
