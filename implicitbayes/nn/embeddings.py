@@ -61,7 +61,7 @@ class Standardize(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     FIT_ROWS = 100_000  # rows the location and scale are estimated from (all rows when fewer)
-    FIT_ELEMENTS = 2**25  # ... and at most this many numbers (wide observations)
+    FIT_ELEMENTS = 2**23  # ... and at most this many numbers (wide observations)
 
     @torch.no_grad()
     def fit(self, data: torch.Tensor) -> "Standardize":
