@@ -220,6 +220,7 @@ def main() -> None:
     ap.add_argument("--wide", default="200000x2000", help="simulations x width of the wide synthetic store")
     ap.add_argument("--dask-simulations", type=int, default=200_000)
     ap.add_argument("--workdir", default=None, help="where the stores go (default: a temporary directory)")
+    ap.add_argument("--note", default=None, help="conditions of this run, kept per part in the results")
     args = ap.parse_args()
     parts = args.parts.split(",")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="ib-scale-"))
@@ -254,6 +255,8 @@ def main() -> None:
             if r["workers"]:
                 r["efficiency"] = r["simulations_per_s"] / (r["workers"] * one["simulations"] / one["seconds"])
         results["dask"] = rows
+    if args.note:
+        results.setdefault("notes", {}).update({p: args.note for p in parts})
     OUT.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=1))
     write_table(results, OUT / "scale.md")
@@ -262,6 +265,10 @@ def main() -> None:
 def write_table(r: dict, path: Path) -> None:
     lines = ["# Scale: bounded-memory simulation, memory-mapped training, Dask workers", "",
              f"Environment: {r.get('environment')}", ""]
+    for part, note in r.get("notes", {}).items():
+        lines.append(f"- {part}: {note}")
+    if r.get("notes"):
+        lines.append("")
     if "simulate" in r:
         lines += ["## ib.simulate into a store (Lotka-Volterra SDE, 9 summaries)", "",
                   "| model | simulations | batch | seconds | sims/s | peak RSS (MB) | peak RssAnon (MB) | RSS after import (MB) | set in RAM would be (MB) | store on disk (MB) | memory-mapped |",

@@ -4,6 +4,7 @@ the previous file readable and resumable."""
 
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -95,9 +96,7 @@ def good_files(tmp_path_factory):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("how", HOWS)
 def test_every_loader_refuses_bad_files_by_name(kind, how, good_files, tmp_path):
-    (tmp_path / "store").mkdir()
-    for f in (good_files["chunk"].parent).iterdir():
-        (tmp_path / "store" / f.name).write_bytes(f.read_bytes())
+    shutil.copytree(good_files["chunk"].parent, tmp_path / "store")
     other = good_files["posterior" if kind != "posterior" else "set"]
     bad, phrase = _corrupt(how, good_files[kind], other, tmp_path)
     if kind == "chunk":
