@@ -2,13 +2,8 @@
 naming the file, never executes code on load, and a ``kill -9`` in the middle of a write leaves
 the previous file readable and resumable."""
 
-import os
 import pickle
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +12,7 @@ from safetensors.torch import save_file
 
 import implicitbayes as ib
 from tests.models import gaussian_model
+from tests.processes import kill_9_when
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -149,19 +145,7 @@ io.save_file = slow_save
 
 def _run_until_killed_mid_write(tmp_path: Path, nth: int, body: str) -> None:
     flag = tmp_path / "mid-write"
-    script = _SLOW_WRITER.format(nth=nth, flag=str(flag)) + body
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    try:
-        deadline = time.time() + 240
-        while not flag.exists():
-            assert proc.poll() is None, "the process ended before reaching the write"
-            assert time.time() < deadline, "the write was never reached"
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_9_when(_SLOW_WRITER.format(nth=nth, flag=str(flag)) + body, flag.exists)
 
 
 def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):

@@ -5,8 +5,6 @@ import multiprocessing as mp
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import pytest
 import torch
 
 import implicitbayes as ib
+from tests.processes import kill_9_when
 from tests.models import (flaky_model, gaussian_model, hierarchical_model, mostly_invalid_model, numpy_model,
                           partly_invalid_model, raising_model)
 
@@ -264,18 +263,7 @@ def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_result(tmp_path):
     script = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import implicitbayes as ib; "
               "from tests.models import sleepy_model; "
               f"ib.simulate(sleepy_model, 200, observed='x', seed=21, batch_size=10, store={str(store)!r}, progress=False)")
-    proc = subprocess.Popen([sys.executable, "-c", script])
-    try:
-        deadline = time.time() + 120
-        while len(list(store.glob("chunk-*.safetensors"))) < 5:
-            assert proc.poll() is None, "the simulation process ended before it could be killed"
-            assert time.time() < deadline, "no chunks written in time"
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_9_when(script, lambda: len(list(store.glob("chunk-*.safetensors"))) >= 5, timeout=120)
     written = len(list(store.glob("chunk-*.safetensors")))
     assert 5 <= written < 20, "kill came too late to test resumption"
     resumed = ib.simulate(sleepy_model_local(), 200, observed="x", seed=21, batch_size=10, store=store, progress=False)
