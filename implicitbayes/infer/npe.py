@@ -83,13 +83,18 @@ class NPE(Method):
     ``embedding`` (an ``nn.Module`` on the standardised observation), and the training loop's
     ``batch_size``, ``lr``, ``validation_fraction``, ``patience``, ``validate_every``,
     ``device``.
+
+    ``patience`` is 50 validations (one per epoch): the learning rate decays along a cosine over
+    ``max_steps``, and late, low-rate steps still pay. Measured on two_moons with 10⁴
+    simulations (observations 1–3): patience 20 stopped after 68 epochs with C2ST 0.577; 50 ran to
+    ``max_steps`` with 0.528 (validation NLL −2.02 → −2.18).
     """
 
     def __init__(self, model: Callable, *, observed: str | Sequence[str], model_args: tuple = (),
                  model_kwargs: Mapping | None = None, flow: str = "nsf", transforms: int = 5,
                  hidden_features: Sequence[int] = (50, 50), embedding: nn.Module | None = None,
                  batch_size: int = 50, lr: float = 5e-4, max_steps: int = 30_000, validation_fraction: float = 0.1,
-                 patience: int = 20, validate_every: int | None = None, device: str | torch.device | None = None):
+                 patience: int = 50, validate_every: int | None = None, device: str | torch.device | None = None):
         if flow not in FLOWS:
             raise ValueError(f"flow: expected one of {FLOWS}, got {flow!r}")
         super().__init__(model, observed, model_args, model_kwargs, embedding,
