@@ -25,15 +25,15 @@ import simulators  # noqa: E402
 from sbibm_suite import sbibm_c2st  # noqa: E402
 
 CONFIGS = {
-    "default (λ=0, SIR K=16)": {},
-    "SIR K=64": {"num_candidates": 64},
+    "default (λ=0, SIR K=64)": {},
     "SIR K=128": {"num_candidates": 128},
+    "SIR K=16": {"num_candidates": 16},
     "no correction (energy score only)": {"correction": None},
-    "adversarial λ=0.1 + SIR K=16": {"adversarial_weight": 0.1},
+    "adversarial λ=0.1 + SIR K=64": {"adversarial_weight": 0.1},
     "adversarial λ=0.1, no correction": {"adversarial_weight": 0.1, "correction": None},
-    "kernel score + SIR K=16": {"scoring_rule": "kernel"},
-    "multiplicative noise + SIR K=16": {"noise_injection": "multiplicative"},
-    "critic f-KL loss + SIR K=16": {"critic_loss": "f-kl"},
+    "kernel score + SIR K=64": {"scoring_rule": "kernel"},
+    "multiplicative noise + SIR K=64": {"noise_injection": "multiplicative"},
+    "critic f-KL loss + SIR K=64": {"critic_loss": "f-kl"},
 }
 
 

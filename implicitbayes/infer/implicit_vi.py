@@ -144,7 +144,7 @@ class ImplicitVI(Method):
     def __init__(self, model: Callable, *, observed: str | Sequence[str], model_args: tuple = (),
                  model_kwargs: Mapping | None = None, scoring_rule: str | None = "energy", num_draws: int = 8,
                  adversarial_weight: float = 0.0, critic_loss: str = "logistic", correction: str | None = "sir",
-                 num_candidates: int = 16, hidden: int = 128, layers: int = 4, noise_features: int | None = None,
+                 num_candidates: int = 64, hidden: int = 128, layers: int = 4, noise_features: int | None = None,
                  noise_injection: str = "concat", critic_hidden: int = 128, critic_layers: int = 4,
                  embedding: nn.Module | None = None, batch_size: int = 128, lr: float = 1e-3, max_steps: int = 20_000,
                  critic_steps: int = 10_000, patience: int = 20, validate_every: int | None = 50,
