@@ -127,6 +127,7 @@ def write_table(results: dict, path: Path) -> None:
     rows = sorted(results["runs"], key=lambda r: (r["task"], r["budget"], r["method"]))
     lines = ["# sbibm suite: C2ST (mean over observations; 0.5 is perfect), seconds", "",
              f"Environment: {results.get('environment')}", "",
+             *[f"- {note}" for note in results.get("notes", [])], *([""] if results.get("notes") else []),
              "| task | simulations | method | C2ST mean | per observation | train (s) | 10k draws (s) |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
