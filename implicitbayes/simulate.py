@@ -26,6 +26,8 @@ import json
 import math
 import os
 import random
+import shutil
+import tempfile
 import threading
 import warnings
 from dataclasses import dataclass
@@ -369,8 +371,6 @@ class _Store:
         path.mkdir(parents=True, exist_ok=True)
         for stale in path.glob(".*.tmp"):  # left by a writer killed mid-write; never a finished chunk
             if stale.is_dir():
-                import shutil
-
                 shutil.rmtree(stale, ignore_errors=True)
             else:
                 stale.unlink(missing_ok=True)
@@ -454,12 +454,8 @@ class _Assembler:
                     return
             except (OSError, ValueError, KeyError):
                 pass  # unreadable or stale: rebuild it from the chunks
-        import shutil
-        import tempfile
-
         self._tmp = Path(tempfile.mkdtemp(prefix=".set-", suffix=".tmp", dir=directory.parent))
         self._files = {n: open(self._tmp / f"{n}.bin", "wb") for n in self.names}
-        self._rmtree = shutil.rmtree
 
     def add(self, values: Mapping[str, torch.Tensor]) -> None:
         index = values[_INDEX]
@@ -506,7 +502,7 @@ class _Assembler:
                 old = self.directory.with_name(f".old-{self.directory.name}-{os.getpid()}.tmp")
                 os.replace(self.directory, old)
                 os.replace(self._tmp, self.directory)
-                self._rmtree(old, ignore_errors=True)
+                shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(self._tmp, self.directory)
             values = dict(open_mapped(self.directory))
