@@ -23,9 +23,14 @@ weighted by it; the energy score only shapes the proposal it corrects.
 
 Sampling is sampling-importance-resampling with that ratio (``correction="sir"``): draw K
 candidates θ̃_k ~ q_w(· | y), keep one with probability ∝ exp λ r(y, θ̃_k). The strength λ ∈
-{1, ½, 0} is chosen after training by the held-out energy score of the corrected draws (λ = 1
-unless the critic is overfit, as it can be with 10³ simulations; ``config["temperature"]``). As K → ∞ the draw's
-law tends to q_w(θ | y) exp r / Z = p(θ | y) where r is exact. The generator stays implicit: no
+{0, ¼, ½, ¾, 1} is chosen after training by the held-out log score of the corrected posterior
+(``_select_temperature``: λ near 1 unless the critic is overfit, as it can be with 10³
+simulations; ``config["temperature"]``). As K → ∞ the draw's
+law tends to q_w(θ | y) exp r / Z = p(θ | y) where r is exact. K = 8 by default (10 000 draws in
+≈ 0.3 s on one CPU core); the generator's noise has max(2 dim θ, 8) coordinates — more than
+dim θ, which lets a continuous map put mass on separated or spiky regions — and it trains with
+patience 60 validations: both sharpen the proposal so that 8 candidates suffice (session-4
+ablation in ``benchmarks/results/implicit_vi_ablation.md``). The generator stays implicit: no
 density of q_w is ever evaluated. ``correction=None`` returns the generator's own draws.
 """
 
@@ -65,6 +70,9 @@ class ImplicitPosterior(NeuralPosterior):
     def _draw_standardized(self, c: torch.Tensor, m: int, generator: torch.Generator) -> torch.Tensor:
         noise = torch.randn((c.shape[0], m, self.generator.noise_features), generator=generator,
                             device=c.device, dtype=c.dtype)
+        bits = self.config.get("noise_bits", 0)
+        if bits:  # the last `bits` noise coordinates are random signs: a switch between modes
+            noise = torch.cat([noise[..., :-bits], torch.sign(noise[..., -bits:])], -1)
         return self.generator(c, noise)
 
     def _sample_unconstrained(self, x, num_samples, generator, correction: str | None = "default",
@@ -77,7 +85,7 @@ class ImplicitPosterior(NeuralPosterior):
             self.last_ess = None
         else:
             out, ess = [], []
-            for chunk in torch.arange(num_samples).split(max(1, 200_000 // k)):
+            for chunk in torch.arange(num_samples).split(max(1, 4096 // k)):  # activations stay in cache
                 cand = self._draw_standardized(c, len(chunk) * k, generator)[0].reshape(len(chunk), k, -1)
                 logw = self.config.get("temperature", 1.0) * self.critic(c.expand(len(chunk), -1), cand)  # (n, k)
                 pick = torch.multinomial(torch.softmax(logw, 1), 1, generator=generator).squeeze(1)
@@ -138,16 +146,20 @@ class ImplicitVI(Method):
     ("sir" or None) and ``num_candidates`` K; network sizes ``hidden``, ``layers``,
     ``noise_features``, ``noise_injection``, ``critic_hidden``, ``critic_layers``;
     ``embedding``; loop settings ``batch_size``, ``lr``, ``critic_steps`` (stage-2 budget),
-    ``patience``, ``device``.
+    ``patience`` (generator validations without improvement before stopping; 60, because its
+    held-out energy score improves slowly while the shape still improves), ``critic_patience``,
+    ``noise_bits`` (random-sign noise coordinates, a switch between modes; off by default),
+    ``device``.
     """
 
     def __init__(self, model: Callable, *, observed: str | Sequence[str], model_args: tuple = (),
                  model_kwargs: Mapping | None = None, scoring_rule: str | None = "energy", num_draws: int = 8,
                  adversarial_weight: float = 0.0, critic_loss: str = "logistic", correction: str | None = "sir",
-                 num_candidates: int = 64, hidden: int = 128, layers: int = 4, noise_features: int | None = None,
+                 num_candidates: int = 8, hidden: int = 128, layers: int = 4, noise_features: int | None = None,
+                 noise_bits: int = 0,
                  noise_injection: str = "concat", critic_hidden: int = 128, critic_layers: int = 4,
                  embedding: nn.Module | None = None, batch_size: int = 128, lr: float = 1e-3, max_steps: int = 20_000,
-                 critic_steps: int = 10_000, patience: int = 20, validate_every: int | None = 50,
+                 critic_steps: int = 10_000, patience: int = 60, critic_patience: int = 20, validate_every: int | None = 50,
                  validation_fraction: float = 0.1, device: str | torch.device | None = None):
         super().__init__(model, observed, model_args, model_kwargs, embedding,
                          TrainConfig(batch_size=batch_size, lr=lr, max_steps=max_steps, patience=patience,
@@ -161,13 +173,15 @@ class ImplicitVI(Method):
         loss = ratio_loss(critic_loss)
         if not loss.consistent:
             raise ValueError(f"critic_loss: {critic_loss!r} does not estimate a density ratio")
+        if isinstance(noise_bits, bool) or not isinstance(noise_bits, int) or noise_bits < 0:
+            raise ValueError(f"noise_bits: expected a non-negative integer, got {noise_bits!r}")
         if num_draws < 2:
             raise ValueError(f"num_draws: the scoring rule needs at least 2 draws per observation, got {num_draws}")
         self.scoring_rule, self.num_draws, self.adversarial_weight = scoring_rule, num_draws, float(adversarial_weight)
         self.critic_loss, self.correction, self.num_candidates = critic_loss, correction, num_candidates
-        self.net = {"hidden": hidden, "layers": layers, "noise_features": noise_features,
+        self.net = {"hidden": hidden, "layers": layers, "noise_features": noise_features, "noise_bits": noise_bits,
                     "noise_injection": noise_injection, "critic_hidden": critic_hidden, "critic_layers": critic_layers}
-        self.critic_loop = TrainConfig(batch_size=512, lr=lr, max_steps=critic_steps, patience=patience,
+        self.critic_loop = TrainConfig(batch_size=512, lr=lr, max_steps=critic_steps, patience=critic_patience,
                                        validate_every=validate_every, validation_fraction=validation_fraction)
 
     def _score(self, draws: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -177,39 +191,42 @@ class ImplicitVI(Method):
             return kernel_score(draws, target).mean()
         return torch.zeros((), device=draws.device)
 
-    TEMPERATURES = (1.0, 0.5, 0.0)
+    TEMPERATURES = (1.0, 0.75, 0.5, 0.25, 0.0)
 
     @torch.no_grad()
     def _select_temperature(self, post, c_all, u_s, critic_settings, seed) -> dict[float, float]:
-        """Held-out energy score of the corrected draws for each correction strength λ (weights
-        ∝ exp(λ r); λ = 0 is the generator alone), on the critic's validation pairs (not used to
-        fit its weights), with common random numbers. With few simulations the critic can overfit
-        and SIR then hurts (measured: gaussian_linear at 10³, mean error 1.4 sd with λ = 1,
-        0.4 sd without); this keeps the correction only where held-out data say it helps."""
+        """Held-out cross-entropy of the corrected posterior for each correction strength λ.
+
+        SIR with weights ∝ exp(λ r) tends (K → ∞) to q_λ(θ | y) = q_w(θ | y) exp(λ r(y, θ)) / Z_λ(y),
+        so on pairs (y, θ) ~ p held out from the critic's fit
+
+            −E_p[log q_λ(θ | y)] = −E_p[log q_w(θ | y)] − λ E_p[r(y, θ)] + E_y[log Z_λ(y)],
+
+        and the first term does not depend on λ: the criterion −λ E_p[r] + E_y log Z_λ, with
+        log Z_λ(y) = log E_{q_w}[exp(λ r)] estimated from fresh generator draws, compares the
+        corrected posteriors by their log score — a proper score that sees shape, computed without
+        any density of q_w (which stays implicit) and without assuming r is right. λ = 0 (the
+        generator alone) scores 0; the lowest wins. With few simulations the critic can overfit and
+        the correction then hurts (measured: gaussian_linear at 10³, mean error 1.4 sd with λ = 1,
+        0.4 sd without); this keeps the correction only where held-out data say it helps. (An
+        energy score of the corrected draws was used before; it does not see shape and picked
+        λ = 0 on two_moons where λ = ½ halved the C2ST gap.)"""
         from .training import split
 
         _, val_idx = split(len(u_s), critic_settings.validation_fraction, torch.Generator().manual_seed(seed + 1))
         idx = val_idx[:1024].to(c_all.device)
         g = torch.Generator(device=c_all.device).manual_seed(seed + 3)
-        k, m = self.num_candidates, 16
-        n = len(idx)
-        # each of the m draws per observation resamples its own K candidates, as sampling does
+        m = self.SELECTION_DRAWS
         c = c_all[idx]
-        # n·m·k generator draws and critic values, 64 observations at a time (bounded activations)
-        cand, logits = [], []
-        for i in torch.arange(n, device=c.device).split(64):
-            cand.append(post._draw_standardized(c[i], m * k, g))
-            logits.append(post.critic(c[i], cand[-1]))
-        cand = torch.cat(cand).reshape(n, m, k, -1)
-        logits = torch.cat(logits).reshape(n, m, k)
-        uniforms = torch.rand((n, m, 1), generator=g, device=c_all.device)
-        scores = {}
-        for lam in self.TEMPERATURES:
-            cdf = torch.softmax(lam * logits, -1).cumsum(-1)
-            pick = torch.searchsorted(cdf, uniforms).clamp_max(k - 1)  # (n, m, 1)
-            draws = torch.gather(cand, 2, pick[..., None].expand(-1, -1, -1, cand.shape[-1]))[:, :, 0]
-            scores[lam] = float(energy_score(draws, u_s[idx]).mean())
-        return scores
+        r_true = post.critic(c, u_s[idx])  # (n,)
+        # m generator draws per held-out observation, 64 observations at a time (bounded activations)
+        r_gen = torch.cat([post.critic(c[i], post._draw_standardized(c[i], m, g))
+                           for i in torch.arange(len(idx), device=c.device).split(64)])  # (n, m)
+        log_m = torch.log(torch.tensor(float(m), device=c.device))
+        return {lam: float((-lam * r_true + torch.logsumexp(lam * r_gen, 1) - log_m).mean())
+                for lam in self.TEMPERATURES}
+
+    SELECTION_DRAWS = 256
 
     def fit(self, data, *, max_steps: int | None = None, time_budget: float | None = None, seed: int | None = None,
             progress: bool = True, checkpoint=None) -> ImplicitPosterior:
@@ -221,7 +238,7 @@ class ImplicitVI(Method):
         prep, seed, loop = self._begin(data, max_steps, time_budget, seed)
         critic_settings = self._settings(self.critic_loop, max_steps, time_budget)
         config = self._config(prep, **self.net, correction=self.correction, num_candidates=self.num_candidates)
-        config["noise_features"] = self.net["noise_features"] or max(prep.space.unconstrained_dim, 2)
+        config["noise_features"] = (self.net["noise_features"] or max(2 * prep.space.unconstrained_dim, 8)) + self.net["noise_bits"]
         rl = ratio_loss(self.critic_loss)
         with _Seeded(seed, self.device):
             post = ImplicitPosterior(prep.space, prep.observed, prep.x_shapes, config, self.embedding).to(self.device)
