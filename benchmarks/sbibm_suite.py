@@ -128,11 +128,14 @@ def write_table(results: dict, path: Path) -> None:
     lines = ["# sbibm suite: C2ST (mean over observations; 0.5 is perfect), seconds", "",
              f"Environment: {results.get('environment')}", "",
              *[f"- {note}" for note in results.get("notes", [])], *([""] if results.get("notes") else []),
-             "| task | simulations | method | C2ST mean | per observation | train (s) | 10k draws (s) |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| task | simulations | method | C2ST mean | − sbi_npe | per observation | train (s) | 10k draws (s) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    peer = {(r["task"], r["budget"]): r["c2st_mean"] for r in rows if r["method"] == "sbi_npe"}
     for r in rows:
         per = " ".join(f"{v:.3f}" for v in r["c2st"].values())
-        lines.append(f"| {r['task']} | {r['budget']} | {r['method']} | {r['c2st_mean']:.3f} | {per} | "
+        ref = peer.get((r["task"], r["budget"]))
+        delta = "—" if ref is None or r["method"] == "sbi_npe" else f"{r['c2st_mean'] - ref:+.3f}"
+        lines.append(f"| {r['task']} | {r['budget']} | {r['method']} | {r['c2st_mean']:.3f} | {delta} | {per} | "
                      f"{r['train_seconds']:.1f} | {r['sample_seconds_per_10k']:.2f} |")
     path.write_text("\n".join(lines) + "\n")
 
