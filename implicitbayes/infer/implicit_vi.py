@@ -173,6 +173,8 @@ class ImplicitVI(Method):
         loss = ratio_loss(critic_loss)
         if not loss.consistent:
             raise ValueError(f"critic_loss: {critic_loss!r} does not estimate a density ratio")
+        if isinstance(critic_patience, bool) or not isinstance(critic_patience, int) or critic_patience < 1:
+            raise ValueError(f"critic_patience: expected a positive integer, got {critic_patience!r}")
         if isinstance(noise_bits, bool) or not isinstance(noise_bits, int) or noise_bits < 0:
             raise ValueError(f"noise_bits: expected a non-negative integer, got {noise_bits!r}")
         if num_draws < 2:

@@ -51,6 +51,12 @@ class TrainConfig:
     time_budget: float | None = None  # seconds
     history: list = field(default_factory=list)
 
+    def __post_init__(self):
+        for name in ("batch_size", "patience"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+
 
 def split(n: int, fraction: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """A random (train, validation) split of ``range(n)``; at least one row in each.
