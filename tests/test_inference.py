@@ -195,3 +195,43 @@ def test_non_positive_observation_of_a_positive_simulator_is_refused():
     x[3] = -1.0
     with pytest.raises(ValueError, match=r"entries \[3\] are ≤ 0"):
         post.sample(5, x)
+
+
+def test_plateau_halves_the_learning_rate_and_a_resumed_run_keeps_it(tmp_path, monkeypatch):
+    """``TrainConfig(plateau=k)``: every k validations without improvement halve the rate; the
+    reduced rate is part of the checkpoint, so an interrupted run ends on the same weights."""
+    from implicitbayes.infer.training import TrainConfig, train
+
+    xs = torch.linspace(-1, 1, 200)[:, None]
+    ys = 3 * xs + 0.1 * torch.sin(40 * xs)
+
+    def run(checkpoint=None):
+        torch.manual_seed(0)
+        net = torch.nn.Linear(1, 1)
+        step = lambda idx, g: {"mse": ((net(xs[idx]) - ys[idx]) ** 2).mean()}  # noqa: E731
+        val = lambda idx: 1.0  # noqa: E731  a validation that never improves after the first
+        config = TrainConfig(batch_size=16, lr=1e-2, max_steps=1000, patience=6, plateau=2, validate_every=10,
+                             lr_decay=False, restore_best=False)
+        return net, train({"net": net}, step, val, len(xs), config, seed=0, progress=False, checkpoint=checkpoint)
+
+    net, summary = run()
+    # first validation sets the best; bad = 1..6 after it, halving at 2, 4 and 6; stop at 6
+    assert summary["stopped"] == "early_stopping" and summary["steps"] == 70
+    assert summary["lr_scale"] == 0.125
+    real_step, calls = torch.optim.Adam.step, {"n": 0}
+
+    def interrupting_step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 45:
+            raise KeyboardInterrupt  # after the checkpoint at step 40 (rate already halved once)
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", interrupting_step)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "ckpt")
+    monkeypatch.setattr(torch.optim.Adam, "step", real_step)
+    resumed, summary2 = run(tmp_path / "ckpt")
+    assert summary2["lr_scale"] == 0.125
+    assert torch.equal(resumed.weight, net.weight) and torch.equal(resumed.bias, net.bias)
+    with pytest.raises(ValueError, match="plateau: expected a positive integer, got 0"):
+        TrainConfig(plateau=0)

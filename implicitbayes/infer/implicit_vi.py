@@ -29,8 +29,10 @@ simulations; ``config["temperature"]``). As K → ∞ the draw's
 law tends to q_w(θ | y) exp r / Z = p(θ | y) where r is exact. K = 8 by default (10 000 draws in
 ≈ 0.3 s on one CPU core); the generator's noise has max(2 dim θ, 8) coordinates — more than
 dim θ, which lets a continuous map put mass on separated or spiky regions — and it trains with
-patience 60 validations: both sharpen the proposal so that 8 candidates suffice (session-4
-ablation in ``benchmarks/results/implicit_vi_ablation.md``). The generator stays implicit: no
+patience 60 validations, halving its learning rate after every 10 validations without improvement
+(``lr_plateau``; the cosine decay over ``max_steps`` alone barely lowers the rate before early
+stopping): all three sharpen the proposal so that 8 candidates suffice (session-4 and session-5
+ablations in ``benchmarks/results/implicit_vi_ablation.md``). The generator stays implicit: no
 density of q_w is ever evaluated. ``correction=None`` returns the generator's own draws.
 """
 
@@ -147,7 +149,9 @@ class ImplicitVI(Method):
     ``noise_features``, ``noise_injection``, ``critic_hidden``, ``critic_layers``;
     ``embedding``; loop settings ``batch_size``, ``lr``, ``critic_steps`` (stage-2 budget),
     ``patience`` (generator validations without improvement before stopping; 60, because its
-    held-out energy score improves slowly while the shape still improves), ``critic_patience``,
+    held-out energy score improves slowly while the shape still improves), ``lr_plateau`` (halve
+    the generator's learning rate after this many validations without improvement; 10, None for
+    the cosine decay alone), ``critic_patience``, ``critic_plateau`` (the same for the critic; off),
     ``noise_bits`` (random-sign noise coordinates, a switch between modes; off by default),
     ``device``.
     """
@@ -159,11 +163,17 @@ class ImplicitVI(Method):
                  noise_bits: int = 0,
                  noise_injection: str = "concat", critic_hidden: int = 128, critic_layers: int = 4,
                  embedding: nn.Module | None = None, batch_size: int = 128, lr: float = 1e-3, max_steps: int = 20_000,
-                 critic_steps: int = 10_000, patience: int = 60, critic_patience: int = 20, validate_every: int | None = 50,
+                 critic_steps: int = 10_000, patience: int = 60, critic_patience: int = 20, lr_plateau: int | None = 10,
+                 critic_plateau: int | None = None,
+                 validate_every: int | None = 50,
                  validation_fraction: float = 0.1, device: str | torch.device | None = None):
+        for name, value in (("lr_plateau", lr_plateau), ("critic_plateau", critic_plateau)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}: expected a positive integer or None, got {value!r}")
         super().__init__(model, observed, model_args, model_kwargs, embedding,
                          TrainConfig(batch_size=batch_size, lr=lr, max_steps=max_steps, patience=patience,
-                                     validate_every=validate_every, validation_fraction=validation_fraction), device)
+                                     plateau=lr_plateau, validate_every=validate_every,
+                                     validation_fraction=validation_fraction), device)
         if scoring_rule not in ("energy", "kernel", None):
             raise ValueError(f"scoring_rule: expected 'energy', 'kernel' or None, got {scoring_rule!r}")
         if scoring_rule is None and adversarial_weight <= 0:
@@ -184,6 +194,7 @@ class ImplicitVI(Method):
         self.net = {"hidden": hidden, "layers": layers, "noise_features": noise_features, "noise_bits": noise_bits,
                     "noise_injection": noise_injection, "critic_hidden": critic_hidden, "critic_layers": critic_layers}
         self.critic_loop = TrainConfig(batch_size=512, lr=lr, max_steps=critic_steps, patience=critic_patience,
+                                       plateau=critic_plateau,
                                        validate_every=validate_every, validation_fraction=validation_fraction)
 
     def _score(self, draws: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

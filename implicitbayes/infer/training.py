@@ -47,13 +47,16 @@ class TrainConfig:
     weight_decay: float = 0.0
     clip_grad_norm: float | None = 5.0
     lr_decay: bool = True  # cosine decay over max_steps
+    plateau: int | None = None  # halve the learning rate after this many validations without improvement
     restore_best: bool = True  # end on the best validated weights (else on the last ones)
     time_budget: float | None = None  # seconds
     history: list = field(default_factory=list)
 
     def __post_init__(self):
-        for name in ("batch_size", "patience"):
+        for name in ("batch_size", "patience", "plateau"):
             value = getattr(self, name)
+            if name == "plateau" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
 
@@ -124,9 +127,9 @@ def train(
 
     def learning_rate(step: int) -> float:  # closed-form cosine decay to 1 %: resumes exactly
         if not config.lr_decay:
-            return config.lr
-        return config.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(step, config.max_steps) / config.max_steps)))
-    start, best, best_state, bad, history = 0, math.inf, None, 0, []
+            return config.lr * scale
+        return config.lr * scale * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(step, config.max_steps) / config.max_steps)))
+    start, best, best_state, bad, history, scale = 0, math.inf, None, 0, [], 1.0
     ckpt = Path(checkpoint) if checkpoint is not None else None
     if ckpt is not None:
         unlink_stale_temporaries(ckpt)  # a previous run killed while writing it
@@ -140,6 +143,7 @@ def train(
             g.set_state(tensors["loop.generator"])
             best_state = {k: v for k, v in tensors.items() if k.startswith("best.")}
             start, best, bad, history = meta["step"], meta["best"], meta["bad"], meta["history"]
+            scale = meta.get("lr_scale", 1.0)
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
             raise FormatError(f"{ckpt}: checkpoint does not fit this training run ({type(e).__name__}: {e}); "
                               "delete it or use another path") from e
@@ -190,12 +194,14 @@ def train(
                     best, bad, best_state = val, 0, snapshot()
                 else:
                     bad += 1
+                    if config.plateau and bad % config.plateau == 0:
+                        scale *= 0.5  # on a plateau: smaller steps (ReduceLROnPlateau)
                 if ckpt is not None:
                     tensors = _state_tensors(modules, optimizer)
                     tensors.update(best_state or {})
                     tensors["loop.generator"] = g.get_state()
                     save_tensors(ckpt, tensors, kind=_CKPT_KIND, version=_CKPT_VERSION,
-                                 meta={"step": s + 1, "best": best, "bad": bad, "history": history,
+                                 meta={"step": s + 1, "best": best, "bad": bad, "history": history, "lr_scale": scale,
                                        "num_rows": num_rows, "seed": seed, "desc": desc})
                 if bad >= config.patience:
                     stopped = "early_stopping"
@@ -211,4 +217,4 @@ def train(
         m.eval()
     config.history.extend(history)
     return {"steps": s + 1, "best_validation": best, "stopped": stopped, "seconds": time.perf_counter() - t0,
-            "history": history}
+            "lr_scale": scale, "history": history}
