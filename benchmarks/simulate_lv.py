@@ -1,4 +1,4 @@
-"""Lotka–Volterra SDE throughput: implicitbayes' simulator vs torchsde on the identical CLE.
+"""Lotka–Volterra simulator throughput: our SDE vs torchsde on the identical CLE; our exact MJP.
 
 Both integrate the chemical Langevin equation of the LV reactions (simulators/lotka_volterra.py)
 with Euler–Maruyama, batch 16 384 paths at θ*, dt = 0.01, T = 30, recorded every 0.2, float32,
@@ -6,6 +6,9 @@ in the same process. torchsde gets its fastest formulation: diagonal noise with 
 merged Brownian motions (√(h1+h2) dB1, √(h3+h4) dB2; the same process in law), and
 absorption at 0 in the drift/diffusion by clamping. Peak memory is the process' peak RSS
 increase (ru_maxrss) measured in a fresh subprocess per simulator.
+
+The exact Gillespie MJP (no peer here) is timed on 10 000 prior draws (log θ ~ U(−5, 2)^4, the
+batch ``ib.simulate`` uses by default) and on 1 000 paths at θ*, float64, one call each.
 
 Writes benchmarks/results/simulate_lv.json and .md. Usage:
     python benchmarks/simulate_lv.py [--batch 16384] [--repeats 3] [--device cpu]
@@ -27,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from simulators.lotka_volterra import THETA_STAR, lv_sde  # noqa: E402
+from simulators.lotka_volterra import THETA_STAR, lv_mjp, lv_sde  # noqa: E402
 
 T, DT, RECORD = 30.0, 0.01, 0.2
 
@@ -92,6 +95,23 @@ def measure(name: str, batch: int, repeats: int, device: str) -> dict:
             "device": device}
 
 
+def measure_mjp(device: str) -> list[dict]:
+    """Seconds for one batched MJP call: 10 000 prior draws, then 1 000 paths at θ*."""
+    g = torch.Generator(device).manual_seed(0)
+    prior = torch.exp(-5.0 + 7.0 * torch.rand((10_000, 4), generator=g, device=device))
+    star = torch.tensor(THETA_STAR, device=device).expand(1000, 4).contiguous()
+    rows = []
+    for name, theta in (("mjp-prior", prior), ("mjp-theta*", star)):
+        t0 = time.perf_counter()
+        out = lv_mjp(theta, T=T, record_every=RECORD, generator=g)
+        sync(device)
+        sec = time.perf_counter() - t0
+        rows.append({"simulator": name, "batch": theta.shape[0], "seconds": sec,
+                     "simulations_per_s": theta.shape[0] / sec, "finite": bool(torch.isfinite(out).all()),
+                     "device": device})
+    return rows
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -105,6 +125,9 @@ def main() -> None:
     p.add_argument("--only", default=None, help=argparse.SUPPRESS)  # one simulator, in a subprocess
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args()
+    if args.only == "mjp":
+        print(json.dumps(measure_mjp(args.device)))
+        return
     if args.only:
         print(json.dumps(measure(args.only, args.batch, args.repeats, args.device)))
         return
@@ -118,6 +141,12 @@ def main() -> None:
             raise SystemExit(f"{name} failed")
         rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
         print(f"{name:14s} {rows[-1]['path_steps_per_s']:.3g} path-steps/s ({rows[-1]['seconds']:.2f} s)")
+    res = subprocess.run([sys.executable, __file__, "--only", "mjp", "--device", args.device],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        print(res.stderr[-3000:], file=sys.stderr)
+        raise SystemExit("mjp failed")
+    mjp_rows = json.loads(res.stdout.strip().splitlines()[-1])
     peer = next(r for r in rows if r["simulator"] == "torchsde")["path_steps_per_s"]
     for r in rows:
         r["speedup_vs_torchsde"] = r["path_steps_per_s"] / peer
@@ -134,7 +163,8 @@ def main() -> None:
     stem = "simulate_lv" if args.device == "cpu" else f"simulate_lv_{args.device.replace(':', '')}"
     (out / f"{stem}.json").write_text(json.dumps({"config": {"T": T, "dt": DT, "record_every": RECORD,
                                                                "batch": args.batch, "theta": THETA_STAR},
-                                                    "environment": env, "results": rows}, indent=1))
+                                                    "environment": env, "results": rows, "mjp": mjp_rows},
+                                                   indent=1))
     lines = [f"# Lotka–Volterra SDE throughput ({args.device}, batch {args.batch}, dt {DT}, T {T}, record every {RECORD})",
              "", f"torch {env['torch']}, {env['threads']} threads, torchsde {env.get('torchsde', '-')}", "",
              "| simulator | path-steps/s | seconds | first call (s) | × torchsde | peak RSS increase (MB) |",
@@ -142,6 +172,10 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['simulator']} | {r['path_steps_per_s']:.3g} | {r['seconds']:.3f} | "
                      f"{r['first_call_seconds']:.1f} | {r['speedup_vs_torchsde']:.1f} | {r['peak_rss_increase_mb']:.0f} |")
+    lines += ["", f"## Exact MJP (Gillespie, float64, {args.device}, one batched call, T {T})", "",
+              "| simulator | batch | seconds | simulations/s |", "| --- | --- | --- | --- |"]
+    lines += [f"| {r['simulator']} | {r['batch']} | {r['seconds']:.1f} | {r['simulations_per_s']:.0f} |"
+              for r in mjp_rows]
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
