@@ -235,3 +235,46 @@ def test_plateau_halves_the_learning_rate_and_a_resumed_run_keeps_it(tmp_path, m
     assert torch.equal(resumed.weight, net.weight) and torch.equal(resumed.bias, net.bias)
     with pytest.raises(ValueError, match="plateau: expected a positive integer, got 0"):
         TrainConfig(plateau=0)
+
+
+def test_weight_averaging_cancels_the_optimiser_noise_and_resumes_exactly(tmp_path, monkeypatch):
+    """``TrainConfig(ema=β)``: with a large constant rate on noisy gradients the last iterate
+    jitters around the optimum; the averaged weights (validated, kept and returned) sit much
+    closer to it. The average is checkpointed: an interrupted run ends on identical weights."""
+    from implicitbayes.infer.training import TrainConfig, train
+
+    xs = torch.randn(4000, 1, generator=torch.Generator().manual_seed(1))
+    ys = 2 * xs + 1 + torch.randn(4000, 1, generator=torch.Generator().manual_seed(2))  # optimum ≈ (2, 1)
+    w_ls = torch.linalg.lstsq(torch.cat([xs, torch.ones_like(xs)], 1), ys).solution.flatten()
+
+    def run(ema, checkpoint=None):
+        torch.manual_seed(0)
+        net = torch.nn.Linear(1, 1)
+        step = lambda idx, g: {"mse": ((net(xs[idx]) - ys[idx]) ** 2).mean()}  # noqa: E731
+        val = lambda idx: float(((net(xs[idx]) - ys[idx]) ** 2).mean())  # noqa: E731
+        config = TrainConfig(batch_size=8, lr=0.05, max_steps=3000, validate_every=100, lr_decay=False,
+                             restore_best=False, ema=ema, validation_fraction=0.0)
+        train({"net": net}, step, val, len(xs), config, seed=0, progress=False, checkpoint=checkpoint)
+        return net, torch.cat([net.weight.flatten(), net.bias]).detach()
+
+    _, last = run(None)
+    net, averaged = run(0.995)
+    err_last, err_avg = float((last - w_ls).norm()), float((averaged - w_ls).norm())
+    assert err_avg < 0.3 * err_last, (err_avg, err_last)
+    real_step, calls = torch.optim.Adam.step, {"n": 0}
+
+    def interrupting_step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1550:
+            raise KeyboardInterrupt  # after the checkpoint at step 1500
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", interrupting_step)
+    with pytest.raises(KeyboardInterrupt):
+        run(0.995, tmp_path / "ckpt")
+    monkeypatch.setattr(torch.optim.Adam, "step", real_step)
+    _, resumed = run(0.995, tmp_path / "ckpt")
+    assert torch.equal(resumed, averaged)
+    for bad in (0, 1, 1.5, True, "0.99"):
+        with pytest.raises(ValueError, match="ema: expected a decay in"):
+            TrainConfig(ema=bad)

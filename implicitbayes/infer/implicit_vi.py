@@ -49,7 +49,7 @@ from ..nn import Critic, ImplicitGenerator
 from ..simulate import _Seeded
 from ..space import ParameterSpace
 from .base import Method, NeuralPosterior, register_posterior
-from .training import TrainConfig, train
+from .training import TrainConfig, check_ema, train
 
 __all__ = ["ImplicitVI", "ImplicitPosterior"]
 
@@ -164,15 +164,17 @@ class ImplicitVI(Method):
                  noise_injection: str = "concat", critic_hidden: int = 128, critic_layers: int = 4,
                  embedding: nn.Module | None = None, batch_size: int = 128, lr: float = 1e-3, max_steps: int = 20_000,
                  critic_steps: int = 10_000, patience: int = 60, critic_patience: int = 20, lr_plateau: int | None = 10,
-                 critic_plateau: int | None = None,
+                 critic_plateau: int | None = None, ema: float | None = None, critic_ema: float | None = None,
                  validate_every: int | None = 50,
                  validation_fraction: float = 0.1, device: str | torch.device | None = None):
         for name, value in (("lr_plateau", lr_plateau), ("critic_plateau", critic_plateau)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name}: expected a positive integer or None, got {value!r}")
+        check_ema("ema", ema)
+        check_ema("critic_ema", critic_ema)
         super().__init__(model, observed, model_args, model_kwargs, embedding,
                          TrainConfig(batch_size=batch_size, lr=lr, max_steps=max_steps, patience=patience,
-                                     plateau=lr_plateau, validate_every=validate_every,
+                                     plateau=lr_plateau, ema=ema, validate_every=validate_every,
                                      validation_fraction=validation_fraction), device)
         if scoring_rule not in ("energy", "kernel", None):
             raise ValueError(f"scoring_rule: expected 'energy', 'kernel' or None, got {scoring_rule!r}")
@@ -194,7 +196,7 @@ class ImplicitVI(Method):
         self.net = {"hidden": hidden, "layers": layers, "noise_features": noise_features, "noise_bits": noise_bits,
                     "noise_injection": noise_injection, "critic_hidden": critic_hidden, "critic_layers": critic_layers}
         self.critic_loop = TrainConfig(batch_size=512, lr=lr, max_steps=critic_steps, patience=critic_patience,
-                                       plateau=critic_plateau,
+                                       plateau=critic_plateau, ema=critic_ema,
                                        validate_every=validate_every, validation_fraction=validation_fraction)
 
     def _score(self, draws: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -220,7 +220,7 @@ class LFVI:
                  flow: str = "nsf", transforms: int = 3, flow_hidden: Sequence[int] = (64, 64), hidden: int = 128,
                  layers: int = 3, noise_features: int | None = None, critic_hidden: int = 128, critic_layers: int = 3,
                  lr: float = 1e-3, critic_lr_scale: float = 10.0, max_steps: int = 4000, validate_every: int = 100,
-                 pilot_simulations: int = 256, device: str | torch.device | None = None):
+                 ema: float | None = None, pilot_simulations: int = 256, device: str | torch.device | None = None):
         if not callable(model):
             raise TypeError(f"model: expected a callable Pyro model, got {type(model).__name__}")
         if critic_loss not in ("logistic", "hinge"):
@@ -243,7 +243,8 @@ class LFVI:
                     "critic_layers": critic_layers}
         self.critic_lr_scale, self.pilot_simulations = float(critic_lr_scale), pilot_simulations
         self.loop = TrainConfig(batch_size=1, lr=lr, max_steps=max_steps, validation_fraction=0.0,
-                                validate_every=validate_every, patience=10**9, restore_best=False, clip_grad_norm=10.0)
+                                validate_every=validate_every, patience=10**9, restore_best=False, clip_grad_norm=10.0,
+                                ema=ema)
         self.device = resolve_device(device)
 
     # -- reading the model ---------------------------------------------------------------------

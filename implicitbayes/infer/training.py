@@ -48,6 +48,7 @@ class TrainConfig:
     clip_grad_norm: float | None = 5.0
     lr_decay: bool = True  # cosine decay over max_steps
     plateau: int | None = None  # halve the learning rate after this many validations without improvement
+    ema: float | None = None  # validate and keep an exponential moving average of the weights (Polyak averaging)
     restore_best: bool = True  # end on the best validated weights (else on the last ones)
     time_budget: float | None = None  # seconds
     history: list = field(default_factory=list)
@@ -59,6 +60,13 @@ class TrainConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        check_ema("ema", self.ema)
+
+
+def check_ema(name: str, value) -> None:
+    """``value`` must be None or a weight-averaging decay in (0, 1); the error names ``name``."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1):
+        raise ValueError(f"{name}: expected a decay in (0, 1) or None, got {value!r}")
 
 
 def split(n: int, fraction: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,6 +125,12 @@ def train(
     ``lr_scale`` multiplies the scheduled learning rate. The best weights (by validation) are restored at the
     end. ``checkpoint`` is a file path: if it exists the run resumes from it (same settings
     required), and it is rewritten atomically at every validation.
+
+    With ``config.ema = β`` the loop keeps an exponential moving average of the parameters,
+    a ← β_t a + (1 − β_t) w after every step with β_t = min(β, (1 + t)/(10 + t)) (so the first
+    steps do not anchor it at the initialisation); validation, the best weights and the final
+    weights are those of the average (Polyak & Juditsky 1992): the optimiser's noise around an
+    optimum averages out instead of being frozen in by wherever the last step landed.
     """
     g = torch.Generator().manual_seed(seed)
     train_idx, val_idx = split(num_rows, config.validation_fraction, g)
@@ -130,6 +144,7 @@ def train(
             return config.lr * scale
         return config.lr * scale * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(step, config.max_steps) / config.max_steps)))
     start, best, best_state, bad, history, scale = 0, math.inf, None, 0, [], 1.0
+    average = [p.detach().clone() for p in params] if config.ema else []
     ckpt = Path(checkpoint) if checkpoint is not None else None
     if ckpt is not None:
         unlink_stale_temporaries(ckpt)  # a previous run killed while writing it
@@ -144,6 +159,8 @@ def train(
             best_state = {k: v for k, v in tensors.items() if k.startswith("best.")}
             start, best, bad, history = meta["step"], meta["best"], meta["bad"], meta["history"]
             scale = meta.get("lr_scale", 1.0)
+            for i, a in enumerate(average):
+                a.copy_(tensors[f"ema.{i}"])
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
             raise FormatError(f"{ckpt}: checkpoint does not fit this training run ({type(e).__name__}: {e}); "
                               "delete it or use another path") from e
@@ -157,6 +174,13 @@ def train(
             for k, m in modules.items():
                 prefix = f"best.{k}."
                 m.load_state_dict({n[len(prefix):]: v for n, v in best_state.items() if n.startswith(prefix)})
+
+    @torch.no_grad()
+    def swap_average():  # exchange the live weights and their average (twice: back as they were)
+        for p, a in zip(params, average):
+            tmp = p.detach().clone()
+            p.copy_(a)
+            a.copy_(tmp)
 
     t0 = time.perf_counter()
     bar = tqdm(total=config.max_steps, initial=start, desc=desc, disable=not progress, leave=False)
@@ -181,10 +205,14 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(s) * group.get("lr_scale", 1.0)
             optimizer.step()
+            if average:
+                with torch.no_grad():
+                    torch._foreach_lerp_(average, [p.detach() for p in params], 1.0 - min(config.ema, (1 + s) / (10 + s)))
             bar.update(1)
             if (s + 1) % every == 0 or s + 1 == config.max_steps:
                 for m in modules.values():
                     m.eval()
+                swap_average()  # validate (and snapshot) the averaged weights
                 with torch.no_grad():
                     val = float(validate(val_idx))
                 history.append({"step": s + 1, "validation": val, **{k: float(v.detach()) for k, v in losses.items()}})
@@ -192,13 +220,15 @@ def train(
                 improved = not math.isfinite(best) or val < best - 1e-6 * abs(best)
                 if improved:
                     best, bad, best_state = val, 0, snapshot()
-                else:
+                swap_average()
+                if not improved:
                     bad += 1
                     if config.plateau and bad % config.plateau == 0:
                         scale *= 0.5  # on a plateau: smaller steps (ReduceLROnPlateau)
                 if ckpt is not None:
                     tensors = _state_tensors(modules, optimizer)
                     tensors.update(best_state or {})
+                    tensors.update({f"ema.{i}": a for i, a in enumerate(average)})
                     tensors["loop.generator"] = g.get_state()
                     save_tensors(ckpt, tensors, kind=_CKPT_KIND, version=_CKPT_VERSION,
                                  meta={"step": s + 1, "best": best, "bad": bad, "history": history, "lr_scale": scale,
@@ -213,6 +243,8 @@ def train(
         bar.close()
     if config.restore_best:
         restore_best()
+    elif average:
+        swap_average()  # end on the averaged weights
     for m in modules.values():
         m.eval()
     config.history.extend(history)
