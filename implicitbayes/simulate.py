@@ -22,6 +22,7 @@ once: in the result, or among the invalid/failed.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import json
 import math
 import os
@@ -295,11 +296,18 @@ def _run_chunk(job: _ChunkJob) -> dict[str, torch.Tensor]:
         return _run_chunk_locked(job)
 
 
+def _default_device(device: torch.device):
+    """A context making ``device`` the default for tensors the model creates. When it already is
+    (CPU, as a rule) no context is entered: torch's device mode intercepts every torch call, which
+    nearly doubled the time of loop-heavy simulators (the Lotka–Volterra MJP: 28 s → 51 s)."""
+    return contextlib.nullcontext() if torch.empty(()).device == device else device
+
+
 def _run_chunk_locked(job: _ChunkJob) -> dict[str, torch.Tensor]:
     device = torch.device(job.device)
     tracer = poutine.trace(job.model)
     try:
-        with _Seeded(job.seed, device), torch.device(device), \
+        with _Seeded(job.seed, device), _default_device(device), \
                 pyro.plate(_OUTER_PLATE, job.size, dim=job.outer_dim):
             trace = tracer.get_trace(*job.model_args, **job.model_kwargs)
     except SimulatorOutputError as e:  # a broken contract: a bug, never isolated
