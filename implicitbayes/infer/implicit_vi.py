@@ -152,6 +152,8 @@ class ImplicitVI(Method):
     held-out energy score improves slowly while the shape still improves), ``lr_plateau`` (halve
     the generator's learning rate after this many validations without improvement; 10, None for
     the cosine decay alone), ``critic_patience``, ``critic_plateau`` (the same for the critic; off),
+    ``ema`` / ``critic_ema`` (Polyak averaging of the generator's / critic's weights; off: measured
+    worse / no better in the ablation),
     ``noise_bits`` (random-sign noise coordinates, a switch between modes; off by default),
     ``device``.
     """

@@ -211,7 +211,7 @@ class LFVI:
     ``batch_size`` M groups per step, ``flow`` / ``transforms`` /
     ``flow_hidden`` for q(β), ``hidden`` / ``layers`` / ``noise_features`` of the local
     generator, ``critic_hidden`` / ``critic_layers``, ``lr``, ``critic_lr_scale``,
-    ``max_steps``, ``pilot_simulations``, ``device``.
+    ``max_steps``, ``ema`` (Polyak averaging of the weights; off), ``pilot_simulations``, ``device``.
     """
 
     def __init__(self, model: Callable, *, observed: str | Sequence[str], model_args: tuple = (),
