@@ -39,7 +39,7 @@ import torch.nn.functional as F
 __all__ = [
     "RatioLoss", "RATIO_LOSSES", "ratio_loss", "F_DIVERGENCES", "f_divergence_bound", "logistic_loss",
     "hinge_loss", "lsif_loss", "ulsif_loss", "kliep_loss", "wasserstein_loss", "gradient_penalty",
-    "clip_weights", "mmd2", "median_bandwidth", "energy_score", "kernel_score", "energy_distance",
+    "clip_weights", "contrastive_loss", "mmd2", "median_bandwidth", "energy_score", "kernel_score", "energy_distance",
 ]
 
 LOG2 = math.log(2.0)
@@ -91,6 +91,19 @@ def ulsif_loss(w_p: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
 def kliep_loss(v_p: torch.Tensor, v_q: torch.Tensor) -> torch.Tensor:
     """−E_P[v] + log E_Q[e^v] (normalisation E_Q w = 1 built in; Donsker–Varadhan form)."""
     return -_mean(v_p) + torch.logsumexp(v_q.reshape(-1), 0) - math.log(v_q.numel())
+
+
+def contrastive_loss(v_p: torch.Tensor, v_q: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of picking the P draw among 1 + K candidates that share a condition.
+
+    ``v_p`` (n,) scores the P draw of row i and ``v_q`` (n, K) K draws from Q for the same row;
+    the loss is E[log Σ_{j=0..K} e^{v_j} − v_0] (InfoNCE; NRE-C of Miller et al. 2022 with its
+    class weight γ = 0). Its minimiser is v = log p/q + c(row): the log-ratio up to a constant per
+    row, which is exactly what resampling among a row's candidates needs.
+    """
+    if v_q.dim() != 2 or v_q.shape[0] != v_p.shape[0]:
+        raise ValueError(f"v_q: expected shape ({v_p.shape[0]}, K), got {tuple(v_q.shape)}")
+    return (torch.logsumexp(torch.cat([v_p[:, None], v_q], 1), 1) - v_p).mean()
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,20 @@ def test_implicit_vi_matches_the_analytic_posterior(implicit):
     check_against_exact(raw)
 
 
+def test_implicit_vi_with_a_contrastive_correction_critic(data):
+    # the correction critic picks the simulated θ among 1 + 8 generator draws for its y (InfoNCE):
+    # its output is log p/q up to a constant per y, which SIR and the λ selection ignore
+    post = ib.ImplicitVI(TASK.model, observed="x", correction_loss="contrastive", correction_negatives=8).fit(
+        data, seed=0, progress=False, max_steps=1500)
+    check_against_exact(post.sample(4000, X, seed=1)["theta"])
+    scores = post.training_summary["correction_selection"]
+    assert post.config["temperature"] == min(scores, key=scores.get)
+    with pytest.raises(ValueError, match="correction_negatives"):
+        ib.ImplicitVI(TASK.model, observed="x", correction_negatives=0)
+    with pytest.raises(ValueError, match="correction_loss"):
+        ib.ImplicitVI(TASK.model, observed="x", correction_loss="hinge")
+
+
 class _NoiseCritic(torch.nn.Module):
     """A critic that knows nothing: fresh N(0, 1) noise for every (y, θ) pair."""
 

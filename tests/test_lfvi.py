@@ -75,8 +75,8 @@ def test_lfvi_with_an_implicit_local_latent():
     # (With x_n = z_n + 0.1 N(0, I), local posteriors 25× narrower than the prior, the same
     # budget gave mu's sd +27 % and local sds down to 0.2× — a known limit, see the benchmark.)
     x = torch.tensor([[0.4, 1.0, 1.9], [2.6, 1.2, 2.0], [-0.2, 0.9, 0.0], [1.4, 2.6, 0.5]])
-    # the default budget: with 4 groups q(β) narrows slowly (mu's sd +38 % after 1 500 steps, +18 % after 4 000)
-    post = ib.LFVI(_implicit_local_model, observed="x").fit(observation=x, seed=0, progress=False)
+    # with 4 groups q(β) narrows slowly (mu's sd +38 % after 1 500 steps, +18 % after 4 000)
+    post = ib.LFVI(_implicit_local_model, observed="x").fit(observation=x, max_steps=4000, seed=0, progress=False)
     mu = post.sample(10_000, seed=1)["mu"]
     v = 1 + 1 / 3
     prec = 1 + 4 / v

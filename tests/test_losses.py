@@ -102,6 +102,40 @@ def test_f_divergence_bounds_converge_to_the_divergence(name):
     assert abs(at_truth - exact) <= tol * exact and poor < exact
 
 
+def test_contrastive_critic_estimates_the_log_ratio_up_to_a_constant_per_condition():
+    """P: θ | y ~ N(y, 1), Q: θ | y ~ N(0, 1.5²), y ~ N(0, 1); the critic picks the P draw among
+    1 + 8 candidates sharing y. Within each y (16 held-out θ from ½(P + Q)) its centred output must
+    match the centred true log-ratio: correlation ≥ 0.95, mean squared error ≤ 0.1. The constant per
+    y is free (the loss is blind to it), so the uncentred outputs need not match."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    critic = Critic(1, 1, hidden=64, layers=2)
+    opt = torch.optim.Adam(critic.parameters(), lr=1e-3)
+
+    def log_ratio(y, t):
+        return -0.5 * (t - y) ** 2 + 0.5 * t**2 / S**2 + math.log(S)
+
+    for _ in range(1500):
+        y = torch.randn(256, 1, generator=g)
+        v_p = critic(y, y + torch.randn(256, 1, generator=g))
+        v_q = critic(y, S * torch.randn(256, 8, 1, generator=g))
+        loss = losses.contrastive_loss(v_p, v_q)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    y = torch.randn(256, 1, generator=g)
+    t = torch.cat([y[:, None] + torch.randn(256, 8, 1, generator=g), S * torch.randn(256, 8, 1, generator=g)], 1)
+    with torch.no_grad():
+        est = critic(y, t)
+    truth = log_ratio(y, t.squeeze(-1))
+    est, truth = est - est.mean(1, keepdim=True), truth - truth.mean(1, keepdim=True)
+    corr = torch.corrcoef(torch.stack([est.flatten(), truth.flatten()]))[0, 1].item()
+    mse = ((est - truth) ** 2).mean().item()
+    assert corr >= 0.95 and mse <= 0.1, (corr, mse)
+    with pytest.raises(ValueError, match="v_q: expected shape"):
+        losses.contrastive_loss(v_p, v_q[:, 0])
+
+
 def test_equivalent_losses_are_one_implementation():
     v_p, v_q = torch.randn(100), torch.randn(100)
     bce = torch.nn.functional.binary_cross_entropy_with_logits

@@ -211,7 +211,9 @@ class LFVI:
     ``batch_size`` M groups per step, ``flow`` / ``transforms`` /
     ``flow_hidden`` for q(β), ``hidden`` / ``layers`` / ``noise_features`` of the local
     generator, ``critic_hidden`` / ``critic_layers``, ``lr``, ``critic_lr_scale``,
-    ``max_steps``, ``ema`` (Polyak averaging of the weights; off), ``pilot_simulations``, ``device``.
+    ``max_steps`` (8 000: with 4 000 the global means kept a bias of 0.1–0.2 posterior sd on
+    ``hierarchical_gaussian``; ``benchmarks/results/lfvi_hierarchical.md``), ``ema`` (Polyak
+    averaging of the weights; off), ``pilot_simulations``, ``device``.
     """
 
     def __init__(self, model: Callable, *, observed: str | Sequence[str], model_args: tuple = (),
@@ -219,7 +221,7 @@ class LFVI:
                  num_particles: int = 64, batch_size: int | None = None,
                  flow: str = "nsf", transforms: int = 3, flow_hidden: Sequence[int] = (64, 64), hidden: int = 128,
                  layers: int = 3, noise_features: int | None = None, critic_hidden: int = 128, critic_layers: int = 3,
-                 lr: float = 1e-3, critic_lr_scale: float = 10.0, max_steps: int = 4000, validate_every: int = 100,
+                 lr: float = 1e-3, critic_lr_scale: float = 10.0, max_steps: int = 8000, validate_every: int = 100,
                  ema: float | None = None, pilot_simulations: int = 256, device: str | torch.device | None = None):
         if not callable(model):
             raise TypeError(f"model: expected a callable Pyro model, got {type(model).__name__}")
