@@ -120,6 +120,8 @@ CASES = {
                    r"batch_size: expected a positive integer or None, got 0"),
     "loop-plateau": (lambda t: lambda: ib.ImplicitVI(gaussian_model, observed="x", lr_plateau=0), ValueError,
                      r"lr_plateau: expected a positive integer or None, got 0"),
+    "correction-loss": (lambda t: lambda: ib.ImplicitVI(gaussian_model, observed="x", correction_loss="contrastve"),
+                        ValueError, r"correction_loss: expected None, 'contrastive' or a ratio loss in \[.*\], got 'contrastve'"),
     "loop-ema": (lambda t: lambda: ib.LFVI(gaussian_model, observed="x", ema=1.0), ValueError,
                  r"ema: expected a decay in \(0, 1\) or None, got 1.0"),
     "num-samples": (lambda t: lambda: _posterior().sample(0, torch.zeros(2)), ValueError,

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..losses import contrastive_loss, energy_score, kernel_score, logistic_loss, ratio_loss
+from ..losses import RATIO_LOSSES, contrastive_loss, energy_score, kernel_score, logistic_loss, ratio_loss
 from ..nn import Critic, ImplicitGenerator
 from ..simulate import _Seeded
 from ..space import ParameterSpace
@@ -195,8 +195,12 @@ class ImplicitVI(Method):
             raise ValueError(f"critic_loss: {critic_loss!r} does not estimate a density ratio")
         if isinstance(critic_patience, bool) or not isinstance(critic_patience, int) or critic_patience < 1:
             raise ValueError(f"critic_patience: expected a positive integer, got {critic_patience!r}")
-        if correction_loss is not None and correction_loss != "contrastive" and not ratio_loss(correction_loss).consistent:
-            raise ValueError(f"correction_loss: {correction_loss!r} does not estimate a density ratio")
+        if correction_loss is not None and correction_loss != "contrastive":
+            if correction_loss not in RATIO_LOSSES:
+                raise ValueError(f"correction_loss: expected None, 'contrastive' or a ratio loss in "
+                                 f"{sorted(RATIO_LOSSES)}, got {correction_loss!r}")
+            if not RATIO_LOSSES[correction_loss].consistent:
+                raise ValueError(f"correction_loss: {correction_loss!r} does not estimate a density ratio")
         if isinstance(correction_negatives, bool) or not isinstance(correction_negatives, int) or correction_negatives < 1:
             raise ValueError(f"correction_negatives: expected a positive integer, got {correction_negatives!r}")
         if isinstance(noise_bits, bool) or not isinstance(noise_bits, int) or noise_bits < 0:
