@@ -122,6 +122,8 @@ CASES = {
                      r"lr_plateau: expected a positive integer or None, got 0"),
     "correction-loss": (lambda t: lambda: ib.ImplicitVI(gaussian_model, observed="x", correction_loss="contrastve"),
                         ValueError, r"correction_loss: expected None, 'contrastive' or a ratio loss in \[.*\], got 'contrastve'"),
+    "critic-frame": (lambda t: lambda: ib.ImplicitVI(gaussian_model, observed="x", critic_frame="locl"),
+                     ValueError, r"critic_frame: expected 'global', 'local' or 'both', got 'locl'"),
     "loop-ema": (lambda t: lambda: ib.LFVI(gaussian_model, observed="x", ema=1.0), ValueError,
                  r"ema: expected a decay in \(0, 1\) or None, got 1.0"),
     "num-samples": (lambda t: lambda: _posterior().sample(0, torch.zeros(2)), ValueError,

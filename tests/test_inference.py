@@ -14,6 +14,7 @@ import torch
 
 import implicitbayes as ib
 import simulators
+from implicitbayes.infer.implicit_vi import _Contexts
 
 TASK = simulators.get("gaussian_linear")
 X = TASK.observation(1)
@@ -87,6 +88,40 @@ def test_implicit_vi_with_a_contrastive_correction_critic(data):
         ib.ImplicitVI(TASK.model, observed="x", correction_loss="hinge")
 
 
+def test_the_critic_sees_theta_in_the_generators_frame_at_y(implicit):
+    # critic_frame="both" (the default): besides θ standardised by the simulations, the critic sees
+    # (θ − m(y)) / s(y), m and s the mean and sd of 64 fixed-noise generator draws at y
+    assert implicit.config["critic_frame"] == "both"
+    assert implicit.critic.theta_features == 2 * 10
+    xs = TASK.observation(1)[None].expand(3, -1) + torch.tensor([[0.0], [0.3], [-0.3]])
+    with torch.no_grad():
+        c = implicit.context(xs)
+        loc, scale = implicit.critic_frame(c)
+        # a deterministic function of y: the same rows alone or in a batch
+        loc1, scale1 = implicit.critic_frame(c[1:2])
+        raw = implicit.sample(20_000, X, seed=2, correction=None)["theta"]
+        u = implicit.theta_standardize(raw)
+    torch.testing.assert_close(loc[1:2], loc1)
+    torch.testing.assert_close(scale[1:2], scale1)
+    # 64 draws estimate the generator's mean to ± s/8 and its sd to ± 9 % (one standard error)
+    assert ((loc[0] - u.mean(0)).abs() / u.std(0)).max() < 0.5
+    assert ((scale[0] / u.std(0)) - 1).abs().max() < 0.35
+    # the frame follows y: x shifted by ±0.3 moves m(y) by about ±0.15 (the posterior mean is x/2)
+    shift = implicit.theta_standardize.inverse(loc[1]) - implicit.theta_standardize.inverse(loc[2])
+    assert ((shift - 0.3).abs() < 0.12).all(), shift
+
+
+def test_a_critic_on_theta_as_simulated_still_trains_saves_and_loads(data, tmp_path):
+    # critic_frame="global" (the default before session 8; posteriors saved then have no frame)
+    post = ib.ImplicitVI(TASK.model, observed="x", critic_frame="global").fit(data, seed=0, progress=False,
+                                                                             max_steps=1500)
+    assert post.critic_frame(post.context(X[None])) is None and "frame_noise" not in post.state_dict()
+    check_against_exact(post.sample(4000, X, seed=1)["theta"])
+    post.save(tmp_path / "global.safetensors")
+    back = ib.load(tmp_path / "global.safetensors")
+    assert torch.equal(post.sample(500, X, seed=3)["theta"], back.sample(500, X, seed=3)["theta"])
+
+
 class _NoiseCritic(torch.nn.Module):
     """A critic that knows nothing: fresh N(0, 1) noise for every (y, θ) pair."""
 
@@ -100,8 +135,7 @@ def test_a_critic_without_information_is_not_used(implicit, data):
     post = copy.deepcopy(implicit)
     post.critic = _NoiseCritic()
     method = ib.ImplicitVI(TASK.model, observed="x")
-    with torch.no_grad():
-        c = post.context(data["x"][:2000])
+    c = _Contexts(post, data["x"][:2000])
     u = torch.randn(2000, 10, generator=torch.Generator().manual_seed(0))
     scores = method._select_temperature(post, c, u, method.critic_loop, seed=0)
     assert scores[0.0] == 0.0 and min(scores, key=scores.get) == 0.0
