@@ -111,14 +111,18 @@ def test_the_critic_sees_theta_in_the_generators_frame_at_y(implicit):
     assert ((shift - 0.3).abs() < 0.12).all(), shift
 
 
-def test_a_critic_on_theta_as_simulated_still_trains_saves_and_loads(data, tmp_path):
-    # critic_frame="global" (the default before session 8; posteriors saved then have no frame)
-    post = ib.ImplicitVI(TASK.model, observed="x", critic_frame="global").fit(data, seed=0, progress=False,
-                                                                             max_steps=1500)
-    assert post.critic_frame(post.context(X[None])) is None and "frame_noise" not in post.state_dict()
+@pytest.mark.parametrize("frame", ["global", "local"])
+def test_the_other_critic_frames_train_save_and_load(frame, data, tmp_path):
+    # "global": θ as simulated (the default before session 8; posteriors saved then have no frame);
+    # "local": the generator's frame alone
+    post = ib.ImplicitVI(TASK.model, observed="x", critic_frame=frame).fit(data, seed=0, progress=False,
+                                                                          max_steps=1500)
+    assert post.critic.theta_features == 10
+    if frame == "global":
+        assert post.critic_frame(post.context(X[None])) is None and "frame_noise" not in post.state_dict()
     check_against_exact(post.sample(4000, X, seed=1)["theta"])
-    post.save(tmp_path / "global.safetensors")
-    back = ib.load(tmp_path / "global.safetensors")
+    post.save(tmp_path / "post.safetensors")
+    back = ib.load(tmp_path / "post.safetensors")
     assert torch.equal(post.sample(500, X, seed=3)["theta"], back.sample(500, X, seed=3)["theta"])
 
 
