@@ -3,7 +3,8 @@ simulations against SMC-ABC with 10⁵, at θ* (observation 1).
 
 For each method: posterior sd of each log θ_i, the central 95 % interval and whether it holds
 θ*, simulations used, seconds (training, or the whole SMC run). NPE on the same 10⁴ simulations
-is added for reference. Writes lv_abc.json / .md.
+is added for reference. Writes lv_abc_<task>.json / .md; rows of methods left out of
+``--methods`` are kept from the file already there (and said so in the table).
 
     python benchmarks/lv_abc.py --task lotka_volterra_sde --neural 10000 --abc 100000
 """
@@ -67,9 +68,15 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     OUT.mkdir(parents=True, exist_ok=True)
     stem = f"lv_abc_{args.task}"
+    previous, kept = OUT / f"{stem}.json", []
+    if previous.exists():  # rows of the methods not run this time are kept from the last run
+        order = {"implicit_vi": 0, "npe": 1, "smc_abc": 2}
+        kept = [r for r in json.loads(previous.read_text())["rows"] if r["method"] not in methods]
+        rows = sorted(kept + rows, key=lambda r: order.get(r["method"], len(order)))
     (OUT / f"{stem}.json").write_text(json.dumps({"task": args.task, "theta_star": THETA_STAR, "rows": rows}, indent=1))
     lines = [f"# {args.task} at θ* = {THETA_STAR}: posterior on log θ", "",
              f"`python benchmarks/lv_abc.py --task {args.task} --neural {args.neural} --abc {args.abc}`", "",
+             *([f"Rows kept from an earlier run: {', '.join(r['method'] for r in kept)}.", ""] if kept else []),
              "| method | simulations | seconds (simulation + training) | sd log θ₁ | sd log θ₂ | sd log θ₃ | sd log θ₄ | "
              "θ* in 95 % interval |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
