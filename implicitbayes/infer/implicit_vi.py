@@ -74,6 +74,8 @@ class ImplicitPosterior(NeuralPosterior):
         self.generator = ImplicitGenerator(self.context.out_features, d, config["noise_features"], config["hidden"],
                                            config["layers"], config["noise_injection"])
         frame = config.get("critic_frame", "global")
+        if frame not in ("global", "local", "both"):  # a saved config edited by hand
+            raise ValueError(f"config['critic_frame']: expected 'global', 'local' or 'both', got {frame!r}")
         self.critic = Critic(2 * d if frame == "both" else d, self.context.out_features, config["critic_hidden"],
                              config["critic_layers"])
         self.last_ess: float | None = None
