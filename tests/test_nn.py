@@ -85,6 +85,24 @@ def test_generator_samples_inside_the_prior_support(injection):
     assert u.shape == (6, 3, space.unconstrained_dim)
 
 
+def test_generator_noise_skip_is_a_linear_path_from_noise_to_output():
+    # θ = g(c, z) + A z: with the MLP's output layer zeroed, the draws are exactly A z, a Gaussian
+    # N(0, A Aᵀ) whatever the context
+    torch.manual_seed(0)
+    gen = ImplicitGenerator(4, 3, noise_features=6, hidden=16, layers=2, noise_skip=True)
+    assert gen.skip.weight.shape == (3, 6) and gen.skip.bias is None
+    assert (gen.skip.weight == 0).all()  # starts as the MLP alone
+    with torch.no_grad():
+        gen.skip.weight.normal_()
+        gen.out.weight.zero_()
+        gen.out.bias.zero_()
+        noise = torch.randn(5, 7, 6)
+        torch.testing.assert_close(gen(torch.randn(5, 4), noise), noise @ gen.skip.weight.T)
+    assert ImplicitGenerator(4, 3).skip is None  # off by default in the building block
+    with pytest.raises(ValueError, match="noise_skip: expected True or False, got 1"):
+        ImplicitGenerator(4, 3, noise_skip=1)
+
+
 def test_generator_errors():
     with pytest.raises(ValueError, match="noise_injection"):
         ImplicitGenerator(2, 2, noise_injection="add")

@@ -25,15 +25,21 @@ class ImplicitGenerator(nn.Module):
         noise_features: size of z (default: ``max(theta_features, 2)``).
         hidden, layers: width and depth of the MLP.
         noise_injection: ``"concat"``, ``"multiplicative"`` or ``"both"``.
+        noise_skip: add a linear path from the noise to the output, θ = g(c, z) + A z. A
+            Gaussian with a shape shared across contexts is then exactly representable by the
+            linear part (A pooled over every context), and the MLP g learns the departures
+            from it. A starts at zero.
         space: optional ParameterSpace; :meth:`sample` then returns constrained flat vectors.
     """
 
     def __init__(self, context_features: int, theta_features: int, noise_features: int | None = None,
                  hidden: int = 256, layers: int = 4, noise_injection: str = "concat",
-                 space: ParameterSpace | None = None, activation: type[nn.Module] = nn.SiLU):
+                 space: ParameterSpace | None = None, activation: type[nn.Module] = nn.SiLU, noise_skip: bool = False):
         super().__init__()
         if noise_injection not in ("concat", "multiplicative", "both"):
             raise ValueError(f"noise_injection: expected 'concat', 'multiplicative' or 'both', got {noise_injection!r}")
+        if not isinstance(noise_skip, bool):
+            raise ValueError(f"noise_skip: expected True or False, got {noise_skip!r}")
         if space is not None and space.unconstrained_dim != theta_features:
             raise ValueError(f"theta_features={theta_features} but the space has {space.unconstrained_dim} "
                              "unconstrained dimensions")
@@ -47,6 +53,9 @@ class ImplicitGenerator(nn.Module):
                        if noise_injection in ("multiplicative", "both") else None)
         self.act = activation()
         self.out = nn.Linear(hidden, theta_features)
+        self.skip = nn.Linear(self.noise_features, theta_features, bias=False) if noise_skip else None
+        if self.skip is not None:  # starts as the MLP alone; A grows where the data ask for it
+            nn.init.zeros_(self.skip.weight)
 
     def forward(self, context: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Unconstrained draws ``(n, m, theta_features)`` for ``m`` noise vectors per context row."""
@@ -60,7 +69,7 @@ class ImplicitGenerator(nn.Module):
             if self.inject is not None:
                 h = h + self.inject[i](noise) * h
             h = self.act(h)
-        return self.out(h)
+        return self.out(h) if self.skip is None else self.out(h) + self.skip(noise)
 
     def sample(self, context: torch.Tensor, num_samples: int, generator: torch.Generator | None = None,
                constrained: bool = True) -> torch.Tensor:
