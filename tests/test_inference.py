@@ -128,6 +128,17 @@ def test_the_generators_linear_noise_path_keeps_its_draws_uncorrelated():
     assert rms[True] < 0.18 and rms[True] < rms[False] - 0.02, rms
 
 
+def test_the_noise_path_is_on_by_default_only_where_simulations_are_scarce():
+    # noise_skip=None: on below NOISE_SKIP_BELOW simulations per latent dimension (10 here)
+    from implicitbayes.infer.implicit_vi import NOISE_SKIP_BELOW
+
+    for n, on in ((NOISE_SKIP_BELOW * 10 - 1, True), (NOISE_SKIP_BELOW * 10, False)):
+        data = ib.simulate(TASK.model, n, observed="x", seed=0, progress=False)
+        post = ib.ImplicitVI(TASK.model, observed="x", hidden=16, layers=2, critic_hidden=16,
+                             critic_layers=2).fit(data, seed=0, progress=False, max_steps=20)
+        assert post.config["noise_skip"] is on and (post.generator.skip is not None) is on, n
+
+
 @pytest.mark.parametrize("frame", ["global", "local"])
 def test_the_other_critic_frames_train_save_and_load(frame, data, tmp_path):
     # "global" without the noise skip: the defaults before session 8 (posteriors saved then have

@@ -47,7 +47,12 @@ coordinates (gaussian_linear, observation 1: rms 0.20 where the posterior has no
 skip). A starts at zero, so the generator starts as the MLP alone (A at PyTorch's default
 initialisation decorrelated further but cost two_moons 0.026 at 10⁴). With 10³ simulations the
 C2ST fell from 0.741 to 0.676 on gaussian_linear and from 0.888 to 0.746 on bernoulli_glm
-(session-9 ablation). The generator stays implicit: no density of q_w is ever evaluated. ``correction=None`` returns the generator's own draws.
+(session-9 ablation). The shared shape is a Gaussian one, and once simulations are plentiful the
+bias costs more than the pooling gains: at 10⁴ it raised C2ST on gaussian_mixture (a broad and a
+narrow component) and sir by 0.035 each, while bernoulli_glm still gained 0.021. So by default
+(``noise_skip=None``) the path is on below ``NOISE_SKIP_BELOW`` = 2 500 simulations per latent
+dimension — every 10³ cell of the suite and the 10⁴ cells of the 5- and 10-dimensional tasks — and
+off above (session-10 ablation). The generator stays implicit: no density of q_w is ever evaluated. ``correction=None`` returns the generator's own draws.
 """
 
 from __future__ import annotations
@@ -66,6 +71,13 @@ from .base import Method, NeuralPosterior, register_posterior
 from .training import TrainConfig, check_ema, train
 
 __all__ = ["ImplicitVI", "ImplicitPosterior"]
+
+# noise_skip=None turns the linear noise path on below this many simulations per latent
+# dimension: it pools the posterior's shape over every simulation, which pays where they are
+# scarce; with more, its Gaussian bias cost gaussian_mixture and sir 0.035 each at 10⁴ (2 dims,
+# 5 000 per dimension) where bernoulli_glm (10 dims, 1 000 per dimension) still gained 0.02
+# (session-10 ablation).
+NOISE_SKIP_BELOW = 2500
 
 
 @register_posterior
@@ -227,7 +239,8 @@ class ImplicitVI(Method):
     ``ema`` / ``critic_ema`` (Polyak averaging of the generator's / critic's weights; off: measured
     worse / no better in the ablation),
     ``noise_bits`` (random-sign noise coordinates, a switch between modes; off by default),
-    ``noise_skip`` (the generator's linear path from noise to output, module docstring; on),
+    ``noise_skip`` (the generator's linear path from noise to output, module docstring; None: on
+    below ``NOISE_SKIP_BELOW`` = 2500 simulations per latent dimension),
     ``device``.
     """
 
@@ -236,7 +249,7 @@ class ImplicitVI(Method):
                  adversarial_weight: float = 0.0, critic_loss: str = "logistic", correction: str | None = "sir",
                  correction_loss: str | None = None, correction_negatives: int = 1, critic_frame: str = "both",
                  num_candidates: int = 8, hidden: int = 128, layers: int = 4, noise_features: int | None = None,
-                 noise_bits: int = 0, noise_skip: bool = True,
+                 noise_bits: int = 0, noise_skip: bool | None = None,
                  noise_injection: str = "concat", critic_hidden: int = 128, critic_layers: int = 4,
                  embedding: nn.Module | None = None, batch_size: int = 128, lr: float = 1e-3, max_steps: int = 20_000,
                  critic_steps: int = 10_000, patience: int = 60, critic_patience: int = 20, lr_plateau: int | None = 10,
@@ -281,8 +294,9 @@ class ImplicitVI(Method):
         self.critic_loss, self.correction, self.num_candidates = critic_loss, correction, num_candidates
         self.correction_loss, self.correction_negatives = correction_loss, correction_negatives
         self.critic_frame = critic_frame
-        if not isinstance(noise_skip, bool):
-            raise ValueError(f"noise_skip: expected True or False, got {noise_skip!r}")
+        if noise_skip is not None and not isinstance(noise_skip, bool):
+            raise ValueError(f"noise_skip: expected True, False or None (on below {NOISE_SKIP_BELOW} simulations "
+                             f"per latent dimension), got {noise_skip!r}")
         self.net = {"hidden": hidden, "layers": layers, "noise_features": noise_features, "noise_bits": noise_bits,
                     "noise_skip": noise_skip,
                     "noise_injection": noise_injection, "critic_hidden": critic_hidden, "critic_layers": critic_layers}
@@ -346,6 +360,8 @@ class ImplicitVI(Method):
         critic_settings = self._settings(self.critic_loop, max_steps, time_budget)
         config = self._config(prep, **self.net, correction=self.correction, num_candidates=self.num_candidates,
                               critic_frame=self.critic_frame)
+        if config["noise_skip"] is None:
+            config["noise_skip"] = len(prep.x) < NOISE_SKIP_BELOW * prep.space.unconstrained_dim
         config["noise_features"] = (self.net["noise_features"] or max(2 * prep.space.unconstrained_dim, 8)) + self.net["noise_bits"]
         rl = ratio_loss(self.critic_loss)
         with _Seeded(seed, self.device):
