@@ -114,7 +114,8 @@ def test_the_critic_sees_theta_in_the_generators_frame_at_y(implicit):
 def test_the_generators_linear_noise_path_keeps_its_draws_uncorrelated():
     # the exact posterior N(x/2, 0.05 I) has independent coordinates. With 10³ simulations the
     # MLP alone learns the draws' shape separately at each y and invents correlations; the linear
-    # noise path (noise_skip; on by default at 100 simulations per dimension) learns the shared shape from every simulation at once
+    # noise path (noise_skip; on by default at 100 simulations per dimension) learns the shared
+    # shape from every simulation at once
     # (implicit_vi_ablation.md, session 9; C2ST of the corrected draws 0.741 → 0.676 on
     # observations 1–5). Measured here: rms correlation 0.202 without, 0.164 with; 4 000 draws
     # estimate a zero correlation to ± 0.016.

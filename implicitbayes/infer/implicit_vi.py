@@ -52,7 +52,8 @@ bias costs more than the pooling gains: at 10⁴ it raised C2ST on gaussian_mixt
 narrow component) and sir by 0.035 each, while bernoulli_glm still gained 0.021. So by default
 (``noise_skip=None``) the path is on below ``NOISE_SKIP_BELOW`` = 2 500 simulations per latent
 dimension — every 10³ cell of the suite and the 10⁴ cells of the 5- and 10-dimensional tasks — and
-off above (session-10 ablation). The generator stays implicit: no density of q_w is ever evaluated. ``correction=None`` returns the generator's own draws.
+off above (session-10 ablation). The generator stays implicit: no density of q_w is ever
+evaluated. ``correction=None`` returns the generator's own draws.
 """
 
 from __future__ import annotations
