@@ -126,6 +126,8 @@ CASES = {
                      ValueError, r"critic_frame: expected 'global', 'local' or 'both', got 'locl'"),
     "noise-skip": (lambda t: lambda: ib.ImplicitVI(gaussian_model, observed="x", noise_skip="no"),
                    ValueError, r"noise_skip: expected True, False or None .*, got 'no'"),
+    "affine-first": (lambda t: lambda: ib.NPE(gaussian_model, observed="x", affine_first="yes"),
+                     ValueError, r"affine_first: expected True or False, got 'yes'"),
     "loop-ema": (lambda t: lambda: ib.LFVI(gaussian_model, observed="x", ema=1.0), ValueError,
                  r"ema: expected a decay in \(0, 1\) or None, got 1.0"),
     "num-samples": (lambda t: lambda: _posterior().sample(0, torch.zeros(2)), ValueError,

@@ -1,6 +1,7 @@
 """Every conditional flow through the same checks (one table, as zuko does).
 
-Per kind: invertibility (≤ 1e-4), log|det J| against the autograd Jacobian, then a fit of the
+Per kind, with and without the affine first layer (``affine_first``, NPE's default): invertibility
+(≤ 1e-4), log|det J| against the autograd Jacobian, then a fit of the
 conditional Gaussian θ | c ~ N(A c + b, Σ) in 2-D (600 steps on 4000 pairs) to
 KL(p ‖ q) < 0.05 on held-out pairs, and normalisation of the fitted density (grid integral
 over [−7, 7]² at two contexts within 2 % of 1).
@@ -31,10 +32,11 @@ def pairs(n, seed):
     return c, theta
 
 
+@pytest.mark.parametrize("affine_first", [False, True])
 @pytest.mark.parametrize("kind", FLOWS)
-def test_invertibility_and_log_det(kind):
+def test_invertibility_and_log_det(kind, affine_first):
     torch.manual_seed(0)
-    flow = build_flow(kind, 3, 2, hidden_features=(32, 32)).double()
+    flow = build_flow(kind, 3, 2, hidden_features=(32, 32), affine_first=affine_first).double()
     flow(torch.randn(64, 2, dtype=torch.float64)).log_prob(torch.randn(64, 3, dtype=torch.float64))  # init ActNorm
     c = torch.randn(16, 2, dtype=torch.float64)
     x = torch.randn(16, 3, dtype=torch.float64)
@@ -48,10 +50,10 @@ def test_invertibility_and_log_det(kind):
         assert torch.allclose(ladj[i], torch.linalg.slogdet(jac).logabsdet, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", FLOWS)
-def test_fits_a_conditional_gaussian_and_is_normalised(kind):
+@pytest.mark.parametrize("kind, affine_first", [(k, False) for k in FLOWS] + [("nsf", True)])
+def test_fits_a_conditional_gaussian_and_is_normalised(kind, affine_first):
     torch.manual_seed(1)
-    flow = build_flow(kind, 2, 1, hidden_features=(64, 64))
+    flow = build_flow(kind, 2, 1, hidden_features=(64, 64), affine_first=affine_first)
     c, theta = pairs(4000, 0)
     opt = torch.optim.Adam(flow.parameters(), lr=3e-3)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 600)
@@ -74,6 +76,21 @@ def test_fits_a_conditional_gaussian_and_is_normalised(kind):
         masses = [(flow(torch.full((len(pts), 1), ci)).log_prob(pts).exp().sum() * cell).item() for ci in (-1.0, 0.8)]
     assert kl < 0.05, (kind, kl)
     assert all(abs(m - 1) < 0.02 for m in masses), (kind, masses)
+
+
+def test_the_affine_first_layer_comes_first_and_leaves_the_rest_as_built():
+    torch.manual_seed(0)
+    plain = build_flow("nsf", 3, 2, hidden_features=(16,))
+    torch.manual_seed(0)
+    layered = build_flow("nsf", 3, 2, hidden_features=(16,), affine_first=True)
+    first, *rest = layered.transform.transforms
+    assert len(rest) == len(plain.transform.transforms)
+    # the data side: θ passes the affine layer before the splines
+    c, x = torch.randn(8, 2), torch.randn(8, 3)
+    chained = plain.transform(c)(first(c)(x))
+    assert torch.equal(layered.transform(c)(x), chained)
+    for a, b in zip(rest, plain.transform.transforms):  # same initial weights as without the layer
+        assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
 def test_pyro_adapter():

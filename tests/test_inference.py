@@ -187,6 +187,15 @@ def test_save_load_round_trip_gives_identical_samples(which, request, tmp_path):
     assert torch.equal(a["theta"], b["theta"])
 
 
+def test_an_npe_saved_before_the_affine_first_layer_loads_as_it_was(data, tmp_path):
+    post = ib.NPE(TASK.model, observed="x", affine_first=False).fit(data, seed=0, progress=False, max_steps=20)
+    del post.config["affine_first"]  # a save from before the option existed
+    post.save(tmp_path / "old.safetensors")
+    back = ib.load(tmp_path / "old.safetensors")
+    assert len(back.flow.transform.transforms) == 5
+    assert torch.equal(post.sample(300, X, seed=2)["theta"], back.sample(300, X, seed=2)["theta"])
+
+
 def test_as_guide_with_predictive(npe):
     predictive = pyro.infer.Predictive(TASK.model, guide=npe.as_guide(X), num_samples=300)
     out = predictive()

@@ -108,18 +108,31 @@ def _standard_normal(features: int) -> UnconditionalDistribution:
 
 
 def build_flow(kind: str, features: int, context: int = 0, transforms: int | None = None,
-               hidden_features: Sequence[int] = (128, 128), **kwargs) -> Flow:
+               hidden_features: Sequence[int] = (128, 128), *, affine_first: bool = False, **kwargs) -> Flow:
     """A conditional flow q(θ | c) of ``kind`` in ``FLOWS``; ``flow(c)`` is a torch distribution.
 
     ``transforms`` defaults to 5 (NSF, MAF, IAF, Glow) or 6 (NICE, RealNVP couplings, which
     each update half of the features). ``hidden_features`` and ``kwargs`` go to the
-    conditioner networks (zuko's MLP).
+    conditioner networks (zuko's MLP). ``affine_first`` puts a conditional affine
+    autoregressive layer (MAF's) on the data side, before the ``transforms``: it moves and
+    scales θ given c — the posterior's location and spread, sequentially in θ — so that the
+    layers after it (splines, bounded to [−5, 5] for NSF) shape an already centred residual.
     """
     if kind not in FLOWS:
         raise ValueError(f"kind: expected one of {FLOWS}, got {kind!r}")
     if features < 1:
         raise ValueError(f"features: expected >= 1, got {features}")
     hidden_features = tuple(hidden_features)
+    flow = _build_flow(kind, features, context, transforms, hidden_features, **kwargs)
+    if not affine_first:
+        return flow
+    # built after the rest, so the other layers' initialisation does not depend on this switch
+    first = zuko.flows.MaskedAutoregressiveTransform(features, context, hidden_features=hidden_features)
+    return Flow([first, *flow.transform.transforms], flow.base)
+
+
+def _build_flow(kind: str, features: int, context: int, transforms: int | None,
+                hidden_features: tuple[int, ...], **kwargs) -> Flow:
     if kind == "maf":
         return zuko.flows.MAF(features, context, transforms=transforms or 5, hidden_features=hidden_features, **kwargs)
     if kind == "nsf":
