@@ -165,8 +165,9 @@ class _NoiseCritic(torch.nn.Module):
 
 
 def test_a_critic_without_information_is_not_used(implicit, data):
-    # −λ E_p[r] + E log Z_λ estimates the cross-entropy change of the corrected posterior; for a
-    # critic of pure noise it is ≈ λ²/2 > 0, so the held-out selection keeps the generator alone.
+    # −E_p log E[K w(θ)/(w(θ) + Σ w_j)] is the cross-entropy change of SIR with K candidates; for a
+    # critic of pure noise (r ~ N(0, 1)) it is > 0 (Jensen): 0.37 at λ = 1 for K = 8 (2 000 pairs by
+    # simulation), so the held-out selection keeps the generator alone.
     post = copy.deepcopy(implicit)
     post.critic = _NoiseCritic()
     method = ib.ImplicitVI(TASK.model, observed="x")
@@ -174,8 +175,8 @@ def test_a_critic_without_information_is_not_used(implicit, data):
     u = torch.randn(2000, 10, generator=torch.Generator().manual_seed(0))
     scores = method._select_temperature(post, c, u, method.critic_loop, seed=0)
     assert scores[0.0] == 0.0 and min(scores, key=scores.get) == 0.0
-    # every λ > 0 costs (200 held-out pairs: ± 0.07 λ of noise around λ²/2)
-    assert all(v > 0 for v in scores.values() if v != scores[0.0]) and 0.25 < scores[1.0] < 0.75, scores
+    # every λ > 0 costs (200 held-out pairs: ± 0.05 of noise around 0.37 at λ = 1)
+    assert all(v > 0 for v in scores.values() if v != scores[0.0]) and 0.2 < scores[1.0] < 0.55, scores
 
 
 @pytest.mark.parametrize("which", ["npe", "implicit"])

@@ -30,10 +30,11 @@ weighted by it; the energy score only shapes the proposal it corrects.
 
 Sampling is sampling-importance-resampling with that ratio (``correction="sir"``): draw K
 candidates θ̃_k ~ q_w(· | y), keep one with probability ∝ exp λ r(y, θ̃_k). The strength λ ∈
-{0, ¼, ½, ¾, 1} is chosen after training by the held-out log score of the corrected posterior
-(``_select_temperature``: λ near 1 unless the critic is overfit, as it can be with 10³
-simulations; ``config["temperature"]``). As K → ∞ the draw's
-law tends to q_w(θ | y) exp r / Z = p(θ | y) where r is exact. K = 8 by default (10 000 draws in
+{0, ¼, ½, ¾, 1, 1¼, 1½, 2, 3} is chosen after training by the held-out log score of the SIR
+draw's exact density with those K candidates (``_select_temperature``; ``config["temperature"]``):
+λ = 0 where the critic is overfit, as it can be with 10³ simulations, and above 1 where the critic
+is good and K candidates alone would move q_w only part of the way. As K → ∞ the draw's
+law tends to q_w(θ | y) exp λr / Z, which is p(θ | y) for λ = 1 where r is exact. K = 8 by default (10 000 draws in
 ≈ 0.3 s on one CPU core); the generator's noise has max(2 dim θ, 8) coordinates — more than
 dim θ, which lets a continuous map put mass on separated or spiky regions — and it trains with
 patience 60 validations, halving its learning rate after every 10 validations without improvement
@@ -58,6 +59,7 @@ evaluated. ``correction=None`` returns the generator's own draws.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -312,41 +314,59 @@ class ImplicitVI(Method):
             return kernel_score(draws, target).mean()
         return torch.zeros((), device=draws.device)
 
-    TEMPERATURES = (1.0, 0.75, 0.5, 0.25, 0.0)
+    TEMPERATURES = (3.0, 2.0, 1.5, 1.25, 1.0, 0.75, 0.5, 0.25, 0.0)
 
     @torch.no_grad()
     def _select_temperature(self, post, c_all, u_s, critic_settings, seed) -> dict[float, float]:
-        """Held-out cross-entropy of the corrected posterior for each correction strength λ.
+        """Held-out log score of the sampler actually used, SIR with K candidates, for each λ.
 
-        SIR with weights ∝ exp(λ r) tends (K → ∞) to q_λ(θ | y) = q_w(θ | y) exp(λ r(y, θ)) / Z_λ(y),
-        so on pairs (y, θ) ~ p held out from the critic's fit
+        A draw of SIR with K candidates (θ_1 … θ_K ~ q_w(· | y), keep θ_I with probability
+        ∝ w_I = exp λ r(y, θ_I)) has the density, by exchangeability of the candidates,
 
-            −E_p[log q_λ(θ | y)] = −E_p[log q_w(θ | y)] − λ E_p[r(y, θ)] + E_y[log Z_λ(y)],
+            q_K(θ | y) = q_w(θ | y) · E_{θ_2..θ_K ~ q_w}[ K w(θ) / (w(θ) + Σ_{j≥2} w_j) ],
 
-        and the first term does not depend on λ: the criterion −λ E_p[r] + E_y log Z_λ, with
-        log Z_λ(y) = log E_{q_w}[exp(λ r)] estimated from fresh generator draws, compares the
-        corrected posteriors by their log score — a proper score that sees shape, computed without
-        any density of q_w (which stays implicit) and without assuming r is right. λ = 0 (the
-        generator alone) scores 0; the lowest wins. With few simulations the critic can overfit and
-        the correction then hurts (measured: gaussian_linear at 10³, mean error 1.4 sd with λ = 1,
-        0.4 sd without); this keeps the correction only where held-out data say it helps. (An
-        energy score of the corrected draws was used before; it does not see shape and picked
-        λ = 0 on two_moons where λ = ½ halved the C2ST gap.)"""
+        so on pairs (y, θ) ~ p held out from the critic's fit the change of cross-entropy is
+
+            −E_p[log q_K(θ | y)] + E_p[log q_w(θ | y)] = −E_p log E[ K w(θ) / (w(θ) + Σ_{j≥2} w_j) ],
+
+        estimated with groups of K − 1 fresh generator draws per y. It needs no density of q_w
+        (which stays implicit) and does not assume r is right: λ = 0 (the generator alone) scores
+        0, the lowest wins, and a critic of pure noise scores > 0 at every λ > 0 (Jensen), so it is
+        never used. With few simulations the critic can overfit and the correction then hurts
+        (measured: gaussian_linear at 10³, mean error 1.4 sd with λ = 1, 0.4 sd without); this
+        keeps it only where held-out data say it helps. K is the posterior's ``num_candidates``:
+        with few candidates SIR moves q_w only part of the way to q_w e^{λr}/Z, and a λ above 1
+        can make up for it. Sessions 4–10 chose λ ∈ [0, 1] by the K → ∞ limit of this score,
+        −λ E_p[r] + E_y log E_q[e^{λr}], which picked λ = 1 on two_moons 10⁴ where the K = 8 score
+        picks 2 (C2ST 0.577 → 0.568; ablation, session 11). (Before session 4, an energy score of
+        the corrected draws, which does not see shape, picked λ = 0 where λ = ½ halved the C2ST
+        gap.)"""
         from .training import split
 
+        k = int(post.config["num_candidates"])
+        if k == 1:  # one candidate: SIR returns it whatever λ is
+            return {lam: 0.0 for lam in self.TEMPERATURES}
         _, val_idx = split(len(u_s), critic_settings.validation_fraction, torch.Generator().manual_seed(seed + 1))
         idx = val_idx[:1024].to(c_all.device)
         g = torch.Generator(device=c_all.device).manual_seed(seed + 3)
-        m = self.SELECTION_DRAWS
+        groups = max(1, self.SELECTION_DRAWS // (k - 1))
+        m = groups * (k - 1)
         c, frame = c_all[idx]
         r_true = post.log_ratio(c, u_s[idx], frame)  # (n,)
         # m generator draws per held-out observation, 64 observations at a time (bounded activations)
         r_gen = torch.cat([post.log_ratio(c[i], post._draw_standardized(c[i], m, g),
                                           None if frame is None else (frame[0][i], frame[1][i]))
                            for i in torch.arange(len(idx), device=c.device).split(64)])  # (n, m)
-        log_m = torch.log(torch.tensor(float(m), device=c.device))
-        return {lam: float((-lam * r_true + torch.logsumexp(lam * r_gen, 1) - log_m).mean())
-                for lam in self.TEMPERATURES}
+        r_gen = r_gen.reshape(len(idx), groups, k - 1)
+        scores = {}
+        for lam in self.TEMPERATURES:
+            if lam == 0:  # uniform weights: the draw is q_w's
+                scores[lam] = 0.0
+                continue
+            own = (lam * r_true)[:, None, None].expand(-1, groups, 1)
+            log_share = math.log(k) + own[..., 0] - torch.logsumexp(torch.cat([own, lam * r_gen], -1), -1)  # (n, G)
+            scores[lam] = float(-(torch.logsumexp(log_share, 1) - math.log(groups)).mean())
+        return scores
 
     SELECTION_DRAWS = 256
 
