@@ -87,9 +87,9 @@ class NPE(Method):
 
     ``affine_first`` (default on) puts a conditional affine autoregressive layer before the flow's
     ``transforms`` (see :func:`implicitbayes.nn.build_flow`). Measured against the plain NSF on
-    the sbibm suite's simulations (benchmarks/results/npe_ablation.md, C2ST over observations
-    1–5): two_moons 10³ 0.707 → 0.661, sir 10⁴ 0.606 → 0.591, bernoulli_glm 10⁴ 0.663 → 0.645,
-    slcp 10⁴ 0.873 → 0.866; gaussian_linear and gaussian_mixture 10⁴ unchanged.
+    the sbibm suite's 14 cells (benchmarks/results/npe_ablation.md, C2ST over observations 1–5):
+    better on 8 (sir 10³ 0.735 → 0.665, two_moons 10³ 0.707 → 0.661, bernoulli_glm 10⁴
+    0.663 → 0.645, sir 10⁴ 0.606 → 0.591), worse by 0.004–0.009 on five 10³ cells; mean −0.010.
 
     ``patience`` is 50 validations (one per epoch): the learning rate decays along a cosine over
     ``max_steps``, and late, low-rate steps still pay. Measured on two_moons with 10⁴
