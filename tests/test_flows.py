@@ -118,3 +118,5 @@ def test_bad_flow_arguments():
         build_flow("planar", 2)
     with pytest.raises(ValueError, match="features"):
         build_flow("maf", 0)
+    with pytest.raises(ValueError, match="affine_first: expected True or False, got 'no'"):
+        build_flow("nsf", 2, affine_first="no")

@@ -122,6 +122,8 @@ def build_flow(kind: str, features: int, context: int = 0, transforms: int | Non
         raise ValueError(f"kind: expected one of {FLOWS}, got {kind!r}")
     if features < 1:
         raise ValueError(f"features: expected >= 1, got {features}")
+    if not isinstance(affine_first, bool):
+        raise ValueError(f"affine_first: expected True or False, got {affine_first!r}")
     hidden_features = tuple(hidden_features)
     flow = _build_flow(kind, features, context, transforms, hidden_features, **kwargs)
     if not affine_first:
