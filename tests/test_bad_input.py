@@ -128,6 +128,8 @@ CASES = {
                    ValueError, r"noise_skip: expected True, False or None .*, got 'no'"),
     "affine-first": (lambda t: lambda: ib.NPE(gaussian_model, observed="x", affine_first="yes"),
                      ValueError, r"affine_first: expected True or False, got 'yes'"),
+    "damp-splines": (lambda t: lambda: ib.NPE(gaussian_model, observed="x", flow="maf", damp_splines=True),
+                     ValueError, r"damp_splines: only flow='nsf' has spline logits to damp, got flow='maf'"),
     "loop-ema": (lambda t: lambda: ib.LFVI(gaussian_model, observed="x", ema=1.0), ValueError,
                  r"ema: expected a decay in \(0, 1\) or None, got 1.0"),
     "num-samples": (lambda t: lambda: _posterior().sample(0, torch.zeros(2)), ValueError,

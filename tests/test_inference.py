@@ -188,9 +188,10 @@ def test_save_load_round_trip_gives_identical_samples(which, request, tmp_path):
     assert torch.equal(a["theta"], b["theta"])
 
 
-def test_an_npe_saved_before_the_affine_first_layer_loads_as_it_was(data, tmp_path):
-    post = ib.NPE(TASK.model, observed="x", affine_first=False).fit(data, seed=0, progress=False, max_steps=20)
-    del post.config["affine_first"]  # a save from before the option existed
+def test_an_npe_saved_before_the_affine_first_layer_and_damped_splines_loads_as_it_was(data, tmp_path):
+    post = ib.NPE(TASK.model, observed="x", affine_first=False, damp_splines=False).fit(data, seed=0, progress=False,
+                                                                                        max_steps=20)
+    del post.config["affine_first"], post.config["damp_splines"]  # a save from before the options existed
     post.save(tmp_path / "old.safetensors")
     back = ib.load(tmp_path / "old.safetensors")
     assert len(back.flow.transform.transforms) == 5

@@ -38,7 +38,8 @@ class NPEPosterior(NeuralPosterior):
         super().__init__(space, observed, x_shapes, config, embedding)
         self.flow = build_flow(config["flow"], space.unconstrained_dim, self.context.out_features,
                                transforms=config["transforms"], hidden_features=config["hidden_features"],
-                               affine_first=config.get("affine_first", False))  # older saves lack the key
+                               affine_first=config.get("affine_first", False),  # older saves lack these keys
+                               damp_splines=config.get("damp_splines", False))
 
     def distribution(self, x: torch.Tensor) -> torch.distributions.Distribution:
         """q(u_standardised | x) for ``x (n, *x_shape)``."""
@@ -100,7 +101,7 @@ class NPE(Method):
     def __init__(self, model: Callable, *, observed: str | Sequence[str], model_args: tuple = (),
                  model_kwargs: Mapping | None = None, flow: str = "nsf", transforms: int = 5,
                  hidden_features: Sequence[int] = (50, 50), embedding: nn.Module | None = None,
-                 affine_first: bool = True, batch_size: int = 50, lr: float = 5e-4, max_steps: int = 30_000,
+                 affine_first: bool = True, damp_splines: bool | None = None, batch_size: int = 50, lr: float = 5e-4, max_steps: int = 30_000,
                  validation_fraction: float = 0.1, patience: int = 50, validate_every: int | None = None,
                  device: str | torch.device | None = None):
         if flow not in FLOWS:
@@ -112,13 +113,19 @@ class NPE(Method):
             raise ValueError(f"affine_first: expected True or False, got {affine_first!r}")
         self.flow, self.transforms, self.hidden_features = flow, int(transforms), tuple(hidden_features)
         self.affine_first = affine_first
+        if damp_splines is not None and not isinstance(damp_splines, bool):
+            raise ValueError(f"damp_splines: expected True, False or None (on for flow='nsf'), got {damp_splines!r}")
+        if damp_splines and flow != "nsf":
+            raise ValueError(f"damp_splines: only flow='nsf' has spline logits to damp, got flow={flow!r}")
+        self.damp_splines = flow == "nsf" if damp_splines is None else damp_splines
 
     def fit(self, data, *, max_steps: int | None = None, time_budget: float | None = None, seed: int | None = None,
             progress: bool = True, checkpoint=None) -> NPEPosterior:
         """Train on a SimulationSet; returns an :class:`NPEPosterior`."""
         prep, seed, loop = self._begin(data, max_steps, time_budget, seed)
         config = self._config(prep, flow=self.flow, transforms=self.transforms,
-                              hidden_features=list(self.hidden_features), affine_first=self.affine_first)
+                              hidden_features=list(self.hidden_features), affine_first=self.affine_first,
+                              damp_splines=self.damp_splines)
         with _Seeded(seed, self.device):
             post = NPEPosterior(prep.space, prep.observed, prep.x_shapes, config, self.embedding).to(self.device)
             x = prep.x_on(self.device)

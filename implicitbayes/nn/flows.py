@@ -19,6 +19,8 @@ of a flow at a context a Pyro distribution (``sample``, ``rsample``, ``log_prob`
 
 from __future__ import annotations
 
+import math
+from functools import partial
 from typing import Sequence
 
 import pyro.distributions as dist
@@ -28,7 +30,7 @@ from torch import nn
 from torch.distributions import Transform, constraints
 from zuko.distributions import DiagNormal
 from zuko.lazy import Flow, LazyInverse, LazyTransform, UnconditionalDistribution
-from zuko.transforms import ComposedTransform, LULinearTransform, PermutationTransform
+from zuko.transforms import ComposedTransform, LULinearTransform, MonotonicRQSTransform, PermutationTransform
 
 __all__ = ["FLOWS", "build_flow", "ActNorm", "LULinear", "FlowDistribution"]
 
@@ -108,7 +110,8 @@ def _standard_normal(features: int) -> UnconditionalDistribution:
 
 
 def build_flow(kind: str, features: int, context: int = 0, transforms: int | None = None,
-               hidden_features: Sequence[int] = (128, 128), *, affine_first: bool = False, **kwargs) -> Flow:
+               hidden_features: Sequence[int] = (128, 128), *, affine_first: bool = False, damp_splines: bool = False,
+               **kwargs) -> Flow:
     """A conditional flow q(θ | c) of ``kind`` in ``FLOWS``; ``flow(c)`` is a torch distribution.
 
     ``transforms`` defaults to 5 (NSF, MAF, IAF, Glow) or 6 (NICE, RealNVP couplings, which
@@ -117,6 +120,9 @@ def build_flow(kind: str, features: int, context: int = 0, transforms: int | Non
     autoregressive layer (MAF's) on the data side, before the ``transforms``: it moves and
     scales θ given c — the posterior's location and spread, sequentially in θ — so that the
     layers after it (splines, bounded to [−5, 5] for NSF) shape an already centred residual.
+    ``damp_splines`` (NSF only) divides the conditioner's bin-width and bin-height logits by
+    √h, h its last hidden width, as nflows' spline transforms do (Durkan et al. 2019): each
+    spline starts near the identity and its shape learns more slowly than its placement.
     """
     if kind not in FLOWS:
         raise ValueError(f"kind: expected one of {FLOWS}, got {kind!r}")
@@ -124,13 +130,33 @@ def build_flow(kind: str, features: int, context: int = 0, transforms: int | Non
         raise ValueError(f"features: expected >= 1, got {features}")
     if not isinstance(affine_first, bool):
         raise ValueError(f"affine_first: expected True or False, got {affine_first!r}")
+    if not isinstance(damp_splines, bool):
+        raise ValueError(f"damp_splines: expected True or False, got {damp_splines!r}")
+    if damp_splines and kind != "nsf":
+        raise ValueError(f"damp_splines: only the spline flow 'nsf' has spline logits to damp, got kind={kind!r}")
     hidden_features = tuple(hidden_features)
-    flow = _build_flow(kind, features, context, transforms, hidden_features, **kwargs)
+    if damp_splines:
+        flow = _damped_nsf(features, context, transforms, hidden_features, **kwargs)
+    else:
+        flow = _build_flow(kind, features, context, transforms, hidden_features, **kwargs)
     if not affine_first:
         return flow
     # built after the rest, so the other layers' initialisation does not depend on this switch
     first = zuko.flows.MaskedAutoregressiveTransform(features, context, hidden_features=hidden_features)
     return Flow([first, *flow.transform.transforms], flow.base)
+
+
+def _damped_spline(scale: float, slope: float, widths: torch.Tensor, heights: torch.Tensor,
+                   derivatives: torch.Tensor) -> MonotonicRQSTransform:
+    return MonotonicRQSTransform(widths / scale, heights / scale, derivatives, slope=slope)
+
+
+def _damped_nsf(features: int, context: int, transforms: int | None, hidden_features: tuple[int, ...],
+                bins: int = 8, slope: float = 1e-3, **kwargs) -> Flow:
+    """zuko's NSF (a MAF of splines) with the spline logits damped by √(last hidden width)."""
+    univariate = partial(_damped_spline, math.sqrt(hidden_features[-1]), slope)
+    return zuko.flows.MAF(features, context, transforms=transforms or 5, hidden_features=hidden_features,
+                          univariate=univariate, shapes=[(bins,), (bins,), (bins - 1,)], **kwargs)
 
 
 def _build_flow(kind: str, features: int, context: int, transforms: int | None,
