@@ -198,6 +198,15 @@ def test_an_npe_saved_before_the_affine_first_layer_and_damped_splines_loads_as_
     assert torch.equal(post.sample(300, X, seed=2)["theta"], back.sample(300, X, seed=2)["theta"])
 
 
+def test_an_npe_with_damped_splines_saves_and_loads_them(data, tmp_path):
+    post = ib.NPE(TASK.model, observed="x", damp_splines=True).fit(data, seed=0, progress=False, max_steps=20)
+    assert post.config["damp_splines"] is True
+    post.save(tmp_path / "damped.safetensors")
+    back = ib.load(tmp_path / "damped.safetensors")
+    assert torch.equal(post.sample(300, X, seed=2)["theta"], back.sample(300, X, seed=2)["theta"])
+    assert back.config["damp_splines"] is True
+
+
 def test_as_guide_with_predictive(npe):
     predictive = pyro.infer.Predictive(TASK.model, guide=npe.as_guide(X), num_samples=300)
     out = predictive()

@@ -82,15 +82,21 @@ class NPE(Method):
     """Neural posterior estimation with a conditional normalizing flow (NSF by default).
 
     Options: ``flow`` (one of ``implicitbayes.nn.FLOWS``), ``transforms``, ``hidden_features``,
-    ``embedding`` (an ``nn.Module`` on the standardised observation), ``affine_first``, and the
-    training loop's ``batch_size``, ``lr``, ``validation_fraction``, ``patience``,
-    ``validate_every``, ``device``.
+    ``embedding`` (an ``nn.Module`` on the standardised observation), ``affine_first``,
+    ``damp_splines``, and the training loop's ``batch_size``, ``lr``, ``validation_fraction``,
+    ``patience``, ``validate_every``, ``device``.
 
     ``affine_first`` (default on) puts a conditional affine autoregressive layer before the flow's
     ``transforms`` (see :func:`implicitbayes.nn.build_flow`). Measured against the plain NSF on
     the sbibm suite's 14 cells (benchmarks/results/npe_ablation.md, C2ST over observations 1–5):
     better on 8 (sir 10³ 0.735 → 0.665, two_moons 10³ 0.707 → 0.661, bernoulli_glm 10⁴
     0.663 → 0.645, sir 10⁴ 0.606 → 0.591), worse by 0.004–0.009 on five 10³ cells; mean −0.010.
+
+    ``damp_splines`` (default off; NSF only) divides the spline conditioners' bin-width and
+    bin-height logits by √h, as nflows (and so sbi's NSF) does: a pull towards a flow that is
+    affine in θ. It helps where the posterior is near Gaussian and hurts where its shape is what
+    matters (npe_ablation.md, session 12): slcp 10⁴ 0.866 → 0.848, gaussian_linear 10⁴
+    0.550 → 0.539, 10³ 0.660 → 0.640, but two_moons 10⁴ 0.537 → 0.574, 10³ 0.661 → 0.757.
 
     ``patience`` is 50 validations (one per epoch): the learning rate decays along a cosine over
     ``max_steps``, and late, low-rate steps still pay. Measured on two_moons with 10⁴
@@ -101,7 +107,7 @@ class NPE(Method):
     def __init__(self, model: Callable, *, observed: str | Sequence[str], model_args: tuple = (),
                  model_kwargs: Mapping | None = None, flow: str = "nsf", transforms: int = 5,
                  hidden_features: Sequence[int] = (50, 50), embedding: nn.Module | None = None,
-                 affine_first: bool = True, damp_splines: bool | None = None, batch_size: int = 50, lr: float = 5e-4, max_steps: int = 30_000,
+                 affine_first: bool = True, damp_splines: bool = False, batch_size: int = 50, lr: float = 5e-4, max_steps: int = 30_000,
                  validation_fraction: float = 0.1, patience: int = 50, validate_every: int | None = None,
                  device: str | torch.device | None = None):
         if flow not in FLOWS:
@@ -113,11 +119,11 @@ class NPE(Method):
             raise ValueError(f"affine_first: expected True or False, got {affine_first!r}")
         self.flow, self.transforms, self.hidden_features = flow, int(transforms), tuple(hidden_features)
         self.affine_first = affine_first
-        if damp_splines is not None and not isinstance(damp_splines, bool):
-            raise ValueError(f"damp_splines: expected True, False or None (on for flow='nsf'), got {damp_splines!r}")
+        if not isinstance(damp_splines, bool):
+            raise ValueError(f"damp_splines: expected True or False, got {damp_splines!r}")
         if damp_splines and flow != "nsf":
             raise ValueError(f"damp_splines: only flow='nsf' has spline logits to damp, got flow={flow!r}")
-        self.damp_splines = flow == "nsf" if damp_splines is None else damp_splines
+        self.damp_splines = damp_splines
 
     def fit(self, data, *, max_steps: int | None = None, time_budget: float | None = None, seed: int | None = None,
             progress: bool = True, checkpoint=None) -> NPEPosterior:
