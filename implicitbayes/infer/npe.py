@@ -107,9 +107,9 @@ class NPE(Method):
     def __init__(self, model: Callable, *, observed: str | Sequence[str], model_args: tuple = (),
                  model_kwargs: Mapping | None = None, flow: str = "nsf", transforms: int = 5,
                  hidden_features: Sequence[int] = (50, 50), embedding: nn.Module | None = None,
-                 affine_first: bool = True, damp_splines: bool = False, batch_size: int = 50, lr: float = 5e-4, max_steps: int = 30_000,
-                 validation_fraction: float = 0.1, patience: int = 50, validate_every: int | None = None,
-                 device: str | torch.device | None = None):
+                 affine_first: bool = True, damp_splines: bool = False, batch_size: int = 50, lr: float = 5e-4,
+                 max_steps: int = 30_000, validation_fraction: float = 0.1, patience: int = 50,
+                 validate_every: int | None = None, device: str | torch.device | None = None):
         if flow not in FLOWS:
             raise ValueError(f"flow: expected one of {FLOWS}, got {flow!r}")
         super().__init__(model, observed, model_args, model_kwargs, embedding,
