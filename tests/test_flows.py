@@ -144,3 +144,5 @@ def test_bad_flow_arguments():
         build_flow("nsf", 2, damp_splines=1)
     with pytest.raises(ValueError, match="damp_splines: only the spline flow 'nsf'.*kind='maf'"):
         build_flow("maf", 2, damp_splines=True)
+    with pytest.raises(ValueError, match="damp_splines: .*hidden_features is empty"):
+        build_flow("nsf", 2, hidden_features=(), damp_splines=True)

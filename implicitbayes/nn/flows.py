@@ -135,6 +135,9 @@ def build_flow(kind: str, features: int, context: int = 0, transforms: int | Non
     if damp_splines and kind != "nsf":
         raise ValueError(f"damp_splines: only the spline flow 'nsf' has spline logits to damp, got kind={kind!r}")
     hidden_features = tuple(hidden_features)
+    if damp_splines and not hidden_features:
+        raise ValueError("damp_splines: the logits are scaled by the last hidden width, "
+                         "but hidden_features is empty (expected at least one hidden layer)")
     if damp_splines:
         flow = _damped_nsf(features, context, transforms, hidden_features, **kwargs)
     else:
