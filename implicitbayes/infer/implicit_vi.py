@@ -8,7 +8,9 @@ trained by logistic regression (model pairs labelled 1)
 
 estimates the log density ratio of posterior and generator (both joints share p(y)).
 
-Training, in two stages (θ in unconstrained, standardised coordinates):
+Training, in two stages (θ in unconstrained, standardised coordinates; with ``locate=True`` a
+stage 0 first fits the generator's location net μ(e(y)) by the spatial median and freezes it, and
+f_w = μ(e(y)) + g_w(e(y), z) then learns the residuals):
 
 1. Generator: min_w  E_y[ ES_m(f_w(y, ·), θ) ] + λ · E_{y,z}[ softplus(−r_u(y, f_w(y, z))) ], the
    energy score of m draws per y (Pacchiardi & Dutta 2022) plus the non-saturating adversarial
@@ -95,7 +97,8 @@ class ImplicitPosterior(NeuralPosterior):
         d = space.unconstrained_dim
         self.generator = ImplicitGenerator(self.context.out_features, d, config["noise_features"], config["hidden"],
                                            config["layers"], config["noise_injection"],
-                                           noise_skip=config.get("noise_skip", False))
+                                           noise_skip=config.get("noise_skip", False),
+                                           locate=config.get("locate", False))
         frame = config.get("critic_frame", "global")
         if frame not in ("global", "local", "both"):  # a saved config edited by hand
             raise ValueError(f"config['critic_frame']: expected 'global', 'local' or 'both', got {frame!r}")
@@ -244,6 +247,10 @@ class ImplicitVI(Method):
     ``noise_bits`` (random-sign noise coordinates, a switch between modes; off by default),
     ``noise_skip`` (the generator's linear path from noise to output, module docstring; None: on
     below ``NOISE_SKIP_BELOW`` = 2500 simulations per latent dimension),
+    ``locate`` (stage 0: fit a location net μ(e(y)) of the generator by the spatial median of θ
+    given y, freeze it, and let the generator shape θ − μ(e(y)) around it; off until measured on
+    the whole suite: slcp 10⁴ 0.901 → 0.889, gaussian_mixture 10⁴ raw draws 0.752 → 0.694 but
+    corrected ones 0.625 → 0.630; ablation, session 13),
     ``device``.
     """
 
@@ -252,7 +259,7 @@ class ImplicitVI(Method):
                  adversarial_weight: float = 0.0, critic_loss: str = "logistic", correction: str | None = "sir",
                  correction_loss: str | None = None, correction_negatives: int = 1, critic_frame: str = "both",
                  num_candidates: int = 8, hidden: int = 128, layers: int = 4, noise_features: int | None = None,
-                 noise_bits: int = 0, noise_skip: bool | None = None,
+                 noise_bits: int = 0, noise_skip: bool | None = None, locate: bool = False,
                  noise_injection: str = "concat", critic_hidden: int = 128, critic_layers: int = 4,
                  embedding: nn.Module | None = None, batch_size: int = 128, lr: float = 1e-3, max_steps: int = 20_000,
                  critic_steps: int = 10_000, patience: int = 60, critic_patience: int = 20, lr_plateau: int | None = 10,
@@ -300,8 +307,10 @@ class ImplicitVI(Method):
         if noise_skip is not None and not isinstance(noise_skip, bool):
             raise ValueError(f"noise_skip: expected True, False or None (on below {NOISE_SKIP_BELOW} simulations "
                              f"per latent dimension), got {noise_skip!r}")
+        if not isinstance(locate, bool):
+            raise ValueError(f"locate: expected True or False, got {locate!r}")
         self.net = {"hidden": hidden, "layers": layers, "noise_features": noise_features, "noise_bits": noise_bits,
-                    "noise_skip": noise_skip,
+                    "noise_skip": noise_skip, "locate": locate,
                     "noise_injection": noise_injection, "critic_hidden": critic_hidden, "critic_layers": critic_layers}
         self.critic_loop = TrainConfig(batch_size=512, lr=lr, max_steps=critic_steps, patience=critic_patience,
                                        plateau=critic_plateau, ema=critic_ema,
@@ -370,12 +379,34 @@ class ImplicitVI(Method):
 
     SELECTION_DRAWS = 256
 
+    @staticmethod
+    def _fit_location(post, x, u_s, loop, seed, progress, checkpoint) -> dict:
+        """Stage 0 (``locate=True``): fit the generator's location net μ(e(y)) to the simulated θ by
+        the spatial median, min E‖μ(e(y)) − θ‖ (the energy score's first term with one draw
+        at μ), early-stopped on the held-out rows, then freeze it; the generator then learns
+        θ − μ(e(y)) around it."""
+        net = post.generator.locate
+
+        def step(idx, g):
+            return {"loss": (net(post.context(x[idx])) - u_s[idx]).norm(dim=-1).mean()}
+
+        def validate(idx):
+            return float(sum((net(post.context(x[i])) - u_s[i]).norm(dim=-1).sum() for i in idx.split(4096)) / len(idx))
+
+        out = train({"context": post.context, "locate": net}, step, validate, len(x), loop, seed=seed,
+                    progress=progress, checkpoint=None if checkpoint is None else f"{checkpoint}.locate",
+                    desc="ImplicitVI location")
+        for p in net.parameters():
+            p.requires_grad_(False)
+        return out
+
     def fit(self, data, *, max_steps: int | None = None, time_budget: float | None = None, seed: int | None = None,
             progress: bool = True, checkpoint=None) -> ImplicitPosterior:
         """Train on a SimulationSet; returns an :class:`ImplicitPosterior`.
 
         ``max_steps`` and ``time_budget`` apply to each stage; ``checkpoint`` is a path prefix
-        (``<checkpoint>.generator`` and ``<checkpoint>.critic`` are written).
+        (``<checkpoint>.generator`` and ``<checkpoint>.critic`` are written, and
+        ``<checkpoint>.locate`` with ``locate=True``).
         """
         prep, seed, loop = self._begin(data, max_steps, time_budget, seed)
         critic_settings = self._settings(self.critic_loop, max_steps, time_budget)
@@ -389,7 +420,10 @@ class ImplicitVI(Method):
             post = ImplicitPosterior(prep.space, prep.observed, prep.x_shapes, config, self.embedding).to(self.device)
             x = prep.x_on(self.device)
             u_s = post.fit_standardizers(prep.x, prep.u.to(self.device))
-            gen_params = list(post.context.parameters()) + list(post.generator.parameters())
+            summary = {}
+            if post.generator.locate is not None:
+                summary["locate"] = self._fit_location(post, x, u_s, loop, seed, progress, checkpoint)
+            gen_params = list(post.context.parameters()) + [p for p in post.generator.parameters() if p.requires_grad]
             co_critic = Critic(prep.space.unconstrained_dim, post.context.out_features, self.net["critic_hidden"],
                                self.net["critic_layers"]).to(self.device)
             co_opt = torch.optim.Adam(co_critic.parameters(), lr=self.loop.lr, betas=(0.5, 0.999))
@@ -425,7 +459,7 @@ class ImplicitVI(Method):
             gen_summary = train({"context": post.context, "generator": post.generator, "co_critic": co_critic}, gen_step,
                                 gen_validate, len(x), loop, seed=seed, progress=progress, checkpoint=ckpt,
                                 desc="ImplicitVI generator", parameters=gen_params)
-            summary = {"generator": gen_summary}
+            summary["generator"] = gen_summary
             if self.correction == "sir":
                 for p in gen_params:
                     p.requires_grad_(False)
@@ -462,5 +496,6 @@ class ImplicitVI(Method):
                     p.requires_grad_(True)
                 summary["correction_selection"] = self._select_temperature(post, c_all, u_s, critic_settings, seed)
                 post.config["temperature"] = min(summary["correction_selection"], key=summary["correction_selection"].get)
+            post.generator.requires_grad_(True)  # the location net was frozen after stage 0
             post.training_summary = summary
         return post.attach_model(self.model, self.model_args, self.model_kwargs)
