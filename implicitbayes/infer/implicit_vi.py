@@ -248,9 +248,9 @@ class ImplicitVI(Method):
     ``noise_skip`` (the generator's linear path from noise to output, module docstring; None: on
     below ``NOISE_SKIP_BELOW`` = 2500 simulations per latent dimension),
     ``locate`` (stage 0: fit a location net μ(e(y)) of the generator by the spatial median of θ
-    given y, freeze it, and let the generator shape θ − μ(e(y)) around it; off until measured on
-    the whole suite: slcp 10⁴ 0.901 → 0.889, gaussian_mixture 10⁴ raw draws 0.752 → 0.694 but
-    corrected ones 0.625 → 0.630; ablation, session 13),
+    given y, freeze it, and let the generator shape θ − μ(e(y)) around it; off: slcp 10⁴
+    0.901 → 0.889, gaussian_mixture 10⁴ raw draws 0.752 → 0.694 but corrected ones 0.625 →
+    0.630, two_moons 10⁴ 0.568 → 0.603, whose median lies off the crescent; ablation, session 13),
     ``device``.
     """
 
