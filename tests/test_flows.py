@@ -1,7 +1,8 @@
 """Every conditional flow through the same checks (one table, as zuko does).
 
 Per kind, with and without the affine first layer (``affine_first``, NPE's default), and NSF with
-damped spline logits (``damp_splines``, NPE's default too): invertibility
+damped spline logits (``damp_splines``) or splines started at the identity (``spline_init``, NPE's
+default): invertibility
 (≤ 1e-4), log|det J| against the autograd Jacobian, then a fit of the
 conditional Gaussian θ | c ~ N(A c + b, Σ) in 2-D (600 steps on 4000 pairs) to
 KL(p ‖ q) < 0.05 on held-out pairs, and normalisation of the fitted density (grid integral
@@ -33,12 +34,13 @@ def pairs(n, seed):
     return c, theta
 
 
-@pytest.mark.parametrize("kind, affine_first, damp_splines", [(k, a, False) for k in FLOWS for a in (False, True)]
-                         + [("nsf", a, True) for a in (False, True)])
-def test_invertibility_and_log_det(kind, affine_first, damp_splines):
+@pytest.mark.parametrize("kind, affine_first, damp_splines, spline_init",
+                         [(k, a, False, None) for k in FLOWS for a in (False, True)]
+                         + [("nsf", a, True, None) for a in (False, True)] + [("nsf", True, False, 1e-3)])
+def test_invertibility_and_log_det(kind, affine_first, damp_splines, spline_init):
     torch.manual_seed(0)
     flow = build_flow(kind, 3, 2, hidden_features=(32, 32), affine_first=affine_first,
-                      damp_splines=damp_splines).double()
+                      damp_splines=damp_splines, spline_init=spline_init).double()
     flow(torch.randn(64, 2, dtype=torch.float64)).log_prob(torch.randn(64, 3, dtype=torch.float64))  # init ActNorm
     c = torch.randn(16, 2, dtype=torch.float64)
     x = torch.randn(16, 3, dtype=torch.float64)
@@ -52,11 +54,13 @@ def test_invertibility_and_log_det(kind, affine_first, damp_splines):
         assert torch.allclose(ladj[i], torch.linalg.slogdet(jac).logabsdet, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind, affine_first, damp_splines",
-                         [(k, False, False) for k in FLOWS] + [("nsf", True, False), ("nsf", True, True)])
-def test_fits_a_conditional_gaussian_and_is_normalised(kind, affine_first, damp_splines):
+@pytest.mark.parametrize("kind, affine_first, damp_splines, spline_init",
+                         [(k, False, False, None) for k in FLOWS]
+                         + [("nsf", True, False, None), ("nsf", True, True, None), ("nsf", True, False, 1e-3)])
+def test_fits_a_conditional_gaussian_and_is_normalised(kind, affine_first, damp_splines, spline_init):
     torch.manual_seed(1)
-    flow = build_flow(kind, 2, 1, hidden_features=(64, 64), affine_first=affine_first, damp_splines=damp_splines)
+    flow = build_flow(kind, 2, 1, hidden_features=(64, 64), affine_first=affine_first, damp_splines=damp_splines,
+                      spline_init=spline_init)
     c, theta = pairs(4000, 0)
     opt = torch.optim.Adam(flow.parameters(), lr=3e-3)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 600)
@@ -113,6 +117,26 @@ def test_damped_splines_are_the_nsf_with_width_and_height_logits_divided_by_root
     assert not torch.allclose(damped(c).log_prob(x), build_flow("nsf", 3, 2, hidden_features=(h, h))(c).log_prob(x))
 
 
+def test_spline_init_starts_every_spline_at_the_identity_and_leaves_the_rest_as_built():
+    torch.manual_seed(0)
+    plain = build_flow("nsf", 3, 2, hidden_features=(16, 16), affine_first=True)
+    torch.manual_seed(0)
+    started = build_flow("nsf", 3, 2, hidden_features=(16, 16), affine_first=True, spline_init=1e-7)
+    first, *splines = started.transform.transforms
+    c, x = torch.randn(32, 2), 3 * torch.randn(32, 3)
+    # each spline is the identity up to O(1e-7), whatever the context ...
+    for layer in splines:
+        assert (layer(c)(x) - x).abs().max() < 1e-5
+        assert layer.hyper[-1].weight.abs().max() <= 1e-7 and layer.hyper[-1].bias.abs().max() <= 1e-7
+    # ... where PyTorch's default initialisation bends θ at random
+    assert max((layer(c)(x) - x).abs().max() for layer in plain.transform.transforms[1:]) > 0.01
+    # every other weight, the affine first layer's included, is as built without the option
+    for (name, a), b in zip(plain.state_dict().items(), started.state_dict().values()):
+        if name.startswith("transform.transforms.0.") or not name.endswith((f"hyper.{len(first.hyper) - 1}.weight",
+                                                                           f"hyper.{len(first.hyper) - 1}.bias")):
+            assert torch.equal(a, b), name
+
+
 def test_pyro_adapter():
     flow = build_flow("nsf", 2, 1, hidden_features=(16,))
     c = torch.randn(5, 1)
@@ -146,3 +170,8 @@ def test_bad_flow_arguments():
         build_flow("maf", 2, damp_splines=True)
     with pytest.raises(ValueError, match="damp_splines: .*hidden_features is empty"):
         build_flow("nsf", 2, hidden_features=(), damp_splines=True)
+    for bad in (0, -1e-3, True, "small", math.inf):
+        with pytest.raises(ValueError, match=f"spline_init: expected a positive number or None, got {bad!r}"):
+            build_flow("nsf", 2, spline_init=bad)
+    with pytest.raises(ValueError, match="spline_init: only the spline flow 'nsf'.*kind='realnvp'"):
+        build_flow("realnvp", 2, spline_init=1e-3)

@@ -140,6 +140,21 @@ def test_the_noise_path_is_on_by_default_only_where_simulations_are_scarce():
         assert post.config["noise_skip"] is on and (post.generator.skip is not None) is on, n
 
 
+def test_implicit_vi_locate_fits_the_posterior_median_first_then_shapes_around_it(data, tmp_path):
+    # locate=True: stage 0 fits μ(e(y)) by the spatial median of θ given y, which for this
+    # Gaussian posterior is its mean x/2; the generator then learns θ − μ(e(y))
+    post = ib.ImplicitVI(TASK.model, observed="x", locate=True).fit(data, seed=0, progress=False, max_steps=1500)
+    assert post.config["locate"] is True and post.training_summary["locate"]["steps"] > 0
+    loc, sd = EXACT.base_dist.loc, EXACT.base_dist.scale
+    with torch.no_grad():
+        mu = post.theta_standardize.inverse(post.generator.locate(post.context(X[None])))[0]
+    assert ((mu - loc).abs() / sd).max() < 0.5, (mu - loc) / sd
+    check_against_exact(post.sample(4000, X, seed=1)["theta"])
+    post.save(tmp_path / "located.safetensors")
+    back = ib.load(tmp_path / "located.safetensors")
+    assert torch.equal(post.sample(500, X, seed=3)["theta"], back.sample(500, X, seed=3)["theta"])
+
+
 @pytest.mark.parametrize("frame", ["global", "local"])
 def test_the_other_critic_frames_train_save_and_load(frame, data, tmp_path):
     # "global" without the noise skip: the defaults before session 8 (posteriors saved then have
@@ -195,6 +210,18 @@ def test_an_npe_saved_before_the_affine_first_layer_and_damped_splines_loads_as_
     post.save(tmp_path / "old.safetensors")
     back = ib.load(tmp_path / "old.safetensors")
     assert len(back.flow.transform.transforms) == 5
+    assert torch.equal(post.sample(300, X, seed=2)["theta"], back.sample(300, X, seed=2)["theta"])
+
+
+def test_npe_starts_its_splines_at_the_identity_by_default(data, tmp_path):
+    # spline_init "auto": 1e-3 for the NSF (npe_ablation.md, session 13), None for other flows
+    assert ib.NPE(TASK.model, observed="x").spline_init == 1e-3
+    assert ib.NPE(TASK.model, observed="x", flow="maf").spline_init is None
+    assert ib.NPE(TASK.model, observed="x", spline_init=None).spline_init is None
+    post = ib.NPE(TASK.model, observed="x").fit(data, seed=0, progress=False, max_steps=1)
+    assert post.config["spline_init"] == 1e-3
+    post.save(tmp_path / "started.safetensors")
+    back = ib.load(tmp_path / "started.safetensors")
     assert torch.equal(post.sample(300, X, seed=2)["theta"], back.sample(300, X, seed=2)["theta"])
 
 

@@ -111,7 +111,7 @@ def _standard_normal(features: int) -> UnconditionalDistribution:
 
 def build_flow(kind: str, features: int, context: int = 0, transforms: int | None = None,
                hidden_features: Sequence[int] = (128, 128), *, affine_first: bool = False, damp_splines: bool = False,
-               **kwargs) -> Flow:
+               spline_init: float | None = None, **kwargs) -> Flow:
     """A conditional flow q(θ | c) of ``kind`` in ``FLOWS``; ``flow(c)`` is a torch distribution.
 
     ``transforms`` defaults to 5 (NSF, MAF, IAF, Glow) or 6 (NICE, RealNVP couplings, which
@@ -123,6 +123,10 @@ def build_flow(kind: str, features: int, context: int = 0, transforms: int | Non
     ``damp_splines`` (NSF only) divides the conditioner's bin-width and bin-height logits by
     √h, h its last hidden width, as nflows' spline transforms do (Durkan et al. 2019): each
     spline starts near the identity and its shape learns more slowly than its placement.
+    ``spline_init`` (NSF only) draws the output layer of each spline conditioner, weights and
+    biases, from U(−a, a) with a = ``spline_init`` instead of PyTorch's default (±1/√h): every
+    spline then starts as the identity up to O(a) whatever the context, and learns its shape
+    from there at the full rate (unlike ``damp_splines``, which also slows it down).
     """
     if kind not in FLOWS:
         raise ValueError(f"kind: expected one of {FLOWS}, got {kind!r}")
@@ -135,6 +139,11 @@ def build_flow(kind: str, features: int, context: int = 0, transforms: int | Non
     if damp_splines and kind != "nsf":
         raise ValueError(f"damp_splines: only the spline flow 'nsf' has spline logits to damp, got kind={kind!r}")
     hidden_features = tuple(hidden_features)
+    if spline_init is not None:
+        if isinstance(spline_init, bool) or not isinstance(spline_init, (int, float)) or not 0 < spline_init < math.inf:
+            raise ValueError(f"spline_init: expected a positive number or None, got {spline_init!r}")
+        if kind != "nsf":
+            raise ValueError(f"spline_init: only the spline flow 'nsf' has spline conditioners, got kind={kind!r}")
     if damp_splines and not hidden_features:
         raise ValueError("damp_splines: the logits are scaled by the last hidden width, "
                          "but hidden_features is empty (expected at least one hidden layer)")
@@ -142,11 +151,17 @@ def build_flow(kind: str, features: int, context: int = 0, transforms: int | Non
         flow = _damped_nsf(features, context, transforms, hidden_features, **kwargs)
     else:
         flow = _build_flow(kind, features, context, transforms, hidden_features, **kwargs)
-    if not affine_first:
-        return flow
-    # built after the rest, so the other layers' initialisation does not depend on this switch
-    first = zuko.flows.MaskedAutoregressiveTransform(features, context, hidden_features=hidden_features)
-    return Flow([first, *flow.transform.transforms], flow.base)
+    splines = list(flow.transform.transforms)
+    if affine_first:
+        # built after the rest, so the other layers' initialisation does not depend on this switch
+        first = zuko.flows.MaskedAutoregressiveTransform(features, context, hidden_features=hidden_features)
+        flow = Flow([first, *splines], flow.base)
+    if spline_init is not None:  # drawn last, so the weights above are the same either way
+        with torch.no_grad():
+            for layer in splines:
+                nn.init.uniform_(layer.hyper[-1].weight, -spline_init, spline_init)
+                nn.init.uniform_(layer.hyper[-1].bias, -spline_init, spline_init)
+    return flow
 
 
 def _damped_spline(scale: float, slope: float, widths: torch.Tensor, heights: torch.Tensor,
