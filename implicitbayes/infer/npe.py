@@ -105,7 +105,8 @@ class NPE(Method):
     PyTorch's default initialisation, under which the five splines start as random monotone
     bends of θ. Measured on the suite's 14 cells (npe_ablation.md, session 13): better on 9
     (slcp 10⁴ 0.866 → 0.824, gaussian_linear 10³ 0.660 → 0.628, lotka_volterra_ode 10⁴
-    0.894 → 0.867, sir 10⁴ 0.591 → 0.578), worse by 0.001–0.014 on five; mean −0.010.
+    0.894 → 0.867, sir 10⁴ 0.591 → 0.578), worse by 0.001–0.014 on five; mean −0.010 (one
+    seed: over three, gaussian_linear 10⁴ shows no gain, 0.549 → 0.553).
 
     ``patience`` is 50 validations (one per epoch): the learning rate decays along a cosine over
     ``max_steps``, and late, low-rate steps still pay. Measured on two_moons with 10⁴
