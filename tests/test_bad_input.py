@@ -132,6 +132,12 @@ CASES = {
                      ValueError, r"damp_splines: only flow='nsf' has spline logits to damp, got flow='maf'"),
     "spline-init": (lambda t: lambda: ib.NPE(gaussian_model, observed="x", flow="maf", spline_init=1e-3),
                     ValueError, r"spline_init: only flow='nsf' has spline conditioners, got flow='maf'"),
+    "linear-residual": (lambda t: lambda: ib.NPE(gaussian_model, observed="x", linear_residual="yes"),
+                        ValueError, r"linear_residual: expected True, False or 'auto', got 'yes'"),
+    "linear-residual-few": (lambda t: lambda: ib.NPE(gaussian_model, observed="x", linear_residual=True).fit(
+        ib.simulate(gaussian_model, 20, observed="x", seed=0, progress=False), max_steps=2, progress=False),
+        ValueError, r"linear_residual=True: 20 simulations for a regression on 2 observation numbers; it needs "
+                    r"at least 30"),
     "generator-locate": (lambda t: lambda: ib.ImplicitVI(gaussian_model, observed="x", locate="yes"),
                          ValueError, r"locate: expected True or False, got 'yes'"),
     "loop-ema": (lambda t: lambda: ib.LFVI(gaussian_model, observed="x", ema=1.0), ValueError,

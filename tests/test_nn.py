@@ -7,7 +7,7 @@ import torch
 
 import implicitbayes as ib
 from implicitbayes.nn import (CausalConvEmbedding, Critic, DeepSets, Flatten, GRUEmbedding, ImplicitGenerator,
-                              ResidualMLP, Standardize)
+                              LinearResidual, ResidualMLP, Standardize)
 
 
 def test_standardize_fits_log_space_for_positive_features_and_is_saved():
@@ -30,6 +30,34 @@ def test_standardize_fits_log_space_for_positive_features_and_is_saved():
         Standardize((3,)).fit(torch.zeros(4, 2))
     with pytest.raises(ValueError, match="strictly positive"):
         Standardize((3,), log=True).fit(data - 10)
+
+
+def test_linear_residual_recovers_a_linear_regression_and_maps_back():
+    g = torch.Generator().manual_seed(0)
+    n, weight, bias, sd = 20_000, torch.tensor([[1.0, -0.5], [0.0, 2.0], [0.3, 0.0]]), torch.tensor([0.5, -1.0]), \
+        torch.tensor([0.2, 1.5])
+    s = torch.randn(n, 3, generator=g)
+    s[:, 2] = 0.0  # a constant feature (standardised to zero): the ridge keeps the system solvable
+    u = s @ weight + bias + sd * torch.randn(n, 2, generator=g)
+    lin = LinearResidual(3, 2).fit(s, u)
+    # least squares: coefficients within a few standard errors (sd/√n ≈ 0.01), the constant's at zero
+    assert torch.allclose(lin.weight[:2], weight[:2], atol=0.05) and lin.weight[2].abs().max() < 1e-6
+    assert torch.allclose(lin.bias, bias, atol=0.05) and torch.allclose(lin.scale, sd, rtol=0.03)
+    r = lin(s, u)
+    assert torch.allclose(r.mean(0), torch.zeros(2), atol=0.02) and torch.allclose(r.std(0), torch.ones(2), atol=0.02)
+    back = lin.transform(s)
+    assert torch.allclose(back(r), u, atol=1e-4)
+    assert torch.allclose(back.log_abs_det_jacobian(r, u), sd.log().sum().expand(n), atol=0.05)
+    again = LinearResidual(3, 2)
+    again.load_state_dict(lin.state_dict())
+    assert torch.equal(again(s, u), r)
+    # a coordinate the observation determines exactly: its residual sd is floored, not zero
+    exact = LinearResidual(3, 1).fit(s, s[:, :1] * 2)
+    assert exact.scale.item() == pytest.approx(LinearResidual.SCALE_FLOOR)
+    with pytest.raises(ValueError, match="expected s"):
+        LinearResidual(3, 2).fit(s[:, :2], u)
+    with pytest.raises(ValueError, match="NaN"):
+        LinearResidual(3, 2).fit(s, torch.full_like(u, float("nan")))
 
 
 def test_embedding_shapes():
