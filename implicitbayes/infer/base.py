@@ -361,6 +361,11 @@ class NeuralPosterior(Posterior):
 
         self.context = ContextNet(config["x_shape"], embedding)
         self.theta_standardize = Standardize((space.unconstrained_dim,), log=False, robust=False)
+        self.residual = None  # saves from before linear_residual have no key: θ itself was modelled
+        if config.get("linear_residual", False):
+            from ..nn import LinearResidual
+
+            self.residual = LinearResidual(math.prod(config["x_shape"]), space.unconstrained_dim)
 
     def _observation(self, observed) -> torch.Tensor:
         x = super()._observation(observed)
@@ -377,6 +382,18 @@ class NeuralPosterior(Posterior):
         self.context.fit(x)
         self.theta_standardize.fit(u)
         return self.theta_standardize(u)
+
+    def regressors(self, x: torch.Tensor) -> torch.Tensor:
+        """The linear residual's regressors: the standardised observation, flattened, ``(n, prod(x_shape))``."""
+        return torch.cat([self.context.standardize(x[i]).flatten(1) for i in torch.arange(len(x)).split(4096)])
+
+    @torch.no_grad()
+    def fit_residual(self, x: torch.Tensor, u_s: torch.Tensor) -> None:
+        """Fit the linear residual (``linear_residual``), if there is one, on at most
+        ``LinearResidual.FIT_ROWS`` evenly spread rows of the standardised ``u_s``."""
+        if self.residual is not None:
+            rows = torch.arange(0, len(x), -(-len(x) // self.residual.FIT_ROWS))
+            self.residual.fit(self.regressors(x[rows.to(x.device)]), u_s[rows.to(u_s.device)])
 
 
 class Method:
@@ -410,6 +427,30 @@ class Method:
             settings.max_steps = max_steps
         settings.time_budget = time_budget
         return settings
+
+    LINEAR_MAX_FEATURES = 2048  # the regression's normal equations are (features + 1)² numbers
+    LINEAR_ROWS_PER_FEATURE = 10  # at least this many simulations per regression coefficient
+
+    @staticmethod
+    def _check_linear_residual(value) -> None:
+        if not (isinstance(value, bool) or value == "auto"):
+            raise ValueError(f"linear_residual: expected True, False or 'auto', got {value!r}")
+
+    def _resolve_linear_residual(self, x_shape) -> bool:
+        """``self.linear_residual`` for data of shape ``(n, *x_shape)``: "auto" is on where the
+        regression is well determined; True raises where it is not."""
+        n, width = x_shape[0], math.prod(x_shape[1:])
+        enough = n >= self.LINEAR_ROWS_PER_FEATURE * (width + 1)
+        if self.linear_residual == "auto":
+            return width <= self.LINEAR_MAX_FEATURES and enough
+        if self.linear_residual and width > self.LINEAR_MAX_FEATURES:
+            raise ValueError(f"linear_residual=True: the observation has {width} numbers, more than the "
+                             f"{self.LINEAR_MAX_FEATURES} the regression takes; use linear_residual=False or 'auto'")
+        if self.linear_residual and not enough:
+            raise ValueError(f"linear_residual=True: {n} simulations for a regression on {width} observation "
+                             f"numbers; it needs at least {self.LINEAR_ROWS_PER_FEATURE * (width + 1)} "
+                             f"({self.LINEAR_ROWS_PER_FEATURE} per coefficient). Use linear_residual=False or 'auto'")
+        return bool(self.linear_residual)
 
     def _config(self, prep: Prepared, **extra) -> dict:
         return {"x_shape": list(prep.x.shape[1:]), "custom_embedding": self.embedding is not None, **extra}

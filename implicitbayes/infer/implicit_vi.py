@@ -170,6 +170,8 @@ class ImplicitPosterior(NeuralPosterior):
                 ess.append(1.0 / (w**2).sum(1))
             u_s = torch.cat(out)
             self.last_ess = float(torch.cat(ess).mean())  # effective candidates per draw, out of k
+        if self.residual is not None:  # the draws are of θ's linear residual
+            u_s = self.residual.transform(self.regressors(x))(u_s)
         return self.theta_standardize.inverse(u_s)
 
     @torch.no_grad()
@@ -260,6 +262,7 @@ class ImplicitVI(Method):
                  correction_loss: str | None = None, correction_negatives: int = 1, critic_frame: str = "both",
                  num_candidates: int = 8, hidden: int = 128, layers: int = 4, noise_features: int | None = None,
                  noise_bits: int = 0, noise_skip: bool | None = None, locate: bool = False,
+                 linear_residual: bool | str = False,
                  noise_injection: str = "concat", critic_hidden: int = 128, critic_layers: int = 4,
                  embedding: nn.Module | None = None, batch_size: int = 128, lr: float = 1e-3, max_steps: int = 20_000,
                  critic_steps: int = 10_000, patience: int = 60, critic_patience: int = 20, lr_plateau: int | None = 10,
@@ -309,6 +312,8 @@ class ImplicitVI(Method):
                              f"per latent dimension), got {noise_skip!r}")
         if not isinstance(locate, bool):
             raise ValueError(f"locate: expected True or False, got {locate!r}")
+        self._check_linear_residual(linear_residual)
+        self.linear_residual = linear_residual
         self.net = {"hidden": hidden, "layers": layers, "noise_features": noise_features, "noise_bits": noise_bits,
                     "noise_skip": noise_skip, "locate": locate,
                     "noise_injection": noise_injection, "critic_hidden": critic_hidden, "critic_layers": critic_layers}
@@ -411,7 +416,8 @@ class ImplicitVI(Method):
         prep, seed, loop = self._begin(data, max_steps, time_budget, seed)
         critic_settings = self._settings(self.critic_loop, max_steps, time_budget)
         config = self._config(prep, **self.net, correction=self.correction, num_candidates=self.num_candidates,
-                              critic_frame=self.critic_frame)
+                              critic_frame=self.critic_frame,
+                              linear_residual=self._resolve_linear_residual(prep.x.shape))
         if config["noise_skip"] is None:
             config["noise_skip"] = len(prep.x) < NOISE_SKIP_BELOW * prep.space.unconstrained_dim
         config["noise_features"] = (self.net["noise_features"] or max(2 * prep.space.unconstrained_dim, 8)) + self.net["noise_bits"]
@@ -420,6 +426,11 @@ class ImplicitVI(Method):
             post = ImplicitPosterior(prep.space, prep.observed, prep.x_shapes, config, self.embedding).to(self.device)
             x = prep.x_on(self.device)
             u_s = post.fit_standardizers(prep.x, prep.u.to(self.device))
+            if post.residual is not None:  # the generator and the critics work on θ's linear residual
+                post.fit_residual(x, u_s)
+                with torch.no_grad():
+                    u_s = torch.cat([post.residual(post.regressors(x[i]), u_s[i])
+                                     for i in torch.arange(len(x), device=u_s.device).split(4096)])
             summary = {}
             if post.generator.locate is not None:
                 summary["locate"] = self._fit_location(post, x, u_s, loop, seed, progress, checkpoint)

@@ -41,11 +41,6 @@ class NPEPosterior(NeuralPosterior):
                                affine_first=config.get("affine_first", False),  # older saves lack these keys
                                damp_splines=config.get("damp_splines", False),
                                spline_init=config.get("spline_init"))
-        self.residual = None  # older saves have no linear_residual key: they modelled θ itself
-        if config.get("linear_residual", False):
-            from ..nn import LinearResidual
-
-            self.residual = LinearResidual(math.prod(config["x_shape"]), space.unconstrained_dim)
 
     def distribution(self, x: torch.Tensor) -> torch.distributions.Distribution:
         """q(u_standardised | x) for ``x (n, *x_shape)``: the flow, mapped back from the linear
@@ -128,7 +123,7 @@ class NPE(Method):
                  model_kwargs: Mapping | None = None, flow: str = "nsf", transforms: int = 5,
                  hidden_features: Sequence[int] = (50, 50), embedding: nn.Module | None = None,
                  affine_first: bool = True, damp_splines: bool = False, spline_init: float | str | None = "auto",
-                 linear_residual: bool | str = "auto",
+                 linear_residual: bool | str = False,
                  batch_size: int = 50, lr: float = 5e-4,
                  max_steps: int = 30_000, validation_fraction: float = 0.1, patience: int = 50,
                  validate_every: int | None = None, device: str | torch.device | None = None):
@@ -154,29 +149,10 @@ class NPE(Method):
             if flow != "nsf":
                 raise ValueError(f"spline_init: only flow='nsf' has spline conditioners, got flow={flow!r}")
         self.spline_init = None if spline_init is None else float(spline_init)
-        if not (isinstance(linear_residual, bool) or linear_residual == "auto"):
-            raise ValueError(f"linear_residual: expected True, False or 'auto', got {linear_residual!r}")
+        self._check_linear_residual(linear_residual)
         self.linear_residual = linear_residual
 
     SPLINE_INIT = 1e-3
-    LINEAR_MAX_FEATURES = 2048  # the regression's normal equations are (features + 1)² numbers
-    LINEAR_ROWS_PER_FEATURE = 10  # at least this many simulations per regression coefficient
-
-    def _resolve_linear_residual(self, x_shape) -> bool:
-        """``linear_residual`` for data of shape ``(n, *x_shape)``: "auto" is on where the
-        regression is well determined; True raises where it is not."""
-        n, width = x_shape[0], math.prod(x_shape[1:])
-        enough = n >= self.LINEAR_ROWS_PER_FEATURE * (width + 1)
-        if self.linear_residual == "auto":
-            return width <= self.LINEAR_MAX_FEATURES and enough
-        if self.linear_residual and width > self.LINEAR_MAX_FEATURES:
-            raise ValueError(f"linear_residual=True: the observation has {width} numbers, more than the "
-                             f"{self.LINEAR_MAX_FEATURES} the regression takes; use linear_residual=False or 'auto'")
-        if self.linear_residual and not enough:
-            raise ValueError(f"linear_residual=True: {n} simulations for a regression on {width} observation "
-                             f"numbers; it needs at least {self.LINEAR_ROWS_PER_FEATURE * (width + 1)} "
-                             f"({self.LINEAR_ROWS_PER_FEATURE} per coefficient). Use linear_residual=False or 'auto'")
-        return bool(self.linear_residual)
 
     def fit(self, data, *, max_steps: int | None = None, time_budget: float | None = None, seed: int | None = None,
             progress: bool = True, checkpoint=None) -> NPEPosterior:
@@ -190,11 +166,7 @@ class NPE(Method):
             post = NPEPosterior(prep.space, prep.observed, prep.x_shapes, config, self.embedding).to(self.device)
             x = prep.x_on(self.device)
             u_s = post.fit_standardizers(prep.x, prep.u.to(self.device))
-            if post.residual is not None:  # the regression, on at most FIT_ROWS evenly spread rows
-                rows = torch.arange(0, len(x), -(-len(x) // post.residual.FIT_ROWS))
-                with torch.no_grad():
-                    s = torch.cat([post.context.standardize(x[i]).flatten(1) for i in rows.split(4096)])
-                post.residual.fit(s, u_s[rows.to(u_s.device)])
+            post.fit_residual(x, u_s)  # distribution() maps the flow's residual back to u_s
 
             def step(idx, g):
                 return {"nll": -post.distribution(x[idx]).log_prob(u_s[idx]).mean()}
