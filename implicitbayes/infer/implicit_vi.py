@@ -253,6 +253,9 @@ class ImplicitVI(Method):
     given y, freeze it, and let the generator shape θ − μ(e(y)) around it; off: slcp 10⁴
     0.901 → 0.889, gaussian_mixture 10⁴ raw draws 0.752 → 0.694 but corrected ones 0.625 →
     0.630, two_moons 10⁴ 0.568 → 0.603, whose median lies off the crescent; ablation, session 13),
+    ``linear_residual`` (off; as for :class:`implicitbayes.NPE`: the generator and the critics work
+    on θ's residual from a least-squares regression on the standardised observation, and draws
+    are mapped back; ablation, session 14),
     ``device``.
     """
 
