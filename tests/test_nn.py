@@ -51,6 +51,17 @@ def test_linear_residual_recovers_a_linear_regression_and_maps_back():
     again = LinearResidual(3, 2)
     again.load_state_dict(lin.state_dict())
     assert torch.equal(again(s, u), r)
+    # the residuals' shape: Gaussian here (skewness and excess kurtosis ≈ 0, standard errors
+    # √(6/n) ≈ 0.017 and √(24/n) ≈ 0.035); Laplace noise has excess kurtosis 3, exponential skewness 2
+    skew, kurt = lin.shape_moments(s, u)
+    assert skew.abs().max() < 0.07 and kurt.abs().max() < 0.15
+    torch.manual_seed(1)
+    laplace = torch.distributions.Laplace(0.0, 1.0).sample((n, 1))
+    skew, kurt = LinearResidual(3, 1).fit(s, s[:, :1] + laplace).shape_moments(s, s[:, :1] + laplace)
+    assert skew.abs().item() < 0.15 and kurt.item() == pytest.approx(3.0, abs=0.6)
+    expo = torch.distributions.Exponential(1.0).sample((n, 1))
+    skew, _ = LinearResidual(3, 1).fit(s, expo).shape_moments(s, expo)
+    assert skew.item() == pytest.approx(2.0, abs=0.3)
     # a coordinate the observation determines exactly: its residual sd is floored, not zero
     exact = LinearResidual(3, 1).fit(s, s[:, :1] * 2)
     assert exact.scale.item() == pytest.approx(LinearResidual.SCALE_FLOOR)

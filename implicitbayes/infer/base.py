@@ -388,12 +388,35 @@ class NeuralPosterior(Posterior):
         return torch.cat([self.context.standardize(x[i]).flatten(1) for i in torch.arange(len(x)).split(4096)])
 
     @torch.no_grad()
-    def fit_residual(self, x: torch.Tensor, u_s: torch.Tensor) -> None:
+    def fit_residual(self, x: torch.Tensor, u_s: torch.Tensor, auto: bool = False) -> dict | None:
         """Fit the linear residual (``linear_residual``), if there is one, on at most
-        ``LinearResidual.FIT_ROWS`` evenly spread rows of the standardised ``u_s``."""
-        if self.residual is not None:
-            rows = torch.arange(0, len(x), -(-len(x) // self.residual.FIT_ROWS))
-            self.residual.fit(self.regressors(x[rows.to(x.device)]), u_s[rows.to(u_s.device)])
+        ``LinearResidual.FIT_ROWS`` evenly spread rows of the standardised ``u_s``.
+
+        With ``auto`` the residual is kept only where it looks Gaussian on those rows — every
+        coordinate's skewness within ±``RESIDUAL_MAX_SKEW`` and excess kurtosis within
+        ±``RESIDUAL_MAX_EXCESS_KURTOSIS`` — and dropped otherwise (``config["linear_residual"]``
+        becomes False). A homoscedastic linear-Gaussian relation gives Gaussian residuals; a
+        nonlinear or heteroscedastic one gives skewed or heavy-tailed ones (scale mixtures have
+        positive excess kurtosis), which standardised by one σ put outliers in the flow's tails
+        (npe_ablation.md, session 15). Returns the decision and the moments, or None without a
+        residual."""
+        if self.residual is None:
+            return None
+        rows = torch.arange(0, len(x), -(-len(x) // self.residual.FIT_ROWS))
+        s, u = self.regressors(x[rows.to(x.device)]), u_s[rows.to(u_s.device)]
+        self.residual.fit(s, u)
+        skew, kurt = self.residual.shape_moments(s, u)
+        gaussian = bool((skew.abs() <= self.RESIDUAL_MAX_SKEW).all() and
+                        (kurt.abs() <= self.RESIDUAL_MAX_EXCESS_KURTOSIS).all())
+        keep = gaussian or not auto
+        if not keep:
+            self.residual = None
+            self.config["linear_residual"] = False
+        return {"on": keep, "gaussian": gaussian, "skewness": [round(float(v), 4) for v in skew],
+                "excess_kurtosis": [round(float(v), 4) for v in kurt]}
+
+    RESIDUAL_MAX_SKEW = 0.5  # linear_residual="auto": the residuals' largest |skewness| kept
+    RESIDUAL_MAX_EXCESS_KURTOSIS = 1.0  # ... and largest |excess kurtosis|
 
 
 class Method:
@@ -437,8 +460,9 @@ class Method:
             raise ValueError(f"linear_residual: expected True, False or 'auto', got {value!r}")
 
     def _resolve_linear_residual(self, x_shape) -> bool:
-        """``self.linear_residual`` for data of shape ``(n, *x_shape)``: "auto" is on where the
-        regression is well determined; True raises where it is not."""
+        """Whether to fit the linear residual on data of shape ``(n, *x_shape)``: "auto" fits it
+        where the regression is well determined (and ``NeuralPosterior.fit_residual`` keeps it
+        where its residuals look Gaussian); True raises where it is not well determined."""
         n, width = x_shape[0], math.prod(x_shape[1:])
         enough = n >= self.LINEAR_ROWS_PER_FEATURE * (width + 1)
         if self.linear_residual == "auto":

@@ -183,6 +183,15 @@ class LinearResidual(nn.Module):
         """The standardised residual (u − A s − b) / σ."""
         return (u - self.loc(s)) / self.scale
 
+    @torch.no_grad()
+    def shape_moments(self, s: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residuals' skewness and excess kurtosis per coordinate on ``s``, ``u`` (both 0 for
+        a Gaussian), each ``(features,)``, computed in float64."""
+        r = self(s, u).double()
+        c = r - r.mean(0)
+        var = c.pow(2).mean(0).clamp_min(1e-300)
+        return c.pow(3).mean(0) / var ** 1.5, c.pow(4).mean(0) / var ** 2 - 3.0
+
     def loc(self, s: torch.Tensor) -> torch.Tensor:
         """A s + b: the linear regression's prediction of u, ``(n, features)``."""
         return s @ self.weight + self.bias
