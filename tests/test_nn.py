@@ -62,6 +62,10 @@ def test_linear_residual_recovers_a_linear_regression_and_maps_back():
     expo = torch.distributions.Exponential(1.0).sample((n, 1))
     skew, _ = LinearResidual(3, 1).fit(s, expo).shape_moments(s, expo)
     assert skew.item() == pytest.approx(2.0, abs=0.3)
+    # a constant coordinate: its moments are 0, not NaN (0/0)
+    constant = torch.cat([u[:, :1], torch.zeros(n, 1)], 1)
+    skew, kurt = LinearResidual(3, 2).fit(s, constant).shape_moments(s, constant)
+    assert torch.isfinite(skew).all() and torch.isfinite(kurt).all() and skew[1] == 0 and kurt[1] == 0
     # a coordinate the observation determines exactly: its residual sd is floored, not zero
     exact = LinearResidual(3, 1).fit(s, s[:, :1] * 2)
     assert exact.scale.item() == pytest.approx(LinearResidual.SCALE_FLOOR)

@@ -186,11 +186,13 @@ class LinearResidual(nn.Module):
     @torch.no_grad()
     def shape_moments(self, s: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The residuals' skewness and excess kurtosis per coordinate on ``s``, ``u`` (both 0 for
-        a Gaussian), each ``(features,)``, computed in float64."""
+        a Gaussian), each ``(features,)``, computed in float64. A coordinate whose residuals are
+        all equal (y determines it exactly; its σ is floored) gets 0 for both, not 0/0."""
         r = self(s, u).double()
         c = r - r.mean(0)
-        var = c.pow(2).mean(0).clamp_min(1e-300)
-        return c.pow(3).mean(0) / var ** 1.5, c.pow(4).mean(0) / var ** 2 - 3.0
+        sd = c.pow(2).mean(0).sqrt()
+        z = torch.where(sd > 0, c / torch.where(sd > 0, sd, 1.0), 0.0)
+        return z.pow(3).mean(0), torch.where(sd > 0, z.pow(4).mean(0) - 3.0, 0.0)
 
     def loc(self, s: torch.Tensor) -> torch.Tensor:
         """A s + b: the linear regression's prediction of u, ``(n, features)``."""
