@@ -15,8 +15,9 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+import torch.nn.functional as F
 
-from implicitbayes.nn import FLOWS, FlowDistribution, build_flow
+from implicitbayes.nn import FLOWS, FlowDistribution, build_flow, short_softmax
 
 A = torch.tensor([[1.0], [-0.5]])
 B = torch.tensor([0.5, -0.3])
@@ -135,6 +136,32 @@ def test_spline_init_starts_every_spline_at_the_identity_and_leaves_the_rest_as_
         if name.startswith("transform.transforms.0.") or not name.endswith((f"hyper.{len(first.hyper) - 1}.weight",
                                                                            f"hyper.{len(first.hyper) - 1}.bias")):
             assert torch.equal(a, b), name
+
+
+def test_short_softmax_matches_softmax_on_short_rows_and_leaves_every_other_call_alone():
+    torch.manual_seed(0)
+    a = 4 * torch.randn(500, 10, 8)
+    a[0, 0] = torch.tensor([-math.inf] + [0.0] * 7)  # a bin of zero width
+    with short_softmax():
+        fast = F.softmax(a, dim=-1)
+        other_dim = F.softmax(a, dim=1)
+        wide = F.softmax(torch.randn(4, 100), -1)
+        as_double = F.softmax(a, -1, dtype=torch.float64)
+    ref = F.softmax(a, dim=-1)
+    assert fast.dtype == a.dtype and (fast - ref).abs().max() < 1e-6 and fast[0, 0, 0] == 0
+    assert torch.allclose(fast.sum(-1), torch.ones(500, 10))
+    assert torch.equal(other_dim, F.softmax(a, dim=1)) and as_double.dtype == torch.float64
+    assert wide.shape == (4, 100)
+    # a spline flow draws the same values to rounding
+    flow = build_flow("nsf", 4, 2, hidden_features=(16, 16), spline_init=None)
+    c = torch.randn(1, 2)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        slow = flow(c).sample((2000,))
+        torch.manual_seed(1)
+        with short_softmax():
+            quick = flow(c).sample((2000,))
+    assert (quick - slow).abs().max() < 1e-4
 
 
 def test_pyro_adapter():

@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..nn import FLOWS, build_flow
+from ..nn import FLOWS, build_flow, short_softmax
 from ..simulate import _Seeded
 from ..space import ParameterSpace
 from .base import Method, NeuralPosterior, _x_from, register_posterior
@@ -52,7 +52,7 @@ class NPEPosterior(NeuralPosterior):
         return torch.distributions.TransformedDistribution(q, [self.residual.transform(s.flatten(1))])
 
     def _sample_unconstrained(self, x, num_samples, generator):
-        with _Seeded(int(torch.randint(0, 2**62, (), generator=generator)), self.device):
+        with _Seeded(int(torch.randint(0, 2**62, (), generator=generator)), self.device), short_softmax():
             u_s = self.distribution(x).sample((num_samples,))[:, 0]
         return self.theta_standardize.inverse(u_s)
 
@@ -68,7 +68,7 @@ class NPEPosterior(NeuralPosterior):
             raise ValueError(f"observations: rows {sorted(set(bad.reshape(len(x), -1).any(1).nonzero().flatten().tolist()))[:10]} "
                              "have entries ≤ 0 where every training simulation was strictly positive")
         base = seed if seed is not None else int(torch.randint(0, 2**62, ()))
-        with _Seeded(base, self.device):
+        with _Seeded(base, self.device), short_softmax():
             u_s = self.distribution(x).sample((num_samples,))  # (n, B, d)
         b = x.shape[0]
         u = self.theta_standardize.inverse(u_s.transpose(0, 1).reshape(b * num_samples, -1))
