@@ -164,9 +164,9 @@ class ImplicitPosterior(NeuralPosterior):
                 n = len(chunk)
                 f = None if frame is None else (frame[0].expand(n, -1), frame[1].expand(n, -1))
                 logw = self.config.get("temperature", 1.0) * self.log_ratio(c.expand(n, -1), cand, f)  # (n, k)
-                pick = torch.multinomial(torch.softmax(logw, 1), 1, generator=generator).squeeze(1)
-                out.append(cand[torch.arange(len(chunk)), pick])
                 w = torch.softmax(logw, 1)
+                pick = torch.multinomial(w, 1, generator=generator).squeeze(1)
+                out.append(cand[torch.arange(len(chunk)), pick])
                 ess.append(1.0 / (w**2).sum(1))
             u_s = torch.cat(out)
             self.last_ess = float(torch.cat(ess).mean())  # effective candidates per draw, out of k
