@@ -45,7 +45,7 @@ def score(task, post, k: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--observations", default="1-5")
-    ap.add_argument("--options", default="", help="LFVI options as Python keyword arguments, e.g. max_steps=8000")
+    ap.add_argument("--options", default="", help="LFVI options as Python keyword arguments, e.g. num_particles=32, training={'max_steps': 8000}")
     args = ap.parse_args()
     a, _, b = args.observations.partition("-")
     obs = range(int(a), int(b or a) + 1)

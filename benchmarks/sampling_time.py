@@ -38,7 +38,7 @@ def samplers(task, data, steps: int, seed: int) -> dict:
     from sbi.inference import NPE_C
 
     implicit = ib.ImplicitVI(task.model, observed="x").fit(data, seed=seed, progress=False, max_steps=steps)
-    implicit.config["temperature"] = 1.0  # every draw through the K-candidate resampler
+    implicit.config.temperature = 1.0  # every draw through the K-candidate resampler
     npe = ib.NPE(task.model, observed="x").fit(data, seed=seed, progress=False, max_steps=steps)
     torch.manual_seed(seed)
     inference = NPE_C(prior=task.prior, density_estimator="nsf", show_progress_bars=False)

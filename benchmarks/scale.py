@@ -127,7 +127,7 @@ def m_train(method: str, store: str, mapped: bool, steps: int) -> dict:
     before = _memory()
     _track()
     cls = {"npe": ib.NPE, "implicit_vi": ib.ImplicitVI}[method]
-    opts = {"validation_fraction": 0.01} if method == "npe" else {}
+    opts = {"training": {"validation_fraction": 0.01}} if method == "npe" else {}
     fitter = cls(model, observed="x", **opts)
     t0 = time.perf_counter()
     post = fitter.fit(data, max_steps=steps, seed=0, progress=False)
@@ -165,7 +165,7 @@ def m_wide(store: str, n: int, width: int, steps: int) -> dict:
     embedding.out_features = 32
     t0 = time.perf_counter()
     post = ib.NPE(wide_model, observed="x", model_kwargs={"width": width}, embedding=embedding,
-                  validation_fraction=0.002).fit(data, max_steps=steps, seed=0, progress=False)
+                  training={"validation_fraction": 0.002}).fit(data, max_steps=steps, seed=0, progress=False)
     train_s = time.perf_counter() - t0
     x_bytes = data["x"].numel() * data["x"].element_size()
     return {"simulations": n, "width": width, "x_mb": x_bytes / 2**20, "simulate_seconds": sim_s,

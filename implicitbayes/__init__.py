@@ -3,8 +3,10 @@
 from . import diagnostics
 from .diagnostics import to_inference_data
 from .distributions import Implicit, LogUniform
-from .errors import FormatError, IntractableLikelihoodError, SimulationError, SimulatorOutputError, StoreMismatchError
-from .infer import ABC, LFVI, NPE, NRE, ImplicitVI, TrainingError, load
+from .errors import (FormatError, IntractableLikelihoodError, SimulationError, SimulatorOutputError,
+                     StoreMismatchError, TrainingError)
+from .infer import ABC, LFVI, NPE, NRE, ImplicitVI, TrainConfig, load
+from .seeding import seeded
 from .simulate import simulate
 from .simulation_set import SimulationSet
 from .space import ParameterSpace
@@ -28,6 +30,8 @@ __all__ = [
     "NRE",
     "ABC",
     "TrainingError",
+    "TrainConfig",
+    "seeded",
     "load",
     "diagnostics",
     "to_inference_data",

@@ -31,3 +31,7 @@ class FormatError(ValueError):
 
 class StoreMismatchError(ValueError):
     """A simulation store on disk was written with different settings than the ones requested."""
+
+
+class TrainingError(RuntimeError):
+    """Training produced a non-finite loss; the best weights so far have been restored."""

@@ -26,7 +26,6 @@ import contextlib
 import json
 import math
 import os
-import random
 import shutil
 import tempfile
 import threading
@@ -43,6 +42,8 @@ import torch
 
 from .errors import SimulationError, SimulatorOutputError, StoreMismatchError
 from .io import atomic_write_text, load_tensors, save_tensors
+from .checks import integer
+from .seeding import seeded
 from .simulation_set import SimulationSet
 
 __all__ = ["simulate", "simulate_at", "run_given", "model_sites", "SiteInfo", "resolve_device", "plate_layout"]
@@ -83,29 +84,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-class _Seeded:
-    """Seed torch, numpy and random for a block of work, and restore their state after."""
-
-    def __init__(self, seed: int, device: torch.device):
-        self.seed, self.device = seed, device
-
-    def __enter__(self):
-        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
-        self._fork = torch.random.fork_rng(devices=cuda)
-        self._fork.__enter__()
-        self._np, self._py = np.random.get_state(), random.getstate()
-        state = np.random.SeedSequence(self.seed).generate_state(3, np.uint32)
-        torch.manual_seed(int(state[0]) << 32 | int(state[1]))
-        np.random.seed(int(state[2]))
-        random.seed(int(state[2]))
-        return self
-
-    def __exit__(self, *exc):
-        np.random.set_state(self._np)
-        random.setstate(self._py)
-        return self._fork.__exit__(*exc)
-
-
 def plate_layout(value: torch.Tensor, plate_dim: int, batch_ndim: int) -> torch.Tensor:
     """``(n, *site_shape)`` → the shape a site has when ``n`` copies of it run under a plate at
     ``plate_dim``: size-1 dims are inserted between the plate dim and the site's own
@@ -140,7 +118,7 @@ def model_sites(model: Callable, observed: Sequence[str], model_args=(), model_k
     for attempt in range(_TRIAL_ATTEMPTS):
         tracer = poutine.trace(model)
         try:
-            with _Seeded(seed + attempt, torch.device("cpu")):
+            with seeded(seed + attempt, torch.device("cpu")):
                 trace = tracer.get_trace(*tuple(model_args), **dict(model_kwargs or {}))
             break
         except Exception as e:  # user code: say it was the trial run, and with which parameters
@@ -307,7 +285,7 @@ def _run_chunk_locked(job: _ChunkJob) -> dict[str, torch.Tensor]:
     device = torch.device(job.device)
     tracer = poutine.trace(job.model)
     try:
-        with _Seeded(job.seed, device), _default_device(device), \
+        with seeded(job.seed, device), _default_device(device), \
                 pyro.plate(_OUTER_PLATE, job.size, dim=job.outer_dim):
             trace = tracer.get_trace(*job.model_args, **job.model_kwargs)
     except SimulatorOutputError as e:  # a broken contract: a bug, never isolated
@@ -604,25 +582,17 @@ def simulate(
     Returns:
         A :class:`SimulationSet` with ``(n_valid, *site_shape)`` tensors on ``device``.
     """
-    if isinstance(num_simulations, bool) or not isinstance(num_simulations, (int, np.integer)) or num_simulations <= 0:
-        raise ValueError(f"num_simulations: expected a positive integer, got {num_simulations!r}")
-    num_simulations = int(num_simulations)
-    if batch_size is None:
-        batch_size = min(num_simulations, DEFAULT_BATCH_SIZE)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
-        raise ValueError(f"batch_size: expected a positive integer or None, got {batch_size!r}")
-    batch_size = int(batch_size)
+    num_simulations = integer("num_simulations", num_simulations)
+    batch_size = integer("batch_size", batch_size, none=True) or min(num_simulations, DEFAULT_BATCH_SIZE)
     if isinstance(observed, str):
         observed = [observed]
     observed = list(observed) if observed is not None else []
     if not observed or not all(isinstance(o, str) for o in observed):
         raise ValueError(f"observed: expected a site name or a list of site names, got {observed!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
-        raise ValueError(f"seed: expected a non-negative integer or None, got {seed!r}")
+    seed = integer("seed", seed, minimum=0, none=True)
     if on_error not in ("raise", "drop"):
         raise ValueError(f"on_error: expected 'raise' or 'drop', got {on_error!r}")
-    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-        raise ValueError(f"retries: expected a non-negative integer, got {retries!r}")
+    retries = integer("retries", retries, minimum=0)
     if executor is not None and not isinstance(executor, cf.Executor):
         raise TypeError(f"executor: expected a concurrent.futures.Executor, got {type(executor).__name__}")
     if not callable(model):

@@ -16,7 +16,8 @@ import pyro.poutine as poutine
 import torch
 from torch.distributions import Transform, biject_to, constraints
 
-from .simulate import _Seeded, _random_sites
+from .seeding import seeded
+from .simulate import _random_sites
 
 __all__ = ["ParameterSpace", "SiteSpace", "constraint_to_json", "constraint_from_json"]
 
@@ -110,7 +111,7 @@ class ParameterSpace:
     def from_model(cls, model: Callable, latent_names: Sequence[str], model_args=(), model_kwargs=None,
                    seed: int = 0) -> "ParameterSpace":
         """Trace one run of ``model`` and take shape and support of each of ``latent_names``."""
-        with _Seeded(seed, torch.device("cpu")):
+        with seeded(seed, torch.device("cpu")):
             trace = poutine.trace(model).get_trace(*tuple(model_args), **dict(model_kwargs or {}))
         by_name = {s["name"]: s for s in _random_sites(trace)}
         missing = [n for n in latent_names if n not in by_name]

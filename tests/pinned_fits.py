@@ -52,7 +52,7 @@ def draws() -> dict[str, torch.Tensor]:
     implicit = ib.ImplicitVI(model, observed="x").fit(data, **fit)
     out["implicit_vi"] = implicit.sample(200, X, seed=1)["theta"]
     out["implicit_vi.raw"] = implicit.sample(200, X, seed=1, correction=None)["theta"]
-    out["implicit_vi.temperature"] = torch.tensor(float(implicit.config["temperature"]))
+    out["implicit_vi.temperature"] = torch.tensor(float(implicit.config.temperature))
     nre = ib.NRE(model, observed="x").fit(data, **fit)
     out["nre.log_ratio"] = nre.log_ratio({"theta": out["npe"][:20]}, X)
     out["nre"] = nre.sample(40, X, seed=1, num_chains=1, warmup_steps=20)["theta"]

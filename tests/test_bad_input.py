@@ -1,6 +1,7 @@
 """The bad-input catalogue of docs/bad_input.md: one case per row, each checking the error type
 and the words of its message. The first test keeps the table and the cases in step."""
 
+import json
 import re
 from pathlib import Path
 
@@ -64,6 +65,19 @@ def _store_foreign_dir(tmp_path):
     return lambda: ib.simulate(gaussian_model, 10, observed="x", seed=0, store=tmp_path, progress=False)
 
 
+def _old_version_file(tmp_path):
+    from safetensors.torch import load_file, safe_open
+
+    from implicitbayes.io import save_tensors
+
+    _posterior().save(tmp_path / "new.safetensors")
+    with safe_open(str(tmp_path / "new.safetensors"), framework="pt") as fh:
+        meta = json.loads(fh.metadata()["implicitbayes"])
+    save_tensors(tmp_path / "old.safetensors", load_file(str(tmp_path / "new.safetensors")), kind=meta["kind"],
+                 version=1, meta={k: v for k, v in meta.items() if k not in ("kind", "format_version", "checksum")})
+    return lambda: ib.load(tmp_path / "old.safetensors")
+
+
 def _corrupt_file(tmp_path):
     data = ib.simulate(gaussian_model, 10, observed="x", seed=0, progress=False)
     data.save(tmp_path / "d.safetensors")
@@ -118,18 +132,18 @@ CASES = {
                         r"num_simulations: expected a positive integer, got 0"),
     "batch-size": (lambda t: _simulate(gaussian_model, batch_size=0), ValueError,
                    r"batch_size: expected a positive integer or None, got 0"),
-    "loop-plateau": (lambda t: lambda: ib.ImplicitVI(gaussian_model, observed="x", lr_plateau=0), ValueError,
-                     r"lr_plateau: expected a positive integer or None, got 0"),
-    "correction-loss": (lambda t: lambda: ib.ImplicitVI(gaussian_model, observed="x", correction_loss="contrastve"),
-                        ValueError, r"correction_loss: expected None, 'contrastive' or a ratio loss in \[.*\], got 'contrastve'"),
-    "critic-frame": (lambda t: lambda: ib.ImplicitVI(gaussian_model, observed="x", critic_frame="locl"),
-                     ValueError, r"critic_frame: expected 'global', 'local' or 'both', got 'locl'"),
+    "loop-plateau": (lambda t: lambda: ib.ImplicitVI(gaussian_model, observed="x", training={"plateau": 0}),
+                     ValueError, r"plateau: expected a positive integer or None, got 0"),
+    "training-unknown": (lambda t: lambda: ib.NPE(gaussian_model, observed="x", training={"learning_rate": 1e-4}),
+                         ValueError, r"training: unknown loop settings \['learning_rate'\]; TrainConfig has \[.*'lr'"),
+    "training-type": (lambda t: lambda: ib.NPE(gaussian_model, observed="x", training=5), TypeError,
+                      r"training: expected an ib.TrainConfig, a mapping of its fields or None, got int"),
+    "correction": (lambda t: lambda: ib.ImplicitVI(gaussian_model, observed="x", correction="SIR"),
+                   ValueError, r"correction: expected one of 'sir', None, got 'SIR'"),
     "noise-skip": (lambda t: lambda: ib.ImplicitVI(gaussian_model, observed="x", noise_skip="no"),
                    ValueError, r"noise_skip: expected True, False or None .*, got 'no'"),
     "affine-first": (lambda t: lambda: ib.NPE(gaussian_model, observed="x", affine_first="yes"),
                      ValueError, r"affine_first: expected True or False, got 'yes'"),
-    "damp-splines": (lambda t: lambda: ib.NPE(gaussian_model, observed="x", flow="maf", damp_splines=True),
-                     ValueError, r"damp_splines: only flow='nsf' has spline logits to damp, got flow='maf'"),
     "spline-init": (lambda t: lambda: ib.NPE(gaussian_model, observed="x", flow="maf", spline_init=1e-3),
                     ValueError, r"spline_init: only flow='nsf' has spline conditioners, got flow='maf'"),
     "linear-residual": (lambda t: lambda: ib.NPE(gaussian_model, observed="x", linear_residual="yes"),
@@ -138,9 +152,7 @@ CASES = {
         ib.simulate(gaussian_model, 20, observed="x", seed=0, progress=False), max_steps=2, progress=False),
         ValueError, r"linear_residual=True: 20 simulations for a regression on 2 observation numbers; it needs "
                     r"at least 30"),
-    "generator-locate": (lambda t: lambda: ib.ImplicitVI(gaussian_model, observed="x", locate="yes"),
-                         ValueError, r"locate: expected True or False, got 'yes'"),
-    "loop-ema": (lambda t: lambda: ib.LFVI(gaussian_model, observed="x", ema=1.0), ValueError,
+    "loop-ema": (lambda t: lambda: ib.LFVI(gaussian_model, observed="x", training={"ema": 1.0}), ValueError,
                  r"ema: expected a decay in \(0, 1\) or None, got 1.0"),
     "num-samples": (lambda t: lambda: _posterior().sample(0, torch.zeros(2)), ValueError,
                     r"num_samples: expected a positive integer, got 0"),
@@ -155,6 +167,9 @@ CASES = {
     "store-other-settings": (_store_other_settings, ib.StoreMismatchError, r"batch_size: store has 10, asked 20"),
     "store-foreign-dir": (_store_foreign_dir, ValueError, r"is a non-empty directory that is not a simulation store"),
     "file-corrupt": (_corrupt_file, ib.FormatError, r"d\.safetensors: corrupt file"),
+    "file-old-version": (_old_version_file, ib.FormatError,
+                         r"old\.safetensors: a posterior of format version 1, written before the typed configurations "
+                         r"of version 2; .* fit the posterior again"),
     "cli-foreign-dir": (_cli_foreign_dir, SystemExit, r"^2$"),
 }
 

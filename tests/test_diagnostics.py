@@ -178,7 +178,7 @@ def test_sample_batch_draws_all_rows_at_once(npe):
 def test_default_sample_batch_is_row_by_row():
     # the base implementation stacks per-row draws seeded seed + i (ImplicitVI, NRE, ...):
     # checked on a minimal stand-in whose sample() is the exact posterior
-    from implicitbayes.infer.base import Posterior
+    from implicitbayes.infer.posterior import Posterior
 
     post = Analytic()
 

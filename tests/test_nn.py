@@ -146,31 +146,6 @@ def test_generator_noise_skip_is_a_linear_path_from_noise_to_output():
         ImplicitGenerator(4, 3, noise_skip=1)
 
 
-def test_generator_locate_adds_a_location_net_of_the_context_alone():
-    # θ = μ(c) + g(c, z): with g's output layer zeroed every noise vector gives μ(c), which moves
-    # with the context
-    torch.manual_seed(0)
-    gen = ImplicitGenerator(4, 3, noise_features=6, hidden=16, layers=3, locate=True)
-    with torch.no_grad():
-        gen.out.weight.zero_()
-        gen.out.bias.zero_()
-        c = torch.randn(5, 4)
-        draws = gen(c, torch.randn(5, 7, 6))
-    torch.testing.assert_close(draws, gen.locate(c)[:, None].expand(-1, 7, -1))
-    assert draws[:, 0].std(0).min() > 0  # a function of the context
-    assert sum(isinstance(m, torch.nn.Linear) for m in gen.locate) == 3  # as deep as g
-    assert ImplicitGenerator(4, 3).locate is None  # off by default
-    # built after the other layers: their initialisation is the same with or without it
-    torch.manual_seed(1)
-    plain = ImplicitGenerator(4, 3, hidden=16, layers=3)
-    torch.manual_seed(1)
-    located = ImplicitGenerator(4, 3, hidden=16, layers=3, locate=True)
-    for name, value in plain.state_dict().items():
-        assert torch.equal(value, located.state_dict()[name]), name
-    with pytest.raises(ValueError, match="locate: expected True or False, got 'yes'"):
-        ImplicitGenerator(4, 3, locate="yes")
-
-
 def test_generator_errors():
     with pytest.raises(ValueError, match="noise_injection"):
         ImplicitGenerator(2, 2, noise_injection="add")

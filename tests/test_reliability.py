@@ -152,7 +152,7 @@ def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
     ckpt = tmp_path / "ckpt.safetensors"
     setup = ("import implicitbayes as ib\nfrom tests.models import gaussian_model\n"
              "data = ib.simulate(gaussian_model, 500, observed='x', seed=1, progress=False)\n"
-             "method = ib.NPE(gaussian_model, observed='x', validate_every=10, patience=1000)\n")
+             "method = ib.NPE(gaussian_model, observed='x', training={'validate_every': 10, 'patience': 1000})\n")
     # writes at steps 10, 20, 30: killed while writing the third (step 30)
     _run_until_killed_mid_write(tmp_path, 3, setup + f"method.fit(data, max_steps=60, seed=3, progress=False, "
                                                      f"checkpoint={str(ckpt)!r})\n")
@@ -162,7 +162,7 @@ def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
     assert meta["step"] == 20, "the last complete checkpoint is the one before the killed write"
     assert list(tmp_path.glob(".ckpt.safetensors.*.tmp")), "the killed writer should have left its temporary"
     data = ib.simulate(gaussian_model, 500, observed="x", seed=1, progress=False)
-    method = ib.NPE(gaussian_model, observed="x", validate_every=10, patience=1000)
+    method = ib.NPE(gaussian_model, observed="x", training={"validate_every": 10, "patience": 1000})
     resumed = method.fit(data, max_steps=60, seed=3, progress=False, checkpoint=ckpt)
     assert not list(tmp_path.glob(".ckpt.safetensors.*.tmp")), "stale temporary not cleaned on resume"
     assert [h["step"] for h in resumed.training_summary["history"]] == [10, 20, 30, 40, 50, 60]

@@ -28,7 +28,7 @@ __all__ = ["sbc", "SBCResult", "expected_coverage", "CoverageResult", "calibrati
 
 
 def _posterior_for(posterior_or_fit: Any) -> Callable[[Any], Any]:
-    from ..infer.base import Posterior
+    from ..infer.posterior import Posterior
 
     if isinstance(posterior_or_fit, Posterior):
         return lambda x: posterior_or_fit
@@ -50,7 +50,7 @@ def calibration_draws(posterior: Any, model: Callable, *, observed: str | Sequen
 
     from ..simulate import simulate
 
-    from ..infer.base import Posterior
+    from ..infer.posterior import Posterior
 
     fit_for = _posterior_for(posterior)
     observed = [observed] if isinstance(observed, str) else list(observed)

@@ -59,7 +59,7 @@ def to_inference_data(posterior, observed: Any = None, *, num_samples: int = 100
     """
     import arviz as az
 
-    from ..infer.base import observed_values
+    from ..infer.data import observed_values
 
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples: expected a positive integer, got {num_samples!r}")

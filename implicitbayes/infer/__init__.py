@@ -1,12 +1,14 @@
-"""Inference methods, one module each, sharing one training loop (``training.py``)."""
+"""Inference methods, one module each, sharing one training loop (``training.py``), the posterior
+base (``posterior.py``), the objectives (``objectives.py``) and critic-corrected resampling
+(``sir.py``)."""
 
 from .abc import ABC, ABCPosterior
-from .base import Posterior, load
 from .implicit_vi import ImplicitPosterior, ImplicitVI
 from .lfvi import LFVI, LFVIPosterior
 from .npe import NPE, NPEPosterior
 from .nre import NRE, NREPosterior
-from .training import TrainingError
+from .posterior import Posterior, load
+from .training import TrainConfig
 
 __all__ = ["Posterior", "load", "ImplicitVI", "ImplicitPosterior", "NPE", "NPEPosterior", "NRE", "NREPosterior",
-           "ABC", "ABCPosterior", "LFVI", "LFVIPosterior", "TrainingError"]
+           "ABC", "ABCPosterior", "LFVI", "LFVIPosterior", "TrainConfig"]

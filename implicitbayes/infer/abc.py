@@ -17,19 +17,32 @@ or when ``num_simulations`` simulations are spent.
 
 from __future__ import annotations
 
-import math
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import pyro
 import pyro.poutine as poutine
 import torch
 
-from ..simulate import _Seeded, model_sites, plate_layout, resolve_device, simulate, simulate_at
+from ..checks import choice, integer, number
+from ..seeding import resolve_seed, seeded
+from ..simulate import model_sites, plate_layout, simulate, simulate_at
 from ..space import ParameterSpace
-from .base import Posterior, _x_from, check_fit_args, observed_values, prepare, register_posterior, resolve_seed
+from .data import join_observed, observed_values
+from .method import Method
+from .posterior import Posterior, PosteriorConfig, register_posterior
 
-__all__ = ["ABC", "ABCPosterior"]
+__all__ = ["ABC", "ABCPosterior", "ABCConfig"]
+
+
+@dataclass
+class ABCConfig(PosteriorConfig):
+    """The size of an :class:`ABCPosterior`'s particle set and the algorithm that made it."""
+
+    num_particles: int
+    x_numel: int
+    algorithm: str
 
 
 @register_posterior
@@ -37,13 +50,14 @@ class ABCPosterior(Posterior):
     """Weighted particles for one observation; ``sample`` resamples them."""
 
     method = "abc"
+    Config = ABCConfig
 
-    def __init__(self, space: ParameterSpace, observed, x_shapes, config: Mapping[str, Any]):
+    def __init__(self, space: ParameterSpace, observed, x_shapes, config: ABCConfig):
         super().__init__(space, observed, x_shapes, config)
-        n = config["num_particles"]
+        n = config.num_particles
         self.register_buffer("particles", torch.zeros(n, space.unconstrained_dim))
         self.register_buffer("weights", torch.full((n,), 1.0 / n))
-        self.register_buffer("observation", torch.zeros(config["x_numel"]))
+        self.register_buffer("observation", torch.zeros(config.x_numel))
         self.history: list[dict] = []
 
     def _observation(self, observed):
@@ -55,22 +69,24 @@ class ABCPosterior(Posterior):
                              "(fit again with the new one)")
         return x
 
-    def _sample_unconstrained(self, x, num_samples, generator):
-        idx = torch.multinomial(self.weights, num_samples, replacement=True, generator=generator)
-        return self.particles[idx]
+    @torch.no_grad()
+    def _draw(self, x, num_samples, seed):
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        idx = torch.multinomial(self.weights, num_samples, replacement=True, generator=g)
+        return self.space.to_constrained(self.particles[idx])
 
     @property
     def effective_sample_size(self) -> float:
         return float(1.0 / (self.weights**2).sum())
 
 
-class ABC:
+class ABC(Method):
     """Rejection ABC (``algorithm="rejection"``, on given simulations) or SMC-ABC (default).
 
     Options: ``summary`` (a function ``(n, *x_shape) -> (n, k)``; default: the flattened data),
     ``num_particles``, ``alpha`` (tolerance quantile per population), ``quantile`` (rejection's
-    acceptance fraction), ``num_simulations`` (SMC budget), ``min_acceptance``, ``batch_size``,
-    ``device``.
+    acceptance fraction), ``num_simulations`` (SMC budget), ``min_acceptance``, ``batch_size``
+    (simulations per call of the simulator), ``device``.
     """
 
     def __init__(self, model: Callable, *, observed: str | Sequence[str], model_args: tuple = (),
@@ -78,18 +94,19 @@ class ABC:
                  summary: Callable[[torch.Tensor], torch.Tensor] | None = None, num_particles: int = 1000,
                  alpha: float = 0.5, quantile: float = 0.01, num_simulations: int = 100_000,
                  min_acceptance: float = 0.01, batch_size: int = 10_000, device: str | torch.device | None = None):
-        if algorithm not in ("smc", "rejection"):
-            raise ValueError(f"algorithm: expected 'smc' or 'rejection', got {algorithm!r}")
-        if not 0 < alpha < 1 or not 0 < quantile <= 1 or not 0 < min_acceptance < 1:
-            raise ValueError("alpha and min_acceptance must be in (0, 1), quantile in (0, 1]")
-        if num_particles < 2:
-            raise ValueError(f"num_particles: expected >= 2, got {num_particles}")
-        self.model, self.model_args, self.model_kwargs = model, tuple(model_args), dict(model_kwargs or {})
-        self.observed = [observed] if isinstance(observed, str) else list(observed)
-        self.algorithm, self.summary = algorithm, summary
-        self.num_particles, self.alpha, self.quantile = num_particles, alpha, quantile
-        self.num_simulations, self.min_acceptance, self.batch_size = num_simulations, min_acceptance, batch_size
-        self.device = resolve_device(device)
+        super().__init__(model, observed=observed, model_args=model_args, model_kwargs=model_kwargs, device=device)
+        self.algorithm = choice("algorithm", algorithm, ("smc", "rejection"))
+        if summary is not None and not callable(summary):
+            raise TypeError(f"summary: expected a function (n, *x_shape) -> (n, k) or None, got {type(summary).__name__}")
+        self.summary = summary
+        self.num_particles = integer("num_particles", num_particles, minimum=2)
+        self.alpha = number("alpha", alpha, low=0.0, high=1.0)
+        self.quantile = number("quantile", quantile, low=0.0, high=1.0, closed=True, what="a fraction in (0, 1]")
+        if self.quantile == 0:
+            raise ValueError(f"quantile: expected a fraction in (0, 1], got {quantile!r}")
+        self.num_simulations = integer("num_simulations", num_simulations)
+        self.min_acceptance = number("min_acceptance", min_acceptance, low=0.0, high=1.0)
+        self.batch_size = integer("batch_size", batch_size)
 
     # -- pieces -------------------------------------------------------------------------
     def _summaries(self, x: torch.Tensor) -> torch.Tensor:
@@ -115,7 +132,8 @@ class ABC:
             seed: int | None = None, progress: bool = True, checkpoint=None) -> ABCPosterior:
         """Fit to ``observation``. Rejection needs ``data`` (a SimulationSet); SMC simulates
         itself (and uses ``data`` as its first population when given)."""
-        check_fit_args(max_steps, time_budget)
+        integer("max_steps", max_steps, none=True)
+        number("time_budget", time_budget, none=True, what="a positive number of seconds")
         if checkpoint is not None:
             raise ValueError("checkpoint: ABC keeps no training state to resume; use ib.simulate(store=...) "
                              "for the simulations")
@@ -125,9 +143,9 @@ class ABC:
         if data is None:
             data = simulate(self.model, self.num_particles * 4, observed=self.observed, model_args=self.model_args,
                             model_kwargs=self.model_kwargs, seed=seed, device=self.device, progress=progress)
-        prep = prepare(self.model, self.observed, self.model_args, self.model_kwargs, data)
+        prep = self._prepare(data)
         x_obs = observed_values(observation, prep.observed, prep.x_shapes, self.device, torch.get_default_dtype())
-        x_obs_flat = _x_from({k: v[None] for k, v in x_obs.items()}, prep.observed)
+        x_obs_flat = join_observed({k: v[None] for k, v in x_obs.items()}, prep.observed)
         s_data = self._summaries(prep.x.to(self.device))
         s_obs = self._summaries(x_obs_flat)
         med = s_data.median(0).values
@@ -140,11 +158,11 @@ class ABC:
 
         u = prep.u.to(self.device)
         d = distance(s_data)
-        config = {"num_particles": self.num_particles, "x_numel": int(x_obs_flat.numel()), "algorithm": self.algorithm}
+        config = ABCConfig(num_particles=self.num_particles, x_numel=int(x_obs_flat.numel()), algorithm=self.algorithm)
         used, history = len(data), []
         if self.algorithm == "rejection":
             keep = max(1, int(round(self.quantile * len(d))))
-            config["num_particles"] = keep
+            config.num_particles = keep
             eps, order = d.sort()
             post = ABCPosterior(prep.space, prep.observed, prep.x_shapes, config).to(self.device)
             post.particles.copy_(u[order[:keep]])
@@ -168,7 +186,7 @@ class ABC:
         history.append({"epsilon": float(dist_now.max()), "simulations": used, "accepted": n, "acceptance": 1.0})
         t0, g = time.perf_counter(), torch.Generator(device=u.device).manual_seed(seed)
         bar = tqdm(desc="SMC-ABC", disable=not progress, leave=False)
-        with _Seeded(seed, self.device):
+        with seeded(seed, self.device):
             for t in range(1, (max_steps or 10_000) + 1):
                 eps = torch.quantile(dist_now, self.alpha)
                 mean = (weights[:, None] * particles).sum(0)
@@ -188,7 +206,7 @@ class ABC:
                     x = simulate_at(self.model, latents, observed=prep.observed, model_args=self.model_args,
                                     model_kwargs=self.model_kwargs, seed=int(torch.randint(0, 2**62, (), generator=g)),
                                     device=self.device)
-                    xs = _x_from(x, prep.observed)
+                    xs = join_observed(x, prep.observed)
                     dd = distance(self._summaries(xs))
                     ok = finite_prior & torch.isfinite(dd) & (dd <= eps)
                     used += m

@@ -1,6 +1,6 @@
 r"""Likelihood-free variational inference for hierarchical implicit models
 (Tran, Ranganath & Blei 2017, "Hierarchical Implicit Models and Likelihood-Free Variational
-Inference", NeurIPS; SCIENCE.md §2).
+Inference", NeurIPS).
 
 Model: global latents β ~ p(β); for groups n = 1..N inside a ``pyro.plate``, local latents and
 data (z_n, x_n) ~ p(x_n, z_n | β), sample-only (``ib.Implicit``). Variational family:
@@ -17,8 +17,8 @@ through the simulator. Minibatches of M groups scale the local sum by N/M.
 
 The reference for x. With q_data, the empirical distribution of N points, the two classes are
 separable by x alone, the logistic loss saturates and the critic learns nothing about z and β
-at the data (we measured it: critic loss → 0.03, local intervals covering 77 % instead of 90 %
-on ``hierarchical_gaussian``). We therefore draw the x of the variational class from the
+at the data (on ``hierarchical_gaussian`` the local 90 % intervals then cover far less than
+90 %; ``benchmarks/results/lfvi_hierarchical.md``). We therefore draw the x of the variational class from the
 model's own predictive p̄(x) = ∫ p(x | β') q(β') dβ' — the x simulated at *another* particle
 β' — with z ~ q(z | x, β). The optimal critic is then
 r = log p(x, z | β) − log p̄(x) q(z | x, β): it differs from Tran's ratio by log q_data(x) −
@@ -30,11 +30,15 @@ particles per step: the critic on its classification loss with its inputs detach
 on −L/N through a copy of the critic whose weights are detached. All coordinates are
 unconstrained (``biject_to`` of each support) and standardised by a pilot simulation from the
 prior.
+
+The default budget (8 000 steps of 64 global particles) is the one that met the accuracy targets
+in ``benchmarks/results/lfvi_hierarchical.md``.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import pyro
@@ -45,15 +49,39 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from ..checks import choice, integer, number
 from ..errors import IntractableLikelihoodError
-from ..losses import ratio_loss
 from ..nn import FLOWS, Critic, ImplicitGenerator, Standardize, build_flow
-from ..simulate import _OUTER_PLATE, _Seeded, SiteInfo, model_sites, plate_layout, resolve_device, run_given
+from ..seeding import resolve_seed, seeded
+from ..simulate import _OUTER_PLATE, SiteInfo, model_sites, plate_layout, run_given
 from ..space import ParameterSpace, SiteSpace
-from .base import Method, Posterior, check_fit_args, observed_values, register_posterior, resolve_seed
-from .training import TrainConfig, train
+from .data import observed_values
+from .method import Method
+from .objectives import RatioCriticLoss
+from .posterior import Posterior, PosteriorConfig, register_posterior
+from .training import TrainConfig, resolve_training, train
 
-__all__ = ["LFVI", "LFVIPosterior"]
+__all__ = ["LFVI", "LFVIPosterior", "LFVIConfig"]
+
+
+@dataclass
+class LFVIConfig(PosteriorConfig):
+    """The networks of an :class:`LFVIPosterior` and the layout of the data it was fitted to."""
+
+    flow: str
+    transforms: int
+    flow_hidden: tuple[int, ...]
+    hidden: int
+    layers: int
+    noise_features: int | None
+    critic_hidden: int
+    critic_layers: int
+    global_sites: tuple[str, ...]
+    local_sites: tuple[str, ...]
+    num_groups: int
+    x_group_shape: tuple[int, ...]
+    plate: str
+    critic_loss: str
 
 
 def _group_space(space: ParameterSpace) -> ParameterSpace:
@@ -70,23 +98,23 @@ class LFVIPosterior(Posterior):
     """
 
     method = "lfvi"
+    Config = LFVIConfig
 
-    def __init__(self, space: ParameterSpace, observed, x_shapes, config: Mapping[str, Any]):
+    def __init__(self, space: ParameterSpace, observed, x_shapes, config: LFVIConfig):
         super().__init__(space, observed, x_shapes, config)
         by_name = {s.name: s for s in space.sites}
-        self.global_space = ParameterSpace([by_name[n] for n in config["global_sites"]])
-        self.local_space = _group_space(ParameterSpace([by_name[n] for n in config["local_sites"]]))
-        self.num_groups = int(config["num_groups"])
+        self.global_space = ParameterSpace([by_name[n] for n in config.global_sites])
+        self.local_space = _group_space(ParameterSpace([by_name[n] for n in config.local_sites]))
+        self.num_groups = int(config.num_groups)
         dg, dl = self.global_space.unconstrained_dim, self.local_space.unconstrained_dim
-        self.x_group_shape = tuple(config["x_group_shape"])
+        self.x_group_shape = tuple(config.x_group_shape)
         dx = math.prod(self.x_group_shape)
         self.x_standardize = Standardize(self.x_group_shape)
         self.global_standardize = Standardize((dg,), log=False, robust=False)
         self.local_standardize = Standardize((dl,), log=False, robust=False)
-        self.q_global = build_flow(config["flow"], dg, 0, transforms=config["transforms"],
-                                   hidden_features=config["flow_hidden"])
-        self.generator = ImplicitGenerator(dx + dg, dl, config["noise_features"], config["hidden"], config["layers"])
-        self.critic = Critic(dl + dg, dx, config["critic_hidden"], config["critic_layers"])
+        self.q_global = build_flow(config.flow, dg, 0, transforms=config.transforms, hidden_features=config.flow_hidden)
+        self.generator = ImplicitGenerator(dx + dg, dl, config.noise_features, config.hidden, config.layers)
+        self.critic = Critic(dl + dg, dx, config.critic_hidden, config.critic_layers)
         self.register_buffer("observation", torch.zeros(self.num_groups, dx))
 
     # -- pieces used by training and sampling ----------------------------------------------
@@ -132,26 +160,16 @@ class LFVIPosterior(Posterior):
             raise ValueError("observed: LFVI is fitted to one dataset; this is another one (fit again with it)")
         return flat
 
-    def _sample_unconstrained(self, x, num_samples, generator):
-        return self.space.to_unconstrained(self._draw(num_samples, generator))
-
-    def _draw(self, num_samples: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    @torch.no_grad()
+    def _draw(self, x, num_samples: int, seed: int) -> dict[str, torch.Tensor]:
+        """``num_samples`` joint draws of the global and local latents: ``{site: (num_samples, *shape)}``."""
+        generator = torch.Generator(device=self.device).manual_seed(seed)
         feats = self.features(self.observation.reshape((self.num_groups,) + self.x_group_shape))
         out = []
         for chunk in torch.arange(num_samples).split(max(1, 100_000 // self.num_groups)):
             b_s, _ = self.draw_global(len(chunk), generator)
             out.append(self.assemble(b_s, self.draw_local(feats, b_s, generator)))
         return {k: torch.cat([o[k] for o in out]) for k in out[0]}
-
-    @torch.no_grad()
-    def sample(self, num_samples: int, observed: Any = None, *, seed: int | None = None) -> dict[str, torch.Tensor]:
-        """``num_samples`` joint draws of the global and local latents: ``{site: (num_samples, *shape)}``."""
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
-            raise ValueError(f"num_samples: expected a positive integer, got {num_samples!r}")
-        self._observation(observed)
-        g = torch.Generator(device=self.device)
-        g.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ())))
-        return self._draw(num_samples, g)
 
     @torch.no_grad()
     def log_prob_global(self, values: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -200,54 +218,46 @@ class _GlobalPrior:
         return total
 
 
-class LFVI:
+class LFVI(Method):
     """Likelihood-free variational inference for hierarchical implicit models (module docstring).
 
     The data are N groups inside a ``pyro.plate`` (``plate``, default: the plate around the
     observed site); latent sites inside that plate are local, the others global. Every local and
     observed site must have the plate as its only batch dimension.
 
-    Options: ``critic_loss`` ("logistic" or "hinge"), ``num_particles`` S draws of β per step,
-    ``batch_size`` M groups per step, ``flow`` / ``transforms`` /
-    ``flow_hidden`` for q(β), ``hidden`` / ``layers`` / ``noise_features`` of the local
-    generator, ``critic_hidden`` / ``critic_layers``, ``lr``, ``critic_lr_scale``,
-    ``max_steps`` (8 000: with 4 000 the global means kept a bias of 0.1–0.2 posterior sd on
-    ``hierarchical_gaussian``; ``benchmarks/results/lfvi_hierarchical.md``), ``ema`` (Polyak
-    averaging of the weights; off), ``pilot_simulations``, ``device``.
+    Options: the objective, ``critic_loss`` ("logistic" or "hinge"), ``num_particles`` S draws of
+    β per step and ``groups_per_step`` M (None: all N); the networks, ``flow`` / ``transforms`` /
+    ``flow_hidden`` of q(β), ``hidden`` / ``layers`` / ``noise_features`` of the local generator,
+    ``critic_hidden`` / ``critic_layers`` of the critic, whose learning rate is ``critic_lr_scale``
+    times the others'; ``pilot_simulations`` from the prior that standardise the coordinates;
+    ``training`` (a :class:`~implicitbayes.TrainConfig` or a mapping of fields changing
+    ``LFVI.TRAINING``: 8 000 steps, no held-out rows — LFVI validates on the observation's ELBO);
+    ``device``.
     """
+
+    TRAINING = TrainConfig(batch_size=1, lr=1e-3, max_steps=8000, validation_fraction=0.0, validate_every=100,
+                           patience=10**9, restore_best=False, clip_grad_norm=10.0)
 
     def __init__(self, model: Callable, *, observed: str | Sequence[str], model_args: tuple = (),
                  model_kwargs: Mapping | None = None, plate: str | None = None, critic_loss: str = "logistic",
-                 num_particles: int = 64, batch_size: int | None = None,
-                 flow: str = "nsf", transforms: int = 3, flow_hidden: Sequence[int] = (64, 64), hidden: int = 128,
-                 layers: int = 3, noise_features: int | None = None, critic_hidden: int = 128, critic_layers: int = 3,
-                 lr: float = 1e-3, critic_lr_scale: float = 10.0, max_steps: int = 8000, validate_every: int = 100,
-                 ema: float | None = None, pilot_simulations: int = 256, device: str | torch.device | None = None):
-        if not callable(model):
-            raise TypeError(f"model: expected a callable Pyro model, got {type(model).__name__}")
-        if critic_loss not in ("logistic", "hinge"):
-            raise ValueError(f"critic_loss: expected 'logistic' or 'hinge', got {critic_loss!r}")
-        if flow not in FLOWS:
-            raise ValueError(f"flow: expected one of {FLOWS}, got {flow!r}")
-        for name, v in (("num_particles", num_particles), ("pilot_simulations", pilot_simulations)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 2:
-                raise ValueError(f"{name}: expected an integer >= 2, got {v!r}")
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-            raise ValueError(f"batch_size: expected a positive integer or None (all groups), got {batch_size!r}")
-        if not (isinstance(critic_lr_scale, (int, float)) and critic_lr_scale > 0):
-            raise ValueError(f"critic_lr_scale: expected a positive number, got {critic_lr_scale!r}")
-        self.model, self.model_args, self.model_kwargs = model, tuple(model_args), dict(model_kwargs or {})
-        self.observed = [observed] if isinstance(observed, str) else list(observed)
-        self.plate, self.critic_loss = plate, critic_loss
-        self.num_particles, self.batch_size = num_particles, batch_size
-        self.net = {"flow": flow, "transforms": int(transforms), "flow_hidden": list(flow_hidden), "hidden": hidden,
-                    "layers": layers, "noise_features": noise_features, "critic_hidden": critic_hidden,
-                    "critic_layers": critic_layers}
-        self.critic_lr_scale, self.pilot_simulations = float(critic_lr_scale), pilot_simulations
-        self.loop = TrainConfig(batch_size=1, lr=lr, max_steps=max_steps, validation_fraction=0.0,
-                                validate_every=validate_every, patience=10**9, restore_best=False, clip_grad_norm=10.0,
-                                ema=ema)
-        self.device = resolve_device(device)
+                 num_particles: int = 64, groups_per_step: int | None = None, flow: str = "nsf", transforms: int = 3,
+                 flow_hidden: Sequence[int] = (64, 64), hidden: int = 128, layers: int = 3,
+                 noise_features: int | None = None, critic_hidden: int = 128, critic_layers: int = 3,
+                 critic_lr_scale: float = 10.0, pilot_simulations: int = 256,
+                 training: TrainConfig | Mapping | None = None, device: str | torch.device | None = None):
+        super().__init__(model, observed=observed, model_args=model_args, model_kwargs=model_kwargs, device=device)
+        self.plate = plate
+        self.critic_loss = choice("critic_loss", critic_loss, ("logistic", "hinge"))
+        self.num_particles = integer("num_particles", num_particles, minimum=2)
+        self.groups_per_step = integer("groups_per_step", groups_per_step, none=True)
+        self.pilot_simulations = integer("pilot_simulations", pilot_simulations, minimum=2)
+        self.critic_lr_scale = number("critic_lr_scale", critic_lr_scale)
+        self.net = {"flow": choice("flow", flow, FLOWS), "transforms": integer("transforms", transforms),
+                    "flow_hidden": tuple(flow_hidden), "hidden": integer("hidden", hidden),
+                    "layers": integer("layers", layers), "noise_features": integer("noise_features", noise_features, none=True),
+                    "critic_hidden": integer("critic_hidden", critic_hidden),
+                    "critic_layers": integer("critic_layers", critic_layers)}
+        self.training = resolve_training(self.TRAINING, training)
 
     # -- reading the model ---------------------------------------------------------------------
     def _layout(self):
@@ -286,7 +296,7 @@ class LFVI:
         ``ib.SimulationSet`` from the prior used instead of the pilot simulation to standardise.
         ``posterior.training_summary["simulations"]`` counts the simulated groups.
         """
-        check_fit_args(max_steps, time_budget)
+        loop = self.training.with_fit(max_steps, time_budget)
         seed = resolve_seed(seed)
         sites, outer_dim, plate, glob, local, obs, n_groups = self._layout()
         if not local:
@@ -297,15 +307,13 @@ class LFVI:
         x_group_shape = obs[0].shape[1:] if len(obs) == 1 else (x_flat.shape[1],)
         latent_names = [s.name for s in glob] + [s.name for s in local]
         space = ParameterSpace.from_model(self.model, latent_names, self.model_args, self.model_kwargs)
-        config = {**self.net, "global_sites": [s.name for s in glob], "local_sites": [s.name for s in local],
-                  "num_groups": n_groups, "x_group_shape": list(x_group_shape), "plate": plate,
-                  "critic_loss": self.critic_loss}
-        rl = ratio_loss(self.critic_loss)
-        loop = Method._settings(self.loop, max_steps, time_budget)
+        config = LFVIConfig(**self.net, global_sites=tuple(s.name for s in glob),
+                            local_sites=tuple(s.name for s in local), num_groups=n_groups,
+                            x_group_shape=tuple(x_group_shape), plate=plate, critic_loss=self.critic_loss)
         s_particles = self.num_particles
-        m = min(self.batch_size or n_groups, n_groups)
+        m = min(self.groups_per_step or n_groups, n_groups)
         simulated = 0
-        with _Seeded(seed, self.device):
+        with seeded(seed, self.device):
             post = LFVIPosterior(space, self.observed, {s.name: s.shape for s in obs}, config).to(self.device)
             post.observation.copy_(x_flat)
             ginfo = {s.name: s for s in glob}
@@ -343,6 +351,7 @@ class LFVI:
                 {k: pilot[k].to(self.device).reshape((-1,) + pilot[k].shape[2:]) for k in post.local_space.names}))
             log_prior = _GlobalPrior(self.model, self.model_args, self.model_kwargs, ginfo, outer_dim)
             feats_obs = post.features(x_flat.reshape((n_groups,) + tuple(x_group_shape)))
+            critic_loss = RatioCriticLoss(post.critic, self.critic_loss)
             log_scale = post.global_standardize.scale.log().sum()
 
             def elbo_terms(b_s, log_q_s, z_s, feats, critic_params):
@@ -367,15 +376,16 @@ class LFVI:
                     f_ref = f_model.roll(shift, 0)
                     z_ref = post.draw_local(f_ref, b_s.detach(), g)
                 bd = b_s.detach()[:, None].expand(-1, m, -1)
-                pos = post.critic(f_model.reshape(s_particles * m, -1), torch.cat([z_model, bd], -1).reshape(s_particles * m, -1))
-                neg = post.critic(f_ref.reshape(s_particles * m, -1), torch.cat([z_ref, bd], -1).reshape(s_particles * m, -1))
-                critic_loss = rl.loss(pos, neg)
+                ratio_loss = critic_loss((f_model.reshape(s_particles * m, -1),
+                                          torch.cat([z_model, bd], -1).reshape(s_particles * m, -1)),
+                                         (f_ref.reshape(s_particles * m, -1),
+                                          torch.cat([z_ref, bd], -1).reshape(s_particles * m, -1)))
                 frozen = {k: v.detach() for k, v in post.critic.named_parameters()}
                 f_data = feats_obs[idx]
                 glob_term, r = elbo_terms(b_s, log_q_s, post.draw_local(f_data, b_s, g), f_data, frozen)
                 elbo = glob_term + n_groups * r.mean(1)
-                loss = critic_loss - elbo.mean() / n_groups
-                return {"loss": loss, "critic": critic_loss.detach(), "elbo": elbo.mean().detach()}
+                loss = ratio_loss - elbo.mean() / n_groups
+                return {"loss": loss, "critic": ratio_loss.detach(), "elbo": elbo.mean().detach()}
 
             val_g = torch.Generator(device=self.device)
 

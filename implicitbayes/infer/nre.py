@@ -12,21 +12,35 @@ implicit sites get the log-density r(θ, y_obs) through :class:`~implicitbayes.h
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import pyro
 import torch
 from torch import nn
 
+from ..checks import integer
 from ..handlers import replace_likelihood
-from ..losses import logistic_loss
 from ..nn import Critic
-from ..simulate import _Seeded
+from ..seeding import seeded
 from ..space import ParameterSpace
-from .base import Method, NeuralPosterior, observed_values, register_posterior
+from .data import split_observed
+from .method import NeuralMethod
+from .objectives import RatioCriticLoss
+from .posterior import NeuralConfig, NeuralPosterior, neural_config_fields, register_posterior
 from .training import TrainConfig, train
 
-__all__ = ["NRE", "NREPosterior"]
+__all__ = ["NRE", "NREPosterior", "NREConfig"]
+
+
+@dataclass
+class NREConfig(NeuralConfig):
+    """The classifier of an :class:`NREPosterior` and its MCMC settings."""
+
+    hidden: int
+    layers: int
+    num_chains: int
+    warmup: int
 
 
 @register_posterior
@@ -34,11 +48,12 @@ class NREPosterior(NeuralPosterior):
     """p(θ) exp r(θ, y), sampled with NUTS on the model; ``log_ratio`` exposes r."""
 
     method = "nre"
+    Config = NREConfig
 
-    def __init__(self, space: ParameterSpace, observed, x_shapes, config: Mapping[str, Any],
+    def __init__(self, space: ParameterSpace, observed, x_shapes, config: NREConfig,
                  embedding: nn.Module | None = None, model: Callable | None = None):
         super().__init__(space, observed, x_shapes, config, embedding)
-        self.classifier = Critic(space.unconstrained_dim, self.context.out_features, config["hidden"], config["layers"])
+        self.classifier = Critic(space.unconstrained_dim, self.context.out_features, config.hidden, config.layers)
         self.model, self.model_args, self.model_kwargs = model, (), {}
         self.chains: dict[str, torch.Tensor] = {}
 
@@ -50,15 +65,17 @@ class NREPosterior(NeuralPosterior):
 
     def sample(self, num_samples: int, observed: Any = None, *, seed: int | None = None, num_chains: int | None = None,
                warmup_steps: int | None = None) -> dict[str, torch.Tensor]:
-        """NUTS on the model with the learned likelihood; ``self.chains`` keeps the draws by chain."""
+        """NUTS on the model with the learned likelihood (``num_chains`` chains one after another,
+        ``warmup_steps`` each; defaults from the fit); ``self.chains`` keeps the draws by chain."""
+        return super().sample(num_samples, observed, seed=seed, num_chains=num_chains, warmup_steps=warmup_steps)
+
+    def _draw(self, x, num_samples, seed, num_chains=None, warmup_steps=None):
         if self.model is None:
             raise ValueError("this NRE posterior has no model to run MCMC on (loaded from a file?): "
-                             "set posterior.model = model")
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
-            raise ValueError(f"num_samples: expected a positive integer, got {num_samples!r}")
-        chains = num_chains or self.config["num_chains"]
-        values = observed_values(observed if observed is not None else self.default_observed, self.observed,
-                                 self.x_shapes, self.device, torch.get_default_dtype())
+                             "pass ib.load(path, model=...) or call posterior.attach_model(model)")
+        chains = integer("num_chains", num_chains, none=True) or self.config.num_chains
+        warmup = integer("warmup_steps", warmup_steps, none=True) or self.config.warmup
+        values = {k: v[0] for k, v in split_observed(x, self.observed, self.x_shapes).items()}
 
         def log_ratio(latents, observed_now):
             return self.log_ratio({k: v[None] for k, v in latents.items()}, observed_now)[0]
@@ -67,10 +84,10 @@ class NREPosterior(NeuralPosterior):
         per_chain = -(-num_samples // chains)
         runs = []
         # chains run one after another: Pyro's parallel chains need a picklable model
-        with _Seeded(seed if seed is not None else int(torch.randint(0, 2**62, ())), self.device):
+        with seeded(seed, self.device):
             for _ in range(chains):
-                mcmc = pyro.infer.MCMC(pyro.infer.NUTS(conditioned), num_samples=per_chain,
-                                       warmup_steps=warmup_steps or self.config["warmup"], disable_progbar=True)
+                mcmc = pyro.infer.MCMC(pyro.infer.NUTS(conditioned), num_samples=per_chain, warmup_steps=warmup,
+                                       disable_progbar=True)
                 mcmc.run(*self.model_args, **self.model_kwargs)
                 runs.append(mcmc.get_samples())
         self.chains = {k: torch.stack([r[k] for r in runs]) for k in self.space.names}  # (chains, draws, ...)
@@ -85,38 +102,43 @@ class NREPosterior(NeuralPosterior):
         return diagnostics(self.chains, group_by_chain=True)
 
 
-class NRE(Method):
+class NRE(NeuralMethod):
     """Neural ratio estimation; sampling by NUTS on the model (module docstring).
 
-    Options: ``hidden``, ``layers`` of the classifier, ``embedding``, ``num_chains`` and
-    ``warmup`` for MCMC, and the loop's ``batch_size``, ``lr``, ``patience``, ``device``.
+    Options: ``hidden``, ``layers`` of the classifier, ``embedding`` of the observation,
+    ``num_chains`` and ``warmup`` for MCMC, ``training`` (a :class:`~implicitbayes.TrainConfig`
+    or a mapping of fields changing ``NRE.TRAINING``), ``device``.
     """
 
+    TRAINING = TrainConfig(batch_size=256, lr=1e-3, max_steps=20_000, patience=20)
+
     def __init__(self, model: Callable, *, observed: str | Sequence[str], model_args: tuple = (),
-                 model_kwargs: Mapping | None = None, hidden: int = 128, layers: int = 3,
-                 embedding: nn.Module | None = None, num_chains: int = 2, warmup: int = 300, batch_size: int = 256,
-                 lr: float = 1e-3, max_steps: int = 20_000, patience: int = 20, validate_every: int | None = None,
-                 validation_fraction: float = 0.1, device: str | torch.device | None = None):
-        super().__init__(model, observed, model_args, model_kwargs, embedding,
-                         TrainConfig(batch_size=batch_size, lr=lr, max_steps=max_steps, patience=patience,
-                                     validate_every=validate_every, validation_fraction=validation_fraction), device)
-        self.net = {"hidden": hidden, "layers": layers, "num_chains": num_chains, "warmup": warmup}
+                 model_kwargs: Mapping | None = None, hidden: int = 128, layers: int = 3, num_chains: int = 2,
+                 warmup: int = 300, embedding: nn.Module | None = None, training: TrainConfig | Mapping | None = None,
+                 device: str | torch.device | None = None):
+        super().__init__(model, observed=observed, model_args=model_args, model_kwargs=model_kwargs,
+                         embedding=embedding, training=training, device=device)
+        self.hidden, self.layers = integer("hidden", hidden), integer("layers", layers)
+        self.num_chains, self.warmup = integer("num_chains", num_chains), integer("warmup", warmup)
 
     def fit(self, data, *, max_steps: int | None = None, time_budget: float | None = None, seed: int | None = None,
             progress: bool = True, checkpoint=None) -> NREPosterior:
         """Train on a SimulationSet; returns an :class:`NREPosterior` (sampled by NUTS)."""
         prep, seed, loop = self._begin(data, max_steps, time_budget, seed)
-        config = self._config(prep, **self.net)
-        with _Seeded(seed, self.device):
-            post = NREPosterior(prep.space, prep.observed, prep.x_shapes, config, self.embedding, self.model).to(self.device)
+        config = NREConfig(**neural_config_fields(prep.x.shape[1:], self.embedding), hidden=self.hidden,
+                           layers=self.layers, num_chains=self.num_chains, warmup=self.warmup)
+        with seeded(seed, self.device):
+            post = NREPosterior(prep.space, prep.observed, prep.x_shapes, config, self.embedding, self.model)
+            post = post.to(self.device)
             post.model_args, post.model_kwargs = self.model_args, self.model_kwargs
             x = prep.x_on(self.device)
             u_s = post.fit_standardizers(prep.x, prep.u.to(self.device))
+            critic_loss = RatioCriticLoss(post.classifier)
 
-            def loss(idx, g):
+            def loss(idx, g):  # joint pairs against pairs with θ shuffled within the batch (marginals)
                 c = post.context(x[idx])
                 shuffled = u_s[idx][torch.randperm(len(idx), generator=g)]
-                return logistic_loss(post.classifier(c, u_s[idx]), post.classifier(c, shuffled))
+                return critic_loss((c, u_s[idx]), (c, shuffled))
 
             def step(idx, g):
                 return {"logistic": loss(idx, g)}

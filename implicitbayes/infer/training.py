@@ -14,29 +14,28 @@ import copy
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
-from ..errors import FormatError
+from ..checks import decay, flag, integer, number
+from ..errors import FormatError, TrainingError
 from ..io import load_tensors, save_tensors, unlink_stale_temporaries
 
-__all__ = ["TrainingError", "TrainConfig", "train"]
+__all__ = ["TrainConfig", "train", "resolve_training"]
 
 _CKPT_KIND = "implicitbayes.Checkpoint"
 _CKPT_VERSION = 1
 
 
-class TrainingError(RuntimeError):
-    """Training produced a non-finite loss; the best weights so far have been restored."""
-
-
 @dataclass
 class TrainConfig:
-    """Loop settings shared by the methods; each method sets its own defaults."""
+    """The training loop's settings. Every method has its own defaults (``NPE.TRAINING``, …);
+    pass ``training=TrainConfig(...)`` to replace them, or a mapping of fields to change some
+    (``training={"lr": 1e-4}``)."""
 
     batch_size: int = 256
     lr: float = 1e-3
@@ -51,22 +50,44 @@ class TrainConfig:
     ema: float | None = None  # validate and keep an exponential moving average of the weights (Polyak averaging)
     restore_best: bool = True  # end on the best validated weights (else on the last ones)
     time_budget: float | None = None  # seconds
-    history: list = field(default_factory=list)
 
     def __post_init__(self):
-        for name in ("batch_size", "patience", "plateau"):
-            value = getattr(self, name)
-            if name == "plateau" and value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-        check_ema("ema", self.ema)
+        integer("batch_size", self.batch_size)
+        integer("max_steps", self.max_steps)
+        integer("patience", self.patience)
+        integer("plateau", self.plateau, none=True)
+        integer("validate_every", self.validate_every, none=True)
+        number("lr", self.lr)
+        number("validation_fraction", self.validation_fraction, low=0.0, high=1.0, closed=True, what="a fraction in [0, 1)")
+        number("weight_decay", self.weight_decay, high=math.inf, closed=True, what="a non-negative number")
+        number("clip_grad_norm", self.clip_grad_norm, none=True)
+        flag("lr_decay", self.lr_decay)
+        flag("restore_best", self.restore_best)
+        decay("ema", self.ema)
+        number("time_budget", self.time_budget, none=True, what="a positive number of seconds")
+
+    def with_fit(self, max_steps: int | None, time_budget: float | None) -> "TrainConfig":
+        """A copy with one fit's ``max_steps`` (if given) and ``time_budget``."""
+        integer("max_steps", max_steps, none=True)
+        number("time_budget", time_budget, none=True, what="a positive number of seconds")
+        return replace(self, max_steps=max_steps or self.max_steps, time_budget=time_budget)
 
 
-def check_ema(name: str, value) -> None:
-    """``value`` must be None or a weight-averaging decay in (0, 1); the error names ``name``."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1):
-        raise ValueError(f"{name}: expected a decay in (0, 1) or None, got {value!r}")
+def resolve_training(default: TrainConfig, training: "TrainConfig | Mapping[str, Any] | None",
+                     name: str = "training") -> TrainConfig:
+    """A method's loop settings: its ``default``, replaced by a ``TrainConfig`` or changed by a
+    mapping of field names to values."""
+    if training is None:
+        return default
+    if isinstance(training, TrainConfig):
+        return training
+    if isinstance(training, Mapping):
+        known = {f.name for f in fields(TrainConfig)}
+        unknown = sorted(set(training) - known)
+        if unknown:
+            raise ValueError(f"{name}: unknown loop settings {unknown}; TrainConfig has {sorted(known)}")
+        return replace(default, **training)
+    raise TypeError(f"{name}: expected an ib.TrainConfig, a mapping of its fields or None, got {type(training).__name__}")
 
 
 def split(n: int, fraction: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -247,6 +268,5 @@ def train(
         swap_average()  # end on the averaged weights
     for m in modules.values():
         m.eval()
-    config.history.extend(history)
     return {"steps": s + 1, "best_validation": best, "stopped": stopped, "seconds": time.perf_counter() - t0,
             "lr_scale": scale, "history": history}

@@ -3,14 +3,14 @@ and score-function gradient estimators. All are ``nn.Module``s with buffers for 
 ``.to(device)`` moves them whole."""
 
 from .critics import Critic
-from .embeddings import CausalConvEmbedding, DeepSets, Flatten, GRUEmbedding, LinearResidual, ResidualMLP, Standardize
+from .embeddings import CausalConvEmbedding, ContextNet, DeepSets, Flatten, GRUEmbedding, LinearResidual, ResidualMLP, Standardize
 from .flows import FLOWS, ActNorm, FlowDistribution, LULinear, build_flow, short_softmax
 from .generators import ImplicitGenerator
 from .score_function import LearnedBaseline, MovingAverageBaseline, leave_one_out_baseline, score_function_surrogate
 from .vae import ConditionalVAE
 
 __all__ = [
-    "Critic", "CausalConvEmbedding", "DeepSets", "Flatten", "GRUEmbedding", "LinearResidual", "ResidualMLP", "Standardize",
+    "Critic", "CausalConvEmbedding", "ContextNet", "DeepSets", "Flatten", "GRUEmbedding", "LinearResidual", "ResidualMLP", "Standardize",
     "FLOWS", "ActNorm", "FlowDistribution", "LULinear", "build_flow", "short_softmax", "ImplicitGenerator",
     "LearnedBaseline", "MovingAverageBaseline", "leave_one_out_baseline", "score_function_surrogate",
     "ConditionalVAE",

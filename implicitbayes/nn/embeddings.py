@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-__all__ = ["Standardize", "LinearResidual", "ResidualMLP", "CausalConvEmbedding", "GRUEmbedding", "DeepSets", "Flatten"]
+__all__ = ["Standardize", "ContextNet", "LinearResidual", "ResidualMLP", "CausalConvEmbedding", "GRUEmbedding", "DeepSets", "Flatten"]
 
 
 def row_blocks(x: torch.Tensor, max_elements: int = 2**24):
@@ -323,3 +323,27 @@ class DeepSets(nn.Module):
         else:
             pooled = torch.cat([h.mean(1), h.max(1).values], dim=1)
         return self.rho(pooled)
+
+
+class ContextNet(nn.Module):
+    """e(y): standardise the observation (log space for positive features), then embed it.
+
+    ``embedding`` is any module mapping ``(n, *x_shape)`` to ``(n, k)`` with an
+    ``out_features`` attribute; the default flattens. A custom embedding is saved with the
+    posterior's weights but must be passed again to ``ib.load``.
+    """
+
+    def __init__(self, x_shape: Sequence[int], embedding: nn.Module | None = None):
+        super().__init__()
+        self.standardize = Standardize(tuple(x_shape))
+        self.embedding = embedding if embedding is not None else Flatten(tuple(x_shape))
+        if not hasattr(self.embedding, "out_features"):
+            raise TypeError("embedding: the module needs an out_features attribute (its output width)")
+        self.out_features = int(self.embedding.out_features)
+
+    def fit(self, x: torch.Tensor) -> "ContextNet":
+        self.standardize.fit(x)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embedding(self.standardize(x))

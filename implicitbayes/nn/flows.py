@@ -20,8 +20,6 @@ of a flow at a context a Pyro distribution (``sample``, ``rsample``, ``log_prob`
 
 from __future__ import annotations
 
-import math
-from functools import partial
 from typing import Sequence
 
 import pyro.distributions as dist
@@ -33,7 +31,9 @@ from torch.distributions import Transform, constraints
 from torch.overrides import TorchFunctionMode
 from zuko.distributions import DiagNormal
 from zuko.lazy import Flow, LazyInverse, LazyTransform, UnconditionalDistribution
-from zuko.transforms import ComposedTransform, LULinearTransform, MonotonicRQSTransform, PermutationTransform
+from zuko.transforms import ComposedTransform, LULinearTransform, PermutationTransform
+
+from ..checks import flag, number
 
 __all__ = ["FLOWS", "build_flow", "ActNorm", "LULinear", "FlowDistribution", "short_softmax"]
 
@@ -143,7 +143,7 @@ def _standard_normal(features: int) -> UnconditionalDistribution:
 
 
 def build_flow(kind: str, features: int, context: int = 0, transforms: int | None = None,
-               hidden_features: Sequence[int] = (128, 128), *, affine_first: bool = False, damp_splines: bool = False,
+               hidden_features: Sequence[int] = (128, 128), *, affine_first: bool = False,
                spline_init: float | None = None, **kwargs) -> Flow:
     """A conditional flow q(θ | c) of ``kind`` in ``FLOWS``; ``flow(c)`` is a torch distribution.
 
@@ -153,61 +153,30 @@ def build_flow(kind: str, features: int, context: int = 0, transforms: int | Non
     autoregressive layer (MAF's) on the data side, before the ``transforms``: it moves and
     scales θ given c — the posterior's location and spread, sequentially in θ — so that the
     layers after it (splines, bounded to [−5, 5] for NSF) shape an already centred residual.
-    ``damp_splines`` (NSF only) divides the conditioner's bin-width and bin-height logits by
-    √h, h its last hidden width, as nflows' spline transforms do (Durkan et al. 2019): each
-    spline starts near the identity and its shape learns more slowly than its placement.
     ``spline_init`` (NSF only) draws the output layer of each spline conditioner, weights and
-    biases, from U(−a, a) with a = ``spline_init`` instead of PyTorch's default (±1/√h): every
-    spline then starts as the identity up to O(a) whatever the context, and learns its shape
-    from there at the full rate (unlike ``damp_splines``, which also slows it down).
+    biases, from U(−a, a) with a = ``spline_init`` instead of PyTorch's default (±1/√h, h its
+    last hidden width): every spline then starts as the identity up to O(a) whatever the
+    context, and learns its shape from there at the full rate.
     """
     if kind not in FLOWS:
         raise ValueError(f"kind: expected one of {FLOWS}, got {kind!r}")
     if features < 1:
         raise ValueError(f"features: expected >= 1, got {features}")
-    if not isinstance(affine_first, bool):
-        raise ValueError(f"affine_first: expected True or False, got {affine_first!r}")
-    if not isinstance(damp_splines, bool):
-        raise ValueError(f"damp_splines: expected True or False, got {damp_splines!r}")
-    if damp_splines and kind != "nsf":
-        raise ValueError(f"damp_splines: only the spline flow 'nsf' has spline logits to damp, got kind={kind!r}")
+    flag("affine_first", affine_first)
     hidden_features = tuple(hidden_features)
-    if spline_init is not None:
-        if isinstance(spline_init, bool) or not isinstance(spline_init, (int, float)) or not 0 < spline_init < math.inf:
-            raise ValueError(f"spline_init: expected a positive number or None, got {spline_init!r}")
-        if kind != "nsf":
-            raise ValueError(f"spline_init: only the spline flow 'nsf' has spline conditioners, got kind={kind!r}")
-    if damp_splines and not hidden_features:
-        raise ValueError("damp_splines: the logits are scaled by the last hidden width, "
-                         "but hidden_features is empty (expected at least one hidden layer)")
-    if damp_splines:
-        flow = _damped_nsf(features, context, transforms, hidden_features, **kwargs)
-    else:
-        flow = _build_flow(kind, features, context, transforms, hidden_features, **kwargs)
+    if number("spline_init", spline_init, none=True) is not None and kind != "nsf":
+        raise ValueError(f"spline_init: only the spline flow 'nsf' has spline conditioners, got kind={kind!r}")
+    flow = _build_flow(kind, features, context, transforms, hidden_features, **kwargs)
     splines = list(flow.transform.transforms)
     if affine_first:
-        # built after the rest, so the other layers' initialisation does not depend on this switch
         first = zuko.flows.MaskedAutoregressiveTransform(features, context, hidden_features=hidden_features)
         flow = Flow([first, *splines], flow.base)
-    if spline_init is not None:  # drawn last, so the weights above are the same either way
+    if spline_init is not None:
         with torch.no_grad():
             for layer in splines:
                 nn.init.uniform_(layer.hyper[-1].weight, -spline_init, spline_init)
                 nn.init.uniform_(layer.hyper[-1].bias, -spline_init, spline_init)
     return flow
-
-
-def _damped_spline(scale: float, slope: float, widths: torch.Tensor, heights: torch.Tensor,
-                   derivatives: torch.Tensor) -> MonotonicRQSTransform:
-    return MonotonicRQSTransform(widths / scale, heights / scale, derivatives, slope=slope)
-
-
-def _damped_nsf(features: int, context: int, transforms: int | None, hidden_features: tuple[int, ...],
-                bins: int = 8, slope: float = 1e-3, **kwargs) -> Flow:
-    """zuko's NSF (a MAF of splines) with the spline logits damped by √(last hidden width)."""
-    univariate = partial(_damped_spline, math.sqrt(hidden_features[-1]), slope)
-    return zuko.flows.MAF(features, context, transforms=transforms or 5, hidden_features=hidden_features,
-                          univariate=univariate, shapes=[(bins,), (bins,), (bins - 1,)], **kwargs)
 
 
 def _build_flow(kind: str, features: int, context: int, transforms: int | None,

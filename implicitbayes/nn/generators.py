@@ -29,23 +29,17 @@ class ImplicitGenerator(nn.Module):
             Gaussian with a shape shared across contexts is then exactly representable by the
             linear part (A pooled over every context), and the MLP g learns the departures
             from it. A starts at zero.
-        locate: add a location network, θ = μ(c) + g(c, z) (+ A z): an MLP of c alone, meant to
-            be fitted first by regression (``ImplicitVI(locate=True)`` does, by the spatial
-            median) and then frozen, so that g shapes residuals around a precise location.
         space: optional ParameterSpace; :meth:`sample` then returns constrained flat vectors.
     """
 
     def __init__(self, context_features: int, theta_features: int, noise_features: int | None = None,
                  hidden: int = 256, layers: int = 4, noise_injection: str = "concat",
-                 space: ParameterSpace | None = None, activation: type[nn.Module] = nn.SiLU, noise_skip: bool = False,
-                 locate: bool = False):
+                 space: ParameterSpace | None = None, activation: type[nn.Module] = nn.SiLU, noise_skip: bool = False):
         super().__init__()
         if noise_injection not in ("concat", "multiplicative", "both"):
             raise ValueError(f"noise_injection: expected 'concat', 'multiplicative' or 'both', got {noise_injection!r}")
         if not isinstance(noise_skip, bool):
             raise ValueError(f"noise_skip: expected True or False, got {noise_skip!r}")
-        if not isinstance(locate, bool):
-            raise ValueError(f"locate: expected True or False, got {locate!r}")
         if space is not None and space.unconstrained_dim != theta_features:
             raise ValueError(f"theta_features={theta_features} but the space has {space.unconstrained_dim} "
                              "unconstrained dimensions")
@@ -62,10 +56,6 @@ class ImplicitGenerator(nn.Module):
         self.skip = nn.Linear(self.noise_features, theta_features, bias=False) if noise_skip else None
         if self.skip is not None:  # starts as the MLP alone; A grows where the data ask for it
             nn.init.zeros_(self.skip.weight)
-        # built last, so the other layers' initialisation does not depend on this switch
-        self.locate = (nn.Sequential(nn.Linear(context_features, hidden), activation(),
-                                     *[m for _ in range(layers - 2) for m in (nn.Linear(hidden, hidden), activation())],
-                                     nn.Linear(hidden, theta_features)) if locate else None)
 
     def forward(self, context: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Unconstrained draws ``(n, m, theta_features)`` for ``m`` noise vectors per context row."""
@@ -79,8 +69,7 @@ class ImplicitGenerator(nn.Module):
             if self.inject is not None:
                 h = h + self.inject[i](noise) * h
             h = self.act(h)
-        out = self.out(h) if self.skip is None else self.out(h) + self.skip(noise)
-        return out if self.locate is None else out + self.locate(context)[:, None]
+        return self.out(h) if self.skip is None else self.out(h) + self.skip(noise)
 
     def sample(self, context: torch.Tensor, num_samples: int, generator: torch.Generator | None = None,
                constrained: bool = True) -> torch.Tensor:
