@@ -2,7 +2,7 @@ r"""Divergences, density-ratio losses and scoring rules.
 
 **Ratio losses.** A critic outputs ``v(x)``; each loss below takes its values on samples of
 P (``v_p``) and of Q (``v_q``) and is minimised by ``v = log p/q`` (up to the stated
-transformation), so a trained critic *is* a log-ratio estimator (seeds 000, 004):
+transformation), so a trained critic *is* a log-ratio estimator (Goodfellow et al. 2014; Nguyen et al. 2010; Sugiyama et al. 2012):
 
 * logistic (Jensen–Shannon, the GAN loss): E_P softplus(−v) + E_Q softplus(v).
 * f-divergence variational bounds (Nguyen et al. 2010, f-GAN): D_f(P‖Q) ≥ E_P[T] − E_Q[f*(T)]

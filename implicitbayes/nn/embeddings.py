@@ -137,9 +137,9 @@ class LinearResidual(nn.Module):
     z-scoring θ by its prior spread leaves a conditional density estimator to learn both where
     the posterior sits, which moves with y, and its shape; the linear part of where it sits is a
     least-squares problem with a closed-form answer. Removing it first leaves the network the
-    residual, whose location is zero wherever E[θ | y] is linear in s (NPE, session 14 of
-    ``benchmarks/results/npe_ablation.md``: gaussian_linear's posterior means from 0.4–0.57 sd
-    off the exact ones to 0.14–0.18). ``transform(s)`` is the map back, r ↦ A s + b + σ r, as a
+    residual, whose location is zero wherever E[θ | y] is linear in s (NPE on gaussian_linear,
+    ``benchmarks/results/npe_ablation.md``: posterior means from 0.4–0.57 sd off the exact ones
+    to 0.14–0.18). ``transform(s)`` is the map back, r ↦ A s + b + σ r, as a
     ``torch.distributions.AffineTransform`` on the last dimension.
     """
 

@@ -1,5 +1,5 @@
 r"""Score-function (REINFORCE) gradients with control variates, for discrete or
-non-differentiable sampling paths (seed 003; Williams 1992, Mnih & Gregor 2014).
+non-differentiable sampling paths (Williams 1992, Mnih & Gregor 2014).
 
 For a cost f(z) with z ~ p_φ(z), ∇_φ E[f(z)] = E[(f(z) − b) ∇_φ log p_φ(z)] + E[∇_φ f(z)] for any
 baseline b that does not depend on z. :func:`score_function_surrogate` returns a scalar whose

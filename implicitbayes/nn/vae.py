@@ -1,4 +1,4 @@
-r"""Conditional VAE posterior q(θ | y) = ∫ p(θ | y, h) p(h | y) dh (seeds 001, 002).
+r"""Conditional VAE posterior q(θ | y) = ∫ p(θ | y, h) p(h | y) dh (Sohn et al. 2015).
 
 Encoder q(h | θ, y), conditional prior p(h | y) and decoder p(θ | y, h) are diagonal Gaussians
 whose parameters come from MLPs on the embedded observation c = e(y). Training maximises the
