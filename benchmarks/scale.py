@@ -227,6 +227,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     path = OUT / "scale.json"
     results = json.loads(path.read_text()) if path.exists() else {}
+    command = " ".join(["python", "benchmarks/scale.py", *sys.argv[1:]])
+    results.setdefault("commands", {}).update({part: command for part in parts})
     import torch
 
     results["environment"] = {"torch": torch.__version__, "python": platform.python_version(),
@@ -265,6 +267,8 @@ def main() -> None:
 def write_table(r: dict, path: Path) -> None:
     lines = ["# Scale: bounded-memory simulation, memory-mapped training, Dask workers", "",
              f"Environment: {r.get('environment')}", ""]
+    for part, command in r.get("commands", {}).items():
+        lines.append(f"- {part}: `{command}`")
     for part, note in r.get("notes", {}).items():
         lines.append(f"- {part}: {note}")
     if r.get("notes"):

@@ -166,7 +166,8 @@ def main() -> None:
                                                     "environment": env, "results": rows, "mjp": mjp_rows},
                                                    indent=1))
     lines = [f"# Lotka–Volterra SDE throughput ({args.device}, batch {args.batch}, dt {DT}, T {T}, record every {RECORD})",
-             "", f"torch {env['torch']}, {env['threads']} threads, torchsde {env.get('torchsde', '-')}", "",
+             "", f"`{' '.join(['python', 'benchmarks/simulate_lv.py', *sys.argv[1:]])}`", "",
+             f"torch {env['torch']}, {env['threads']} threads, torchsde {env.get('torchsde', '-')}", "",
              "| simulator | path-steps/s | seconds | first call (s) | × torchsde | peak RSS increase (MB) |",
              "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:

@@ -16,7 +16,7 @@ transformation), so a trained critic *is* a log-ratio estimator (Goodfellow et a
   KLIEP, max E_P[log w] s.t. E_Q[w] = 1, i.e. −E_P[v] + log E_Q[e^v] (v is identified up to a
   constant: log p/q = v − log E_Q e^v).
 * hinge: E_P relu(1 − v) + E_Q relu(1 + v). Its minimiser is sign(log p/q): a classifier,
-  *not* a consistent ratio estimator; kept for LFVI's hinge variant.
+  *not* a consistent ratio estimator (the SVM loss of a GAN critic; Lim & Ye 2017).
 
 **Wasserstein critics** (not ratios): W1(P, Q) = sup_{‖c‖_L ≤ 1} E_P c − E_Q c, with the
 Lipschitz constraint by weight clipping, gradient penalty (Gulrajani et al. 2017) or spectral

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 import pyro
@@ -18,6 +19,9 @@ import pyro.distributions as dist
 import torch
 
 import implicitbayes as ib
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.models import hierarchical_model  # noqa: E402
 
 PINS = Path(__file__).parent / "data" / "pinned_draws.safetensors"
 X = torch.tensor([0.6, -0.4])
@@ -30,15 +34,6 @@ def simulator(theta):
 def model():
     theta = pyro.sample("theta", dist.Normal(torch.zeros(2), 1.0).to_event(1))
     return pyro.sample("x", ib.Implicit(simulator, theta, event_shape=(2,)))
-
-
-def group_model(num_groups: int = 4):
-    groups = pyro.plate("groups", num_groups)
-    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
-    with groups:
-        z = pyro.sample("z", ib.Implicit(lambda m: m + torch.randn_like(m), mu))
-        return pyro.sample("x", ib.Implicit(lambda t: t[:, None] + 0.1 * torch.randn(t.shape[0], 3), z,
-                                            event_shape=(3,)))
 
 
 def draws() -> dict[str, torch.Tensor]:
@@ -60,7 +55,7 @@ def draws() -> dict[str, torch.Tensor]:
         observation=X, seed=0, progress=False)
     out["abc"] = abc.sample(200, seed=1)["theta"]
     x_groups = 0.3 + 0.1 * torch.arange(12.0).reshape(4, 3) / 12
-    lfvi = ib.LFVI(group_model, observed="x", num_particles=8).fit(observation=x_groups, seed=0, progress=False,
+    lfvi = ib.LFVI(hierarchical_model, observed="x", num_particles=8).fit(observation=x_groups, seed=0, progress=False,
                                                                    max_steps=20)
     lfvi_draws = lfvi.sample(100, seed=1)
     out["lfvi.mu"], out["lfvi.z"] = lfvi_draws["mu"], lfvi_draws["z"]

@@ -114,7 +114,9 @@ def test_lfvi_bad_inputs():
         ib.LFVI(TASK.model, observed="x").fit(observation=torch.zeros(8, 4), max_steps=1)
     with pytest.raises(ValueError, match="critic_lr_scale"):
         ib.LFVI(TASK.model, observed="x", critic_lr_scale=-1.0)
-    with pytest.raises(ValueError, match="critic_loss"):
-        ib.LFVI(TASK.model, observed="x", critic_loss="wasserstein")
+    with pytest.raises(ValueError, match="groups_per_step: expected a positive integer or None, got 0"):
+        ib.LFVI(TASK.model, observed="x", groups_per_step=0)
+    with pytest.raises(ValueError, match=r"max_steps: expected a positive integer, got 0"):
+        ib.LFVI(TASK.model, observed="x", training={"max_steps": 0})
     with pytest.raises(ValueError, match="plate"):
         ib.LFVI(TASK.model, observed="x", plate="systems").fit(observation=X, max_steps=1)

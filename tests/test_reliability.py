@@ -30,7 +30,7 @@ class _Payload:
 def _good_files(tmp: Path) -> dict[str, Path]:
     data = ib.simulate(gaussian_model, 200, observed="x", seed=0, progress=False)
     data.save(tmp / "set.safetensors")
-    ib.NPE(gaussian_model, observed="x", validate_every=10).fit(
+    ib.NPE(gaussian_model, observed="x", training={"validate_every": 10}).fit(
         data, max_steps=20, seed=0, progress=False, checkpoint=tmp / "ckpt.safetensors").save(tmp / "post.safetensors")
     ib.simulate(gaussian_model, 40, observed="x", seed=0, batch_size=20, store=tmp / "store", progress=False)
     return {"set": tmp / "set.safetensors", "posterior": tmp / "post.safetensors",
@@ -45,7 +45,7 @@ def _load(kind: str, path: Path, tmp: Path):
         return ib.load(path)
     if kind == "checkpoint":
         data = ib.simulate(gaussian_model, 200, observed="x", seed=0, progress=False)
-        return ib.NPE(gaussian_model, observed="x", validate_every=10).fit(
+        return ib.NPE(gaussian_model, observed="x", training={"validate_every": 10}).fit(
             data, max_steps=30, seed=0, progress=False, checkpoint=path)
     if kind == "chunk":  # the store resumes by reading its chunk files
         chunk = tmp / "store" / "chunk-0000000.safetensors"

@@ -10,7 +10,7 @@ z_n = g(x_n, β, ε_n), ε_n ~ N(0, I). The ELBO, up to the constant Σ_n log q_
     L = E_{q(β)}[ log p(β) − log q(β) ] + Σ_n E_{q(β) q(z_n | x_n, β)}[ r(x_n, z_n, β) ],
     r(x, z, β) ≈ log p(x, z | β) − log q_data(x) q(z | x, β),
 
-where the ratio r is a critic trained by the logistic (or hinge) loss to tell model draws
+where the ratio r is a critic trained by the logistic loss to tell model draws
 (x, z) ~ p(· | β) (label 1) from variational draws (x_n, z_n ~ q(z | x_n, β)) (label 0) at
 the same β. Gradients of L reach q(β) and g through r's inputs (reparameterisation), never
 through the simulator. Minibatches of M groups scale the local sum by N/M.
@@ -81,7 +81,6 @@ class LFVIConfig(PosteriorConfig):
     num_groups: int
     x_group_shape: tuple[int, ...]
     plate: str
-    critic_loss: str
 
 
 def _group_space(space: ParameterSpace) -> ParameterSpace:
@@ -225,8 +224,8 @@ class LFVI(Method):
     observed site); latent sites inside that plate are local, the others global. Every local and
     observed site must have the plate as its only batch dimension.
 
-    Options: the objective, ``critic_loss`` ("logistic" or "hinge"), ``num_particles`` S draws of
-    β per step and ``groups_per_step`` M (None: all N); the networks, ``flow`` / ``transforms`` /
+    Options: the objective's ``num_particles`` S draws of β per step and ``groups_per_step`` M
+    (None: all N); the networks, ``flow`` / ``transforms`` /
     ``flow_hidden`` of q(β), ``hidden`` / ``layers`` / ``noise_features`` of the local generator,
     ``critic_hidden`` / ``critic_layers`` of the critic, whose learning rate is ``critic_lr_scale``
     times the others'; ``pilot_simulations`` from the prior that standardise the coordinates;
@@ -239,15 +238,13 @@ class LFVI(Method):
                            patience=10**9, restore_best=False, clip_grad_norm=10.0)
 
     def __init__(self, model: Callable, *, observed: str | Sequence[str], model_args: tuple = (),
-                 model_kwargs: Mapping | None = None, plate: str | None = None, critic_loss: str = "logistic",
-                 num_particles: int = 64, groups_per_step: int | None = None, flow: str = "nsf", transforms: int = 3,
+                 model_kwargs: Mapping | None = None, plate: str | None = None, num_particles: int = 64, groups_per_step: int | None = None, flow: str = "nsf", transforms: int = 3,
                  flow_hidden: Sequence[int] = (64, 64), hidden: int = 128, layers: int = 3,
                  noise_features: int | None = None, critic_hidden: int = 128, critic_layers: int = 3,
                  critic_lr_scale: float = 10.0, pilot_simulations: int = 256,
                  training: TrainConfig | Mapping | None = None, device: str | torch.device | None = None):
         super().__init__(model, observed=observed, model_args=model_args, model_kwargs=model_kwargs, device=device)
         self.plate = plate
-        self.critic_loss = choice("critic_loss", critic_loss, ("logistic", "hinge"))
         self.num_particles = integer("num_particles", num_particles, minimum=2)
         self.groups_per_step = integer("groups_per_step", groups_per_step, none=True)
         self.pilot_simulations = integer("pilot_simulations", pilot_simulations, minimum=2)
@@ -304,88 +301,38 @@ class LFVI(Method):
         x_obs = observed_values(observation, self.observed, {s.name: s.shape for s in obs}, self.device,
                                 torch.get_default_dtype())
         x_flat = torch.cat([x_obs[s.name].reshape(n_groups, -1) for s in obs], 1)
-        x_group_shape = obs[0].shape[1:] if len(obs) == 1 else (x_flat.shape[1],)
+        x_group_shape = tuple(obs[0].shape[1:] if len(obs) == 1 else (x_flat.shape[1],))
         latent_names = [s.name for s in glob] + [s.name for s in local]
         space = ParameterSpace.from_model(self.model, latent_names, self.model_args, self.model_kwargs)
         config = LFVIConfig(**self.net, global_sites=tuple(s.name for s in glob),
                             local_sites=tuple(s.name for s in local), num_groups=n_groups,
-                            x_group_shape=tuple(x_group_shape), plate=plate, critic_loss=self.critic_loss)
+                            x_group_shape=x_group_shape, plate=plate)
         s_particles = self.num_particles
         m = min(self.groups_per_step or n_groups, n_groups)
-        simulated = 0
         with seeded(seed, self.device):
             post = LFVIPosterior(space, self.observed, {s.name: s.shape for s in obs}, config).to(self.device)
             post.observation.copy_(x_flat)
             ginfo = {s.name: s for s in glob}
-            returns = local + obs
-
-            def simulate_groups(b_s: torch.Tensor, sim_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-                """Model draws at standardised β ``(S, dg)`` → local u ``(S, N, dl)``, x ``(S, N, dx)``."""
-                nonlocal simulated
-                given = post.global_space.to_constrained(post.global_standardize.inverse(b_s))
-                out = run_given(self.model, given, returns, outer_dim, model_args=self.model_args,
-                                model_kwargs=self.model_kwargs, seed=sim_seed, device=self.device, latent_info=ginfo)
-                simulated += b_s.shape[0] * n_groups
-                s = b_s.shape[0]
-                z_u = post.local_space.to_unconstrained(
-                    {k.name: out[k.name].reshape((s * n_groups,) + k.shape[1:]) for k in local}).reshape(s, n_groups, -1)
-                x = torch.cat([out[k.name].reshape(s, n_groups, -1) for k in obs], -1)
-                return z_u, x
-
-            # pilot: standardise x, z and β by a simulation from the prior
-            pilot = data
-            if pilot is None:
-                from ..simulate import simulate
-
-                pilot = simulate(self.model, self.pilot_simulations, observed=self.observed, model_args=self.model_args,
-                                 model_kwargs=self.model_kwargs, seed=seed, device=self.device, progress=False)
-            simulated += len(pilot) * n_groups
-            missing = [k for k in latent_names + self.observed if k not in pilot.latent_names + pilot.observed_names]
-            if missing:
-                raise ValueError(f"data: the SimulationSet lacks the sites {missing}; was it simulated from this model?")
-            p_x = torch.cat([pilot[k.name].reshape(len(pilot) * n_groups, -1) for k in obs], 1).to(self.device)
-            post.x_standardize.fit(p_x.reshape((-1,) + tuple(x_group_shape)))
-            post.global_standardize.fit(post.global_space.to_unconstrained({k: pilot[k].to(self.device)
-                                                                            for k in post.global_space.names}))
-            post.local_standardize.fit(post.local_space.to_unconstrained(
-                {k: pilot[k].to(self.device).reshape((-1,) + pilot[k].shape[2:]) for k in post.local_space.names}))
-            log_prior = _GlobalPrior(self.model, self.model_args, self.model_kwargs, ginfo, outer_dim)
-            feats_obs = post.features(x_flat.reshape((n_groups,) + tuple(x_group_shape)))
-            critic_loss = RatioCriticLoss(post.critic, self.critic_loss)
-            log_scale = post.global_standardize.scale.log().sum()
-
-            def elbo_terms(b_s, log_q_s, z_s, feats, critic_params):
-                b_u = post.global_standardize.inverse(b_s)
-                log_p = log_prior(post.global_space.to_constrained(b_u)) + post.global_space.log_abs_det_jacobian(b_u)
-                log_q = log_q_s - log_scale
-                s = b_s.shape[0]
-                theta = torch.cat([z_s, b_s[:, None].expand(-1, z_s.shape[1], -1)], -1)
-                r = functional_call(post.critic, critic_params, (feats[None].expand(s, -1, -1).reshape(-1, feats.shape[-1]),
-                                                                  theta.reshape(-1, theta.shape[-1]))).reshape(s, -1)
-                return log_p - log_q, r
+            simulator = _GroupSimulator(self, post, ginfo, local, obs, outer_dim, n_groups)
+            self._fit_standardizers(post, data, seed, latent_names, obs, n_groups, simulator)
+            objective = LFVIObjective(post, _GlobalPrior(self.model, self.model_args, self.model_kwargs, ginfo,
+                                                         outer_dim))
+            feats_obs = post.features(x_flat.reshape((n_groups,) + x_group_shape))
 
             def step(_, g):
                 b_s, log_q_s = post.draw_global(s_particles, g)
                 idx = torch.randperm(n_groups, generator=g)[:m].to(self.device)
                 with torch.no_grad():
-                    z_u, x_sim = simulate_groups(b_s.detach(), int(torch.randint(0, 2**62, (), generator=g)))
+                    z_u, x_sim = simulator(b_s.detach(), int(torch.randint(0, 2**62, (), generator=g)))
                     z_model = post.local_standardize(z_u[:, idx].reshape(s_particles * m, -1)).reshape(s_particles, m, -1)
-                    f_model = post.features(x_sim[:, idx].reshape((s_particles, m) + tuple(x_group_shape)))
+                    f_model = post.features(x_sim[:, idx].reshape((s_particles, m) + x_group_shape))
                     # the reference class: x simulated at another particle β', z ~ q(z | x, β)
                     shift = int(torch.randint(1, s_particles, (), generator=g))
                     f_ref = f_model.roll(shift, 0)
                     z_ref = post.draw_local(f_ref, b_s.detach(), g)
-                bd = b_s.detach()[:, None].expand(-1, m, -1)
-                ratio_loss = critic_loss((f_model.reshape(s_particles * m, -1),
-                                          torch.cat([z_model, bd], -1).reshape(s_particles * m, -1)),
-                                         (f_ref.reshape(s_particles * m, -1),
-                                          torch.cat([z_ref, bd], -1).reshape(s_particles * m, -1)))
-                frozen = {k: v.detach() for k, v in post.critic.named_parameters()}
                 f_data = feats_obs[idx]
-                glob_term, r = elbo_terms(b_s, log_q_s, post.draw_local(f_data, b_s, g), f_data, frozen)
-                elbo = glob_term + n_groups * r.mean(1)
-                loss = ratio_loss - elbo.mean() / n_groups
-                return {"loss": loss, "critic": ratio_loss.detach(), "elbo": elbo.mean().detach()}
+                return objective(b_s, log_q_s, (f_model, z_model), (f_ref, z_ref), f_data,
+                                 post.draw_local(f_data, b_s, g), n_groups)
 
             val_g = torch.Generator(device=self.device)
 
@@ -393,8 +340,7 @@ class LFVI(Method):
                 val_g.manual_seed(seed + 1)
                 b_s, log_q_s = post.draw_global(1024, val_g)
                 z_q = post.draw_local(feats_obs, b_s, val_g)
-                params = dict(post.critic.named_parameters())
-                glob_term, r = elbo_terms(b_s, log_q_s, z_q, feats_obs, params)
+                glob_term, r = objective.elbo_terms(b_s, log_q_s, z_q, feats_obs, dict(post.critic.named_parameters()))
                 return -float((glob_term + r.sum(1)).mean())
 
             groups = [
@@ -403,7 +349,91 @@ class LFVI(Method):
             ]
             summary = train({"posterior": post}, step, validate, n_groups, loop, seed=seed, progress=progress,
                             checkpoint=checkpoint, desc="LFVI", parameters=groups)
-            summary["simulations"] = simulated
+            summary["simulations"] = simulator.simulated
             post.training_summary = summary
         return post.attach_model(self.model, self.model_args, self.model_kwargs)
 
+    def _fit_standardizers(self, post: LFVIPosterior, data, seed: int, latent_names, obs, n_groups: int,
+                           simulator: "_GroupSimulator") -> None:
+        """Standardise x, z and β by ``data`` or a pilot simulation from the prior."""
+        pilot = data
+        if pilot is None:
+            from ..simulate import simulate
+
+            pilot = simulate(self.model, self.pilot_simulations, observed=self.observed, model_args=self.model_args,
+                             model_kwargs=self.model_kwargs, seed=seed, device=self.device, progress=False)
+        simulator.simulated += len(pilot) * n_groups
+        missing = [k for k in latent_names + self.observed if k not in pilot.latent_names + pilot.observed_names]
+        if missing:
+            raise ValueError(f"data: the SimulationSet lacks the sites {missing}; was it simulated from this model?")
+        p_x = torch.cat([pilot[k.name].reshape(len(pilot) * n_groups, -1) for k in obs], 1).to(self.device)
+        post.x_standardize.fit(p_x.reshape((-1,) + post.x_group_shape))
+        post.global_standardize.fit(post.global_space.to_unconstrained({k: pilot[k].to(self.device)
+                                                                        for k in post.global_space.names}))
+        post.local_standardize.fit(post.local_space.to_unconstrained(
+            {k: pilot[k].to(self.device).reshape((-1,) + pilot[k].shape[2:]) for k in post.local_space.names}))
+
+
+class _GroupSimulator:
+    """Model draws of every group's local latents and data at given global particles; counts them."""
+
+    def __init__(self, method: LFVI, post: LFVIPosterior, global_info, local, obs, outer_dim: int, n_groups: int):
+        self.method, self.post, self.global_info = method, post, global_info
+        self.local, self.obs, self.outer_dim, self.n_groups = local, obs, outer_dim, n_groups
+        self.simulated = 0
+
+    def __call__(self, b_s: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Standardised β ``(S, dg)`` → local u ``(S, N, dl)``, x ``(S, N, dx)``."""
+        post, n, s = self.post, self.n_groups, b_s.shape[0]
+        given = post.global_space.to_constrained(post.global_standardize.inverse(b_s))
+        out = run_given(self.method.model, given, self.local + self.obs, self.outer_dim,
+                        model_args=self.method.model_args, model_kwargs=self.method.model_kwargs, seed=seed,
+                        device=self.method.device, latent_info=self.global_info)
+        self.simulated += s * n
+        z_u = post.local_space.to_unconstrained(
+            {k.name: out[k.name].reshape((s * n,) + k.shape[1:]) for k in self.local}).reshape(s, n, -1)
+        x = torch.cat([out[k.name].reshape(s, n, -1) for k in self.obs], -1)
+        return z_u, x
+
+
+class LFVIObjective:
+    r"""LFVI's loss for one step, on S global particles β_s ~ q(β) and M groups:
+
+        critic:     E_p softplus(−r) + E_ref softplus(r) on (x, z, β) from the model at β (label 1)
+                    against (x', z' ~ q(z | x', β), β) with x' simulated at another particle;
+        q(β), g:    −(1/N) [ log p(β) − log q(β) + (N/M) Σ_n r(x_n, z_n, β) ],  z_n ~ q(z | x_n, β),
+
+    the second through a copy of the critic whose weights are detached, the first with its inputs
+    detached; the two are summed so that one optimiser step updates both."""
+
+    def __init__(self, post: LFVIPosterior, log_prior: _GlobalPrior):
+        self.post, self.log_prior = post, log_prior
+        self.critic_loss = RatioCriticLoss(post.critic)
+        self.log_scale = post.global_standardize.scale.log().sum()
+
+    def elbo_terms(self, b_s, log_q_s, z_s, feats, critic_params) -> tuple[torch.Tensor, torch.Tensor]:
+        """log p(β) − log q(β) ``(S,)`` and r(x_n, z_n, β) ``(S, M)`` for standardised β ``(S, dg)``,
+        z ``(S, M, dl)`` and group features ``(M, dx)``, with the critic's ``critic_params``."""
+        post = self.post
+        b_u = post.global_standardize.inverse(b_s)
+        log_p = self.log_prior(post.global_space.to_constrained(b_u)) + post.global_space.log_abs_det_jacobian(b_u)
+        log_q = log_q_s - self.log_scale
+        s = b_s.shape[0]
+        theta = torch.cat([z_s, b_s[:, None].expand(-1, z_s.shape[1], -1)], -1)
+        r = functional_call(post.critic, critic_params, (feats[None].expand(s, -1, -1).reshape(-1, feats.shape[-1]),
+                                                          theta.reshape(-1, theta.shape[-1]))).reshape(s, -1)
+        return log_p - log_q, r
+
+    def __call__(self, b_s, log_q_s, model_pairs, reference_pairs, f_data, z_data, n_groups: int) -> dict:
+        """``model_pairs`` / ``reference_pairs``: (features ``(S, M, dx)``, standardised z ``(S, M, dl)``);
+        ``f_data (M, dx)`` the observed groups' features and ``z_data (S, M, dl)`` q's draws for them."""
+        (f_model, z_model), (f_ref, z_ref) = model_pairs, reference_pairs
+        s, m = z_model.shape[:2]
+        bd = b_s.detach()[:, None].expand(-1, m, -1)
+        ratio_loss = self.critic_loss((f_model.reshape(s * m, -1), torch.cat([z_model, bd], -1).reshape(s * m, -1)),
+                                      (f_ref.reshape(s * m, -1), torch.cat([z_ref, bd], -1).reshape(s * m, -1)))
+        frozen = {k: v.detach() for k, v in self.post.critic.named_parameters()}
+        glob_term, r = self.elbo_terms(b_s, log_q_s, z_data, f_data, frozen)
+        elbo = glob_term + n_groups * r.mean(1)
+        loss = ratio_loss - elbo.mean() / n_groups
+        return {"loss": loss, "critic": ratio_loss.detach(), "elbo": elbo.mean().detach()}

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..losses import energy_score, ratio_loss
+from ..losses import RATIO_LOSSES, energy_score, ratio_loss
 
 __all__ = ["NPELoss", "RatioCriticLoss", "EnergyScoreLoss"]
 
@@ -37,11 +37,14 @@ class RatioCriticLoss:
     """The loss of a critic r between inputs from p (label 1) and from q (label 0).
 
     ``critic(*inputs)`` returns r for any leading shape; ``loss`` names a consistent ratio loss
-    of :data:`implicitbayes.losses.RATIO_LOSSES` (``"logistic"``: E_p softplus(−r) + E_q softplus(r),
-    minimised by r = log p/q) or ``"hinge"`` (a classifier, for LFVI's hinge variant)."""
+    of :data:`implicitbayes.losses.RATIO_LOSSES` (``"logistic"``, the default of every method:
+    E_p softplus(−r) + E_q softplus(r), minimised by r = log p/q)."""
 
     def __init__(self, critic: Callable[..., torch.Tensor], loss: str = "logistic"):
         self.critic, self.loss = critic, ratio_loss(loss)
+        if not self.loss.consistent:
+            raise ValueError(f"loss: {loss!r} does not estimate a density ratio; expected one of "
+                             f"{sorted(k for k, v in RATIO_LOSSES.items() if v.consistent)}")
 
     def __call__(self, positive: Sequence, negative: Sequence) -> torch.Tensor:
         """The loss on ``critic(*positive)`` (from p) and ``critic(*negative)`` (from q): a scalar."""
