@@ -393,3 +393,28 @@ def test_weight_averaging_cancels_the_optimiser_noise_and_resumes_exactly(tmp_pa
     for bad in (0, 1, 1.5, True, "0.99"):
         with pytest.raises(ValueError, match="ema: expected a decay in"):
             TrainConfig(ema=bad)
+
+
+def test_npe_takes_a_flow_build_callable_and_needs_it_again_to_load(tmp_path):
+    # zuko style: flow=partial(zuko.flows.NSF, ...) builds the network, used as it is; the file
+    # holds its weights, and ib.load asks for the same callable
+    from functools import partial
+
+    import zuko
+
+    from tests.models import gaussian_model
+
+    data = ib.simulate(gaussian_model, 500, observed="x", seed=0, progress=False)
+    build = partial(zuko.flows.NSF, transforms=2, hidden_features=(32, 32))
+    post = ib.NPE(gaussian_model, observed="x", flow=build).fit(data, seed=0, progress=False, max_steps=200)
+    assert post.config.flow == "custom" and len(post.flow.transform.transforms) == 2
+    x = torch.tensor([0.3, -0.2])
+    draws = post.sample(2000, x, seed=1)["theta"]
+    assert ((draws.mean(0) - x).abs() < 0.1).all()  # θ | x within the prior box, close to x (noise sd 0.1)
+    post.save(tmp_path / "custom.safetensors")
+    with pytest.raises(TypeError, match=r"custom flow: pass its build callable to ib.load\(path, flow=...\)"):
+        ib.load(tmp_path / "custom.safetensors")
+    back = ib.load(tmp_path / "custom.safetensors", flow=build)
+    assert torch.equal(back.sample(300, x, seed=2)["theta"], post.sample(300, x, seed=2)["theta"])
+    with pytest.raises(ValueError, match=r"flow: a build callable is used as it is, so \['transforms'\]"):
+        ib.NPE(gaussian_model, observed="x", flow=build, transforms=3)

@@ -46,7 +46,7 @@ __all__ = ["NPE", "NPEPosterior", "NPEConfig"]
 class NPEConfig(NeuralConfig):
     """The flow of an :class:`NPEPosterior` and whether it models θ's linear residual."""
 
-    flow: str
+    flow: str  # a name in implicitbayes.nn.FLOWS, or "custom" for a build callable
     transforms: int
     hidden_features: tuple[int, ...]
     affine_first: bool
@@ -64,13 +64,20 @@ class NPEPosterior(NeuralPosterior):
     RESIDUAL_MAX_EXCESS_KURTOSIS = 1.0  # ... and largest |excess kurtosis|
 
     def __init__(self, space: ParameterSpace, observed, x_shapes, config: NPEConfig,
-                 embedding: nn.Module | None = None):
+                 embedding: nn.Module | None = None, flow: Callable[[int, int], nn.Module] | None = None):
         super().__init__(space, observed, x_shapes, config, embedding)
         self.residual = (LinearResidual(math.prod(config.x_shape), space.unconstrained_dim)
                          if config.linear_residual else None)
-        self.flow = build_flow(config.flow, space.unconstrained_dim, self.context.out_features,
-                               transforms=config.transforms, hidden_features=config.hidden_features,
-                               affine_first=config.affine_first, spline_init=config.spline_init)
+        d, c = space.unconstrained_dim, self.context.out_features
+        if config.flow == "custom":
+            if flow is None:
+                raise TypeError("this posterior was trained with a custom flow: pass its build callable to "
+                                "ib.load(path, flow=...) (the same one; the weights are in the file)")
+            self.flow = flow(d, c)
+        else:
+            self.flow = build_flow(config.flow, d, c, transforms=config.transforms,
+                                   hidden_features=config.hidden_features, affine_first=config.affine_first,
+                                   spline_init=config.spline_init)
 
     def distribution(self, x: torch.Tensor) -> torch.distributions.Distribution:
         """q(u_standardised | x) for ``x (n, *x_shape)``: the flow, mapped back from the linear
@@ -141,11 +148,14 @@ class NPEPosterior(NeuralPosterior):
 class NPE(NeuralMethod):
     """Neural posterior estimation with a conditional normalizing flow (module docstring).
 
-    Options: the flow, ``flow`` (one of ``implicitbayes.nn.FLOWS``), ``transforms``,
+    Options: the flow, ``flow`` — a name in ``implicitbayes.nn.FLOWS`` built with ``transforms``,
     ``hidden_features``, ``affine_first`` (a conditional affine autoregressive layer before the
-    ``transforms``) and ``spline_init`` (the spline conditioners' output layers drawn from
-    U(±spline_init), so each spline starts as the identity; ``"auto"``: 10⁻³ for ``"nsf"``, None
-    for the others) — see :func:`implicitbayes.nn.build_flow`; ``linear_residual`` (True, False
+    ``transforms``; None: on) and ``spline_init`` (the spline conditioners' output layers drawn
+    from U(±spline_init), so each spline starts as the identity; ``"auto"``: 10⁻³ for ``"nsf"``,
+    None for the others) by :func:`implicitbayes.nn.build_flow`, or a build callable
+    ``flow(features, context_features)`` returning a zuko-style conditional flow (a module whose
+    ``forward(c)`` is a distribution), e.g. ``partial(zuko.flows.NSF, transforms=3)``, used as it
+    is (pass it again to ``ib.load``); ``linear_residual`` (True, False
     or ``"auto"``, module docstring; the decision and the residuals' moments are in
     ``training_summary["linear_residual"]``); ``embedding`` of the observation; ``training``, a
     :class:`~implicitbayes.TrainConfig` or a mapping of fields changing ``NPE.TRAINING``; ``device``.
@@ -157,16 +167,27 @@ class NPE(NeuralMethod):
     LINEAR_ROWS_PER_FEATURE = 10  # at least this many simulations per regression coefficient
 
     def __init__(self, model: Callable, *, observed: str | Sequence[str], model_args: tuple = (),
-                 model_kwargs: Mapping | None = None, flow: str = "nsf", transforms: int = 5,
-                 hidden_features: Sequence[int] = (50, 50), affine_first: bool = True,
+                 model_kwargs: Mapping | None = None, flow: str | Callable[[int, int], nn.Module] = "nsf",
+                 transforms: int = 5, hidden_features: Sequence[int] = (50, 50), affine_first: bool | None = None,
                  spline_init: float | str | None = "auto", linear_residual: bool | str = "auto",
                  embedding: nn.Module | None = None, training: TrainConfig | Mapping | None = None,
                  device: str | torch.device | None = None):
         super().__init__(model, observed=observed, model_args=model_args, model_kwargs=model_kwargs,
                          embedding=embedding, training=training, device=device)
-        self.flow = choice("flow", flow, FLOWS)
+        self.flow_builder = None
+        if callable(flow):
+            named = {"transforms": (transforms, 5), "hidden_features": (tuple(hidden_features), (50, 50)),
+                     "affine_first": (affine_first, None), "spline_init": (spline_init, "auto")}
+            set_ = [k for k, (v, default) in named.items() if v != default]
+            if set_:
+                raise ValueError(f"flow: a build callable is used as it is, so {set_} cannot apply to it; "
+                                 "build those into the callable")
+            self.flow_builder, flow, affine_first, spline_init = flow, "custom", False, None
+        else:
+            choice("flow", flow, FLOWS)
+        self.flow = flow
         self.transforms, self.hidden_features = integer("transforms", transforms), tuple(hidden_features)
-        self.affine_first = flag("affine_first", affine_first)
+        self.affine_first = True if affine_first is None else flag("affine_first", affine_first)
         if spline_init == "auto":
             spline_init = self.SPLINE_INIT if flow == "nsf" else None
         else:
@@ -204,7 +225,8 @@ class NPE(NeuralMethod):
                            affine_first=self.affine_first, spline_init=self.spline_init,
                            linear_residual=self._use_residual(prep.x.shape))
         with seeded(seed, self.device):
-            post = NPEPosterior(prep.space, prep.observed, prep.x_shapes, config, self.embedding).to(self.device)
+            post = NPEPosterior(prep.space, prep.observed, prep.x_shapes, config, self.embedding,
+                                self.flow_builder).to(self.device)
             x = prep.x_on(self.device)
             u_s = post.fit_standardizers(prep.x, prep.u.to(self.device))
             residual = post.fit_residual(x, u_s, auto=self.linear_residual == "auto")
