@@ -147,7 +147,6 @@ def _prepare_out(out: Path, config: dict, force: bool) -> None:
 
 
 def _cmd_run(args) -> int:
-    import json
 
     import matplotlib
 

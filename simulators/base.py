@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bz2
 import importlib.util
+from numbers import Integral
 from pathlib import Path
 from typing import Mapping
 
@@ -12,6 +13,7 @@ import pyro
 import torch
 
 import implicitbayes as ib
+from implicitbayes.checks import integer
 
 __all__ = ["Task", "sbibm_file", "read_csv", "generator_for"]
 
@@ -22,8 +24,7 @@ def generator_for(seed: int | None, device: torch.device) -> torch.Generator | N
     """A seeded generator on ``device``, or ``None`` to use the global RNG (seeded by ``ib.simulate``)."""
     if seed is None:
         return None
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed: expected a non-negative integer or None, got {seed!r}")
+    integer("seed", seed, minimum=0, none=True)
     return torch.Generator(device=device).manual_seed(int(seed))
 
 
@@ -88,7 +89,7 @@ class Task:
 
     # -- observations and references ----------------------------------------------------
     def _check_k(self, k: int) -> int:
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= self.num_observations:
+        if isinstance(k, bool) or not isinstance(k, Integral) or not 1 <= k <= self.num_observations:
             raise ValueError(f"{self.name}: observation number must be an integer in 1..{self.num_observations}, got {k!r}")
         return int(k)
 

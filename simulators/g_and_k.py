@@ -13,6 +13,8 @@ from __future__ import annotations
 import pyro.distributions as dist
 import torch
 
+from implicitbayes.checks import integer
+
 from .base import Task
 
 __all__ = ["GAndK", "g_and_k_quantile"]
@@ -33,8 +35,7 @@ class GAndK(Task):
     def __init__(self, summary: str = "robust", num_draws: int = 1000):
         if summary not in ("robust", "octiles", "raw"):
             raise ValueError(f"summary: expected 'robust', 'octiles' or 'raw', got {summary!r}")
-        if isinstance(num_draws, bool) or not isinstance(num_draws, int) or num_draws < 8:
-            raise ValueError(f"num_draws: expected an integer >= 8, got {num_draws!r}")
+        integer("num_draws", num_draws, minimum=8)
         self.summary, self.num_draws = summary, num_draws
         self.x_shape = {"robust": (4,), "octiles": (7,), "raw": (num_draws,)}[summary]
 

@@ -7,7 +7,6 @@ and implicit observations per group. Their sites are the ordinary Pyro sites a u
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pyro
@@ -15,6 +14,7 @@ import pyro.distributions as dist
 import torch
 
 import implicitbayes as ib
+from implicitbayes.checks import integer
 
 from .base import Task, generator_for
 from .lotka_volterra import THETA_STAR, LotkaVolterraSDE
@@ -38,9 +38,8 @@ class HierarchicalGaussian(Task):
     observed = ("x",)
 
     def __init__(self, num_groups: int = 8, num_obs: int = 5, noise: float = 1.0):
-        for arg, v in (("num_groups", num_groups), ("num_obs", num_obs)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{arg}: expected a positive integer, got {v!r}")
+        integer("num_groups", num_groups)
+        integer("num_obs", num_obs)
         if not noise > 0:
             raise ValueError(f"noise: expected a positive number, got {noise!r}")
         self.num_groups, self.num_obs, self.noise = num_groups, num_obs, float(noise)
@@ -128,8 +127,7 @@ class LotkaVolterraPopulation(Task):
     theta_dim = 4
 
     def __init__(self, num_systems: int = 10, **lv_options):
-        if isinstance(num_systems, bool) or not isinstance(num_systems, int) or num_systems < 1:
-            raise ValueError(f"num_systems: expected a positive integer, got {num_systems!r}")
+        integer("num_systems", num_systems)
         self.num_systems = num_systems
         self.lv = LotkaVolterraSDE(**lv_options)
         self.x_shape = (num_systems,) + self.lv.x_shape

@@ -48,6 +48,7 @@ import warnings
 import torch
 
 import implicitbayes as ib
+from implicitbayes.checks import integer
 
 from .base import Task, generator_for
 
@@ -270,8 +271,7 @@ def lv_mjp(
     """
     _check_theta(theta)
     _check_policy(on_blowup, max_population)
-    if isinstance(max_events, bool) or not isinstance(max_events, int) or max_events <= 0:
-        raise ValueError(f"max_events: expected a positive integer, got {max_events!r}")
+    integer("max_events", max_events)
     n_rec, _ = _grid(T, record_every, record_every)
     n, dev = theta.shape[0], theta.device
     f64 = dict(dtype=torch.float64, device=dev)

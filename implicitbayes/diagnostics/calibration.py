@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from scipy import stats
 
+from ..checks import integer
+
 __all__ = ["sbc", "SBCResult", "expected_coverage", "CoverageResult", "calibration_draws"]
 
 
@@ -43,9 +45,8 @@ def calibration_draws(posterior: Any, model: Callable, *, observed: str | Sequen
                       seed: int = 0, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """``(theta (n, d), draws (n, L, d), coordinate names)``: true latents of ``num_datasets``
     simulations and ``num_samples`` posterior draws given each, flattened in site order."""
-    for name, v in (("num_datasets", num_datasets), ("num_samples", num_samples)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 2:
-            raise ValueError(f"{name}: expected an integer >= 2, got {v!r}")
+    integer("num_datasets", num_datasets, minimum=2)
+    integer("num_samples", num_samples, minimum=2)
     from tqdm.auto import tqdm
 
     from ..simulate import simulate
@@ -160,8 +161,7 @@ def coverage_from_draws(theta: torch.Tensor, draws: torch.Tensor, *, kind: str =
     """Expected coverage from true values ``(n, d)`` and posterior draws ``(n, L, d)``."""
     if kind not in ("tarp", "marginal"):
         raise ValueError(f"kind: expected 'tarp' or 'marginal', got {kind!r}")
-    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
-        raise ValueError(f"levels: expected an integer >= 2, got {levels!r}")
+    integer("levels", levels, minimum=2)
     alpha = np.linspace(0, 1, levels + 1)
     n = theta.shape[0]
     if kind == "tarp":

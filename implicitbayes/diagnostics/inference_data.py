@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
-import numpy as np
 import torch
 
+from ..checks import integer
 from ..simulate import model_sites, simulate, simulate_at
 
 __all__ = ["to_inference_data", "ppc"]
@@ -61,8 +61,7 @@ def to_inference_data(posterior, observed: Any = None, *, num_samples: int = 100
 
     from ..infer.data import observed_values
 
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples: expected a positive integer, got {num_samples!r}")
+    integer("num_samples", num_samples)
     if observed is None:
         observed = posterior.default_observed
     needs_model = posterior_predictive or prior

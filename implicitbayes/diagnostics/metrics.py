@@ -16,6 +16,7 @@ import math
 import numpy as np
 import torch
 
+from ..checks import integer
 from ..losses import median_bandwidth, mmd2
 
 __all__ = ["c2st", "mmd"]
@@ -38,8 +39,7 @@ def c2st(a, b, *, seed: int = 1, n_folds: int = 5, z_score: bool = True, max_epo
     x, y = _as_2d(a, "a"), _as_2d(b, "b")
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"a, b: different dimensions {x.shape[1]} and {y.shape[1]}")
-    if isinstance(n_folds, bool) or not isinstance(n_folds, int) or n_folds < 2:
-        raise ValueError(f"n_folds: expected an integer >= 2, got {n_folds!r}")
+    integer("n_folds", n_folds, minimum=2)
     if z_score:
         loc, scale = x.mean(0), x.std(0)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))

@@ -204,9 +204,7 @@ class ImplicitVI(NeuralMethod):
         self.critic_training = resolve_training(self.CRITIC_TRAINING, critic_training, "critic_training")
         self.correction = choice("correction", correction, ("sir", None))
         self.num_candidates = integer("num_candidates", num_candidates)
-        if not isinstance(num_draws, int) or isinstance(num_draws, bool) or num_draws < 2:
-            raise ValueError(f"num_draws: the scoring rule needs at least 2 draws per observation, got {num_draws!r}")
-        self.num_draws = num_draws
+        self.num_draws = integer("num_draws", num_draws, minimum=2)  # the energy score needs two draws
         if noise_skip is not None and not isinstance(noise_skip, bool):
             raise ValueError(f"noise_skip: expected True, False or None (on below {NOISE_SKIP_BELOW} simulations "
                              f"per latent dimension), got {noise_skip!r}")

@@ -46,7 +46,6 @@ import pyro.poutine as poutine
 from pyro.poutine.runtime import NonlocalExit
 from pyro.poutine.subsample_messenger import _Subsample
 import torch
-from torch import nn
 from torch.func import functional_call
 
 from ..checks import choice, integer, number

@@ -10,7 +10,6 @@ resumed run continues exactly where the interrupted one stopped.
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import time
