@@ -418,3 +418,36 @@ def test_npe_takes_a_flow_build_callable_and_needs_it_again_to_load(tmp_path):
     assert torch.equal(back.sample(300, x, seed=2)["theta"], post.sample(300, x, seed=2)["theta"])
     with pytest.raises(ValueError, match=r"flow: a build callable is used as it is, so \['transforms'\]"):
         ib.NPE(gaussian_model, observed="x", flow=build, transforms=3)
+
+
+def test_implicit_vi_and_nre_take_network_build_callables(tmp_path):
+    # the generator, the correction critic and NRE's classifier can be any module of the right
+    # signature, built by a callable that ib.load needs again
+    from functools import partial
+
+    from implicitbayes.nn import Critic, ImplicitGenerator
+    from tests.models import gaussian_model
+
+    data = ib.simulate(gaussian_model, 500, observed="x", seed=0, progress=False)
+    gen = partial(ImplicitGenerator, hidden=32, layers=2, noise_injection="multiplicative")
+    crit = partial(Critic, hidden=32, layers=2, kind="projection")
+    post = ib.ImplicitVI(gaussian_model, observed="x", generator=gen, critic=crit).fit(
+        data, seed=0, progress=False, max_steps=100)
+    assert post.config.generator == post.config.critic == "custom"
+    assert post.generator.inject is not None and post.critic.kind == "projection"
+    x = torch.tensor([0.3, -0.2])
+    post.save(tmp_path / "implicit.safetensors")
+    with pytest.raises(TypeError, match=r"custom generator: pass its build callable to ib.load\(path, generator=...\)"):
+        ib.load(tmp_path / "implicit.safetensors", critic=crit)
+    back = ib.load(tmp_path / "implicit.safetensors", generator=gen, critic=crit)
+    assert torch.equal(back.sample(300, x, seed=2)["theta"], post.sample(300, x, seed=2)["theta"])
+    with pytest.raises(ValueError, match=r"generator: a build callable is used as it is, so \['hidden'\]"):
+        ib.ImplicitVI(gaussian_model, observed="x", generator=gen, hidden=64)
+    with pytest.raises(TypeError, match="critic: expected a build callable or None, got str"):
+        ib.ImplicitVI(gaussian_model, observed="x", critic="projection")
+    nre = ib.NRE(gaussian_model, observed="x", classifier=crit).fit(data, seed=0, progress=False, max_steps=50)
+    assert nre.config.classifier == "custom" and nre.classifier.kind == "projection"
+    nre.save(tmp_path / "nre.safetensors")
+    theta = {"theta": torch.zeros(4, 2)}
+    back = ib.load(tmp_path / "nre.safetensors", classifier=crit)
+    assert torch.equal(back.log_ratio(theta, x), nre.log_ratio(theta, x))

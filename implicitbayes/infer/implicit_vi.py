@@ -42,9 +42,9 @@ from ..checks import choice, integer
 from ..nn import Critic, ImplicitGenerator
 from ..seeding import seeded
 from ..space import ParameterSpace
-from .method import NeuralMethod
+from .method import NeuralMethod, network_builder
 from .objectives import EnergyScoreLoss, RatioCriticLoss
-from .posterior import NeuralConfig, NeuralPosterior, neural_config_fields, register_posterior
+from .posterior import NeuralConfig, NeuralPosterior, build_network, neural_config_fields, register_posterior
 from .sir import CriticResampler
 from .training import TrainConfig, resolve_training, split, train
 
@@ -60,6 +60,8 @@ NOISE_SKIP_BELOW = 2500
 class ImplicitVIConfig(NeuralConfig):
     """The networks and the sampler of an :class:`ImplicitPosterior`."""
 
+    generator: str  # "mlp" (ImplicitGenerator of the sizes below) or "custom" (a build callable)
+    critic: str  # "mlp" (Critic of the sizes below) or "custom"
     hidden: int
     layers: int
     noise_features: int
@@ -81,12 +83,15 @@ class ImplicitPosterior(NeuralPosterior):
     FRAME_FLOOR = 1e-6
 
     def __init__(self, space: ParameterSpace, observed, x_shapes, config: ImplicitVIConfig,
-                 embedding: nn.Module | None = None):
+                 embedding: nn.Module | None = None, generator: Callable[[int, int, int], nn.Module] | None = None,
+                 critic: Callable[[int, int], nn.Module] | None = None):
         super().__init__(space, observed, x_shapes, config, embedding)
-        d = space.unconstrained_dim
-        self.generator = ImplicitGenerator(self.context.out_features, d, config.noise_features, config.hidden,
-                                           config.layers, noise_skip=config.noise_skip)
-        self.critic = Critic(2 * d, self.context.out_features, config.critic_hidden, config.critic_layers)
+        d, e = space.unconstrained_dim, self.context.out_features
+        self.generator = build_network("generator", config.generator == "custom", generator, lambda: ImplicitGenerator(
+            e, d, config.noise_features, config.hidden, config.layers, noise_skip=config.noise_skip),
+            e, d, config.noise_features)
+        self.critic = build_network("critic", config.critic == "custom", critic, lambda: Critic(
+            2 * d, e, config.critic_hidden, config.critic_layers), 2 * d, e)
         self.last_ess: float | None = None
         # fixed noise of the critic's local frame, so that the frame is a function of y (saved with the weights)
         g = torch.Generator().manual_seed(0)
@@ -94,7 +99,7 @@ class ImplicitPosterior(NeuralPosterior):
 
     def draw_standardized(self, c: torch.Tensor, m: int, generator: torch.Generator) -> torch.Tensor:
         """``m`` generator draws ``(n, m, d)`` in standardised coordinates for contexts ``c (n, e)``."""
-        noise = torch.randn((c.shape[0], m, self.generator.noise_features), generator=generator,
+        noise = torch.randn((c.shape[0], m, self.config.noise_features), generator=generator,
                             device=c.device, dtype=c.dtype)
         return self.generator(c, noise)
 
@@ -182,8 +187,13 @@ class ImplicitVI(NeuralMethod):
     objective, ``num_draws`` m per observation; the networks, ``hidden``, ``layers``,
     ``noise_features`` (None: max(2 dim θ, 8)) and ``noise_skip`` (a linear path from the noise to
     the output, f_w = g(e(y), z) + A z; None: on below ``NOISE_SKIP_BELOW`` simulations per latent
-    dimension) of the generator, ``critic_hidden``, ``critic_layers`` of the critic, and
-    ``embedding`` of the observation; the loops, ``training`` (the generator's, default
+    dimension) of the generator, ``critic_hidden``, ``critic_layers`` of the critic — or build
+    callables in their place, ``generator(context_features, theta_features, noise_features)``
+    returning a module ``(context (n, e), noise (n, m, k)) -> (n, m, d)`` (e.g.
+    ``partial(ib.nn.ImplicitGenerator, noise_injection="multiplicative")``) and
+    ``critic(theta_features, context_features)`` returning a module ``(context, θ) -> r`` (e.g.
+    ``partial(ib.nn.Critic, kind="projection")``; θ has 2 dim θ features: as simulated and in
+    the generator's frame), passed again to ``ib.load`` — and ``embedding`` of the observation; the loops, ``training`` (the generator's, default
     ``ImplicitVI.TRAINING``) and ``critic_training`` (the critic's, ``ImplicitVI.CRITIC_TRAINING``),
     each a :class:`~implicitbayes.TrainConfig` or a mapping of its fields to change; ``device``.
     """
@@ -197,6 +207,8 @@ class ImplicitVI(NeuralMethod):
                  model_kwargs: Mapping | None = None, correction: str | None = "sir", num_candidates: int = 8,
                  num_draws: int = 8, hidden: int = 128, layers: int = 4, noise_features: int | None = None,
                  noise_skip: bool | None = None, critic_hidden: int = 128, critic_layers: int = 4,
+                 generator: Callable[[int, int, int], nn.Module] | None = None,
+                 critic: Callable[[int, int], nn.Module] | None = None,
                  embedding: nn.Module | None = None, training: TrainConfig | Mapping | None = None,
                  critic_training: TrainConfig | Mapping | None = None, device: str | torch.device | None = None):
         super().__init__(model, observed=observed, model_args=model_args, model_kwargs=model_kwargs,
@@ -212,13 +224,18 @@ class ImplicitVI(NeuralMethod):
         self.hidden, self.layers = integer("hidden", hidden), integer("layers", layers)
         self.noise_features = integer("noise_features", noise_features, none=True)
         self.critic_hidden, self.critic_layers = integer("critic_hidden", critic_hidden), integer("critic_layers", critic_layers)
+        self.generator = network_builder("generator", generator, {
+            "hidden": (hidden, 128), "layers": (layers, 4), "noise_skip": (noise_skip, None)})
+        self.critic = network_builder("critic", critic, {"critic_hidden": (critic_hidden, 128),
+                                                         "critic_layers": (critic_layers, 4)})
 
     def _posterior_config(self, x_shape, d: int) -> ImplicitVIConfig:
         n = x_shape[0]
         return ImplicitVIConfig(
-            **neural_config_fields(x_shape[1:], self.embedding), hidden=self.hidden, layers=self.layers,
+            **neural_config_fields(x_shape[1:], self.embedding), generator="mlp" if self.generator is None else "custom",
+            critic="mlp" if self.critic is None else "custom", hidden=self.hidden, layers=self.layers,
             noise_features=self.noise_features or max(2 * d, 8),
-            noise_skip=self.noise_skip if self.noise_skip is not None else n < NOISE_SKIP_BELOW * d,
+            noise_skip=bool(self.noise_skip) if self.noise_skip is not None else n < NOISE_SKIP_BELOW * d,
             critic_hidden=self.critic_hidden, critic_layers=self.critic_layers, correction=self.correction,
             num_candidates=self.num_candidates)
 
@@ -233,7 +250,8 @@ class ImplicitVI(NeuralMethod):
         critic_loop = self.critic_training.with_fit(max_steps, time_budget)
         config = self._posterior_config(prep.x.shape, prep.space.unconstrained_dim)
         with seeded(seed, self.device):
-            post = ImplicitPosterior(prep.space, prep.observed, prep.x_shapes, config, self.embedding).to(self.device)
+            post = ImplicitPosterior(prep.space, prep.observed, prep.x_shapes, config, self.embedding, self.generator,
+                                     self.critic).to(self.device)
             x = prep.x_on(self.device)
             u_s = post.fit_standardizers(prep.x, prep.u.to(self.device))
             summary = {"generator": self._fit_generator(post, x, u_s, loop, seed, progress, checkpoint)}

@@ -12,7 +12,7 @@ from ..simulate import resolve_device
 from .data import Prepared, prepare
 from .training import TrainConfig, resolve_training
 
-__all__ = ["Method", "NeuralMethod"]
+__all__ = ["Method", "NeuralMethod", "network_builder"]
 
 
 class Method:
@@ -54,3 +54,18 @@ class NeuralMethod(Method):
         loop = self.training.with_fit(max_steps, time_budget)
         seed = resolve_seed(seed)
         return self._prepare(data), seed, loop
+
+
+def network_builder(name: str, builder: Any, settings: Mapping[str, tuple[Any, Any]]) -> Callable | None:
+    """``builder`` if it is a build callable for the network ``name`` (None for the default
+    network). A build callable is used as it is, so ``settings`` of the default network
+    (``{option: (value, default)}``) given beside it are refused rather than ignored."""
+    if builder is None:
+        return None
+    if not callable(builder):
+        raise TypeError(f"{name}: expected a build callable or None, got {type(builder).__name__}")
+    changed = [k for k, (value, default) in settings.items() if value != default]
+    if changed:
+        raise ValueError(f"{name}: a build callable is used as it is, so {changed} cannot apply to it; "
+                         "build those into the callable")
+    return builder

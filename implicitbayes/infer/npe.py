@@ -34,9 +34,9 @@ from ..nn import FLOWS, LinearResidual, build_flow, short_softmax
 from ..seeding import seeded
 from ..space import ParameterSpace
 from .data import join_observed
-from .method import NeuralMethod
+from .method import NeuralMethod, network_builder
 from .objectives import NPELoss
-from .posterior import NeuralConfig, NeuralPosterior, neural_config_fields, register_posterior
+from .posterior import NeuralConfig, NeuralPosterior, build_network, neural_config_fields, register_posterior
 from .training import TrainConfig, train
 
 __all__ = ["NPE", "NPEPosterior", "NPEConfig"]
@@ -69,15 +69,9 @@ class NPEPosterior(NeuralPosterior):
         self.residual = (LinearResidual(math.prod(config.x_shape), space.unconstrained_dim)
                          if config.linear_residual else None)
         d, c = space.unconstrained_dim, self.context.out_features
-        if config.flow == "custom":
-            if flow is None:
-                raise TypeError("this posterior was trained with a custom flow: pass its build callable to "
-                                "ib.load(path, flow=...) (the same one; the weights are in the file)")
-            self.flow = flow(d, c)
-        else:
-            self.flow = build_flow(config.flow, d, c, transforms=config.transforms,
-                                   hidden_features=config.hidden_features, affine_first=config.affine_first,
-                                   spline_init=config.spline_init)
+        self.flow = build_network("flow", config.flow == "custom", flow, lambda: build_flow(
+            config.flow, d, c, transforms=config.transforms, hidden_features=config.hidden_features,
+            affine_first=config.affine_first, spline_init=config.spline_init), d, c)
 
     def distribution(self, x: torch.Tensor) -> torch.distributions.Distribution:
         """q(u_standardised | x) for ``x (n, *x_shape)``: the flow, mapped back from the linear
@@ -174,15 +168,11 @@ class NPE(NeuralMethod):
                  device: str | torch.device | None = None):
         super().__init__(model, observed=observed, model_args=model_args, model_kwargs=model_kwargs,
                          embedding=embedding, training=training, device=device)
-        self.flow_builder = None
-        if callable(flow):
-            named = {"transforms": (transforms, 5), "hidden_features": (tuple(hidden_features), (50, 50)),
-                     "affine_first": (affine_first, None), "spline_init": (spline_init, "auto")}
-            set_ = [k for k, (v, default) in named.items() if v != default]
-            if set_:
-                raise ValueError(f"flow: a build callable is used as it is, so {set_} cannot apply to it; "
-                                 "build those into the callable")
-            self.flow_builder, flow, affine_first, spline_init = flow, "custom", False, None
+        self.flow_builder = network_builder("flow", flow, {
+            "transforms": (transforms, 5), "hidden_features": (tuple(hidden_features), (50, 50)),
+            "affine_first": (affine_first, None), "spline_init": (spline_init, "auto")}) if callable(flow) else None
+        if self.flow_builder is not None:
+            flow, affine_first, spline_init = "custom", False, None
         else:
             choice("flow", flow, FLOWS)
         self.flow = flow

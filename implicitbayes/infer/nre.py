@@ -25,9 +25,9 @@ from ..nn import Critic
 from ..seeding import seeded
 from ..space import ParameterSpace
 from .data import split_observed
-from .method import NeuralMethod
+from .method import NeuralMethod, network_builder
 from .objectives import RatioCriticLoss
-from .posterior import NeuralConfig, NeuralPosterior, neural_config_fields, register_posterior
+from .posterior import NeuralConfig, NeuralPosterior, build_network, neural_config_fields, register_posterior
 from .training import TrainConfig, train
 
 __all__ = ["NRE", "NREPosterior", "NREConfig"]
@@ -37,6 +37,7 @@ __all__ = ["NRE", "NREPosterior", "NREConfig"]
 class NREConfig(NeuralConfig):
     """The classifier of an :class:`NREPosterior` and its MCMC settings."""
 
+    classifier: str  # "mlp" (Critic of the sizes below) or "custom" (a build callable)
     hidden: int
     layers: int
     num_chains: int
@@ -51,9 +52,12 @@ class NREPosterior(NeuralPosterior):
     Config = NREConfig
 
     def __init__(self, space: ParameterSpace, observed, x_shapes, config: NREConfig,
-                 embedding: nn.Module | None = None, model: Callable | None = None):
+                 embedding: nn.Module | None = None, model: Callable | None = None,
+                 classifier: Callable[[int, int], nn.Module] | None = None):
         super().__init__(space, observed, x_shapes, config, embedding)
-        self.classifier = Critic(space.unconstrained_dim, self.context.out_features, config.hidden, config.layers)
+        d, e = space.unconstrained_dim, self.context.out_features
+        self.classifier = build_network("classifier", config.classifier == "custom", classifier,
+                                        lambda: Critic(d, e, config.hidden, config.layers), d, e)
         self.model, self.model_args, self.model_kwargs = model, (), {}
         self.chains: dict[str, torch.Tensor] = {}
 
@@ -105,7 +109,10 @@ class NREPosterior(NeuralPosterior):
 class NRE(NeuralMethod):
     """Neural ratio estimation; sampling by NUTS on the model (module docstring).
 
-    Options: ``hidden``, ``layers`` of the classifier, ``embedding`` of the observation,
+    Options: ``hidden``, ``layers`` of the classifier, or a build callable
+    ``classifier(theta_features, context_features)`` returning a module ``(context, θ) -> r``
+    in its place (e.g. ``partial(ib.nn.Critic, kind="projection")``; pass it again to
+    ``ib.load``), ``embedding`` of the observation,
     ``num_chains`` and ``warmup`` for MCMC, ``training`` (a :class:`~implicitbayes.TrainConfig`
     or a mapping of fields changing ``NRE.TRAINING``), ``device``.
     """
@@ -113,22 +120,26 @@ class NRE(NeuralMethod):
     TRAINING = TrainConfig(batch_size=256, lr=1e-3, max_steps=20_000, patience=20)
 
     def __init__(self, model: Callable, *, observed: str | Sequence[str], model_args: tuple = (),
-                 model_kwargs: Mapping | None = None, hidden: int = 128, layers: int = 3, num_chains: int = 2,
+                 model_kwargs: Mapping | None = None, hidden: int = 128, layers: int = 3,
+                 classifier: Callable[[int, int], nn.Module] | None = None, num_chains: int = 2,
                  warmup: int = 300, embedding: nn.Module | None = None, training: TrainConfig | Mapping | None = None,
                  device: str | torch.device | None = None):
         super().__init__(model, observed=observed, model_args=model_args, model_kwargs=model_kwargs,
                          embedding=embedding, training=training, device=device)
         self.hidden, self.layers = integer("hidden", hidden), integer("layers", layers)
         self.num_chains, self.warmup = integer("num_chains", num_chains), integer("warmup", warmup)
+        self.classifier = network_builder("classifier", classifier, {"hidden": (hidden, 128), "layers": (layers, 3)})
 
     def fit(self, data, *, max_steps: int | None = None, time_budget: float | None = None, seed: int | None = None,
             progress: bool = True, checkpoint=None) -> NREPosterior:
         """Train on a SimulationSet; returns an :class:`NREPosterior` (sampled by NUTS)."""
         prep, seed, loop = self._begin(data, max_steps, time_budget, seed)
-        config = NREConfig(**neural_config_fields(prep.x.shape[1:], self.embedding), hidden=self.hidden,
+        config = NREConfig(**neural_config_fields(prep.x.shape[1:], self.embedding),
+                           classifier="mlp" if self.classifier is None else "custom", hidden=self.hidden,
                            layers=self.layers, num_chains=self.num_chains, warmup=self.warmup)
         with seeded(seed, self.device):
-            post = NREPosterior(prep.space, prep.observed, prep.x_shapes, config, self.embedding, self.model)
+            post = NREPosterior(prep.space, prep.observed, prep.x_shapes, config, self.embedding, self.model,
+                                self.classifier)
             post = post.to(self.device)
             post.model_args, post.model_kwargs = self.model_args, self.model_kwargs
             x = prep.x_on(self.device)

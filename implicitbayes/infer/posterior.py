@@ -25,7 +25,7 @@ from ..space import ParameterSpace
 from .data import observation_rows, observation_tensor
 
 __all__ = ["PosteriorConfig", "NeuralConfig", "Posterior", "NeuralPosterior", "register_posterior", "load",
-           "FORMAT_VERSION"]
+           "FORMAT_VERSION", "build_network"]
 
 _KIND = "implicitbayes.Posterior"
 #: Version 2: typed configurations (``Posterior.Config``). Version-1 files are refused (load_).
@@ -252,6 +252,18 @@ class NeuralPosterior(Posterior):
     def _draw(self, x, num_samples, seed, **options):
         g = torch.Generator(device=self.device).manual_seed(seed)
         return self.space.to_constrained(self._sample_unconstrained(x, num_samples, g, **options))
+
+
+def build_network(name: str, custom: bool, builder: Callable[..., nn.Module] | None,
+                  default: Callable[[], nn.Module], *sizes: int) -> nn.Module:
+    """A posterior's network: ``builder(*sizes)`` where it was trained with a build callable
+    (which ``ib.load`` must then be given again as ``name=``), else ``default()``."""
+    if not custom:
+        return default()
+    if builder is None:
+        raise TypeError(f"this posterior was trained with a custom {name}: pass its build callable to "
+                        f"ib.load(path, {name}=...) (the same one; the weights are in the file)")
+    return builder(*sizes)
 
 
 def neural_config_fields(x_shape: Sequence[int], embedding: nn.Module | None) -> dict:
