@@ -120,3 +120,30 @@ def test_lfvi_bad_inputs():
         ib.LFVI(TASK.model, observed="x", training={"max_steps": 0})
     with pytest.raises(ValueError, match="plate"):
         ib.LFVI(TASK.model, observed="x", plate="systems").fit(observation=X, max_steps=1)
+
+
+def test_lfvi_takes_network_build_callables(tmp_path):
+    # q(β), the local generator and the critic can each be built by a callable, which ib.load
+    # needs again; the default networks' sizes beside one are refused
+    from functools import partial
+
+    import zuko
+
+    from implicitbayes.nn import Critic, ImplicitGenerator
+
+    x = TASK.observation(2)
+    flow = partial(zuko.flows.MAF, transforms=2, hidden_features=(16, 16))
+    gen = partial(ImplicitGenerator, noise_features=4, hidden=32, layers=2)
+    crit = partial(Critic, hidden=32, layers=2, kind="projection")
+    post = ib.LFVI(TASK.model, observed="x", num_particles=4, pilot_simulations=8, flow=flow, generator=gen,
+                   critic=crit).fit(observation=x, max_steps=5, seed=0, progress=False)
+    assert (post.config.flow, post.config.generator, post.config.critic) == ("custom",) * 3
+    assert post.generator.noise_features == 4 and post.critic.kind == "projection"
+    post.save(tmp_path / "lfvi.safetensors")
+    with pytest.raises(TypeError, match=r"custom flow: pass its build callable to ib.load\(path, flow=...\)"):
+        ib.load(tmp_path / "lfvi.safetensors", generator=gen, critic=crit)
+    back = ib.load(tmp_path / "lfvi.safetensors", flow=flow, generator=gen, critic=crit)
+    a, b = post.sample(20, seed=1), back.sample(20, seed=1)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match=r"critic: a build callable is used as it is, so \['critic_layers'\]"):
+        ib.LFVI(TASK.model, observed="x", critic=crit, critic_layers=2)

@@ -97,7 +97,8 @@ class ABC(Method):
         super().__init__(model, observed=observed, model_args=model_args, model_kwargs=model_kwargs, device=device)
         self.algorithm = choice("algorithm", algorithm, ("smc", "rejection"))
         if summary is not None and not callable(summary):
-            raise TypeError(f"summary: expected a function (n, *x_shape) -> (n, k) or None, got {type(summary).__name__}")
+            raise TypeError("summary: expected a function (n, *x_shape) -> (n, k) or None, got "
+                            f"{type(summary).__name__}")
         self.summary = summary
         self.num_particles = integer("num_particles", num_particles, minimum=2)
         self.alpha = number("alpha", alpha, low=0.0, high=1.0)

@@ -63,7 +63,8 @@ def join_observed(values: Mapping[str, torch.Tensor], observed: Sequence[str]) -
     return torch.cat([values[o].reshape(n, -1) for o in observed], 1)
 
 
-def split_observed(x: torch.Tensor, observed: Sequence[str], shapes: Mapping[str, Sequence[int]]) -> dict[str, torch.Tensor]:
+def split_observed(x: torch.Tensor, observed: Sequence[str],
+                   shapes: Mapping[str, Sequence[int]]) -> dict[str, torch.Tensor]:
     """The inverse of :func:`join_observed`: ``(n, *x_shape)`` → ``{site: (n, *shape)}``."""
     if len(observed) == 1:
         return {observed[0]: x}

@@ -193,9 +193,10 @@ class ImplicitVI(NeuralMethod):
     ``partial(ib.nn.ImplicitGenerator, noise_injection="multiplicative")``) and
     ``critic(theta_features, context_features)`` returning a module ``(context, θ) -> r`` (e.g.
     ``partial(ib.nn.Critic, kind="projection")``; θ has 2 dim θ features: as simulated and in
-    the generator's frame), passed again to ``ib.load`` — and ``embedding`` of the observation; the loops, ``training`` (the generator's, default
-    ``ImplicitVI.TRAINING``) and ``critic_training`` (the critic's, ``ImplicitVI.CRITIC_TRAINING``),
-    each a :class:`~implicitbayes.TrainConfig` or a mapping of its fields to change; ``device``.
+    the generator's frame), passed again to ``ib.load`` — and ``embedding`` of the observation;
+    the loops, ``training`` (the generator's, default ``ImplicitVI.TRAINING``) and
+    ``critic_training`` (the critic's, ``ImplicitVI.CRITIC_TRAINING``), each a
+    :class:`~implicitbayes.TrainConfig` or a mapping of its fields to change; ``device``.
     """
 
     TRAINING = TrainConfig(batch_size=128, lr=1e-3, max_steps=20_000, patience=60, plateau=10, validate_every=50)
@@ -223,7 +224,8 @@ class ImplicitVI(NeuralMethod):
         self.noise_skip = noise_skip
         self.hidden, self.layers = integer("hidden", hidden), integer("layers", layers)
         self.noise_features = integer("noise_features", noise_features, none=True)
-        self.critic_hidden, self.critic_layers = integer("critic_hidden", critic_hidden), integer("critic_layers", critic_layers)
+        self.critic_hidden = integer("critic_hidden", critic_hidden)
+        self.critic_layers = integer("critic_layers", critic_layers)
         self.generator = network_builder("generator", generator, {
             "hidden": (hidden, 128), "layers": (layers, 4), "noise_skip": (noise_skip, None)})
         self.critic = network_builder("critic", critic, {"critic_hidden": (critic_hidden, 128),
@@ -232,8 +234,9 @@ class ImplicitVI(NeuralMethod):
     def _posterior_config(self, x_shape, d: int) -> ImplicitVIConfig:
         n = x_shape[0]
         return ImplicitVIConfig(
-            **neural_config_fields(x_shape[1:], self.embedding), generator="mlp" if self.generator is None else "custom",
-            critic="mlp" if self.critic is None else "custom", hidden=self.hidden, layers=self.layers,
+            **neural_config_fields(x_shape[1:], self.embedding),
+            generator="mlp" if self.generator is None else "custom", critic="mlp" if self.critic is None else "custom",
+            hidden=self.hidden, layers=self.layers,
             noise_features=self.noise_features or max(2 * d, 8),
             noise_skip=bool(self.noise_skip) if self.noise_skip is not None else n < NOISE_SKIP_BELOW * d,
             critic_hidden=self.critic_hidden, critic_layers=self.critic_layers, correction=self.correction,

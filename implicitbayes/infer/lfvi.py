@@ -46,6 +46,7 @@ import pyro.poutine as poutine
 from pyro.poutine.runtime import NonlocalExit
 from pyro.poutine.subsample_messenger import _Subsample
 import torch
+from torch import nn
 from torch.func import functional_call
 
 from ..checks import choice, integer, number
@@ -55,9 +56,9 @@ from ..seeding import resolve_seed, seeded
 from ..simulate import _OUTER_PLATE, SiteInfo, model_sites, plate_layout, run_given
 from ..space import ParameterSpace, SiteSpace
 from .data import observed_values
-from .method import Method
+from .method import Method, network_builder
 from .objectives import RatioCriticLoss
-from .posterior import Posterior, PosteriorConfig, register_posterior
+from .posterior import Posterior, PosteriorConfig, build_network, register_posterior
 from .training import TrainConfig, resolve_training, train
 
 __all__ = ["LFVI", "LFVIPosterior", "LFVIConfig"]
@@ -67,7 +68,9 @@ __all__ = ["LFVI", "LFVIPosterior", "LFVIConfig"]
 class LFVIConfig(PosteriorConfig):
     """The networks of an :class:`LFVIPosterior` and the layout of the data it was fitted to."""
 
-    flow: str
+    flow: str  # a name in implicitbayes.nn.FLOWS, or "custom" for a build callable
+    generator: str  # "mlp" (ImplicitGenerator of the sizes below) or "custom"
+    critic: str  # "mlp" (Critic of the sizes below) or "custom"
     transforms: int
     flow_hidden: tuple[int, ...]
     hidden: int
@@ -98,7 +101,10 @@ class LFVIPosterior(Posterior):
     method = "lfvi"
     Config = LFVIConfig
 
-    def __init__(self, space: ParameterSpace, observed, x_shapes, config: LFVIConfig):
+    def __init__(self, space: ParameterSpace, observed, x_shapes, config: LFVIConfig,
+                 flow: Callable[[int, int], nn.Module] | None = None,
+                 generator: Callable[[int, int], nn.Module] | None = None,
+                 critic: Callable[[int, int], nn.Module] | None = None):
         super().__init__(space, observed, x_shapes, config)
         by_name = {s.name: s for s in space.sites}
         self.global_space = ParameterSpace([by_name[n] for n in config.global_sites])
@@ -110,9 +116,12 @@ class LFVIPosterior(Posterior):
         self.x_standardize = Standardize(self.x_group_shape)
         self.global_standardize = Standardize((dg,), log=False, robust=False)
         self.local_standardize = Standardize((dl,), log=False, robust=False)
-        self.q_global = build_flow(config.flow, dg, 0, transforms=config.transforms, hidden_features=config.flow_hidden)
-        self.generator = ImplicitGenerator(dx + dg, dl, config.noise_features, config.hidden, config.layers)
-        self.critic = Critic(dl + dg, dx, config.critic_hidden, config.critic_layers)
+        self.q_global = build_network("flow", config.flow == "custom", flow, lambda: build_flow(
+            config.flow, dg, 0, transforms=config.transforms, hidden_features=config.flow_hidden), dg, 0)
+        self.generator = build_network("generator", config.generator == "custom", generator, lambda: ImplicitGenerator(
+            dx + dg, dl, config.noise_features, config.hidden, config.layers), dx + dg, dl)
+        self.critic = build_network("critic", config.critic == "custom", critic, lambda: Critic(
+            dl + dg, dx, config.critic_hidden, config.critic_layers), dl + dg, dx)
         self.register_buffer("observation", torch.zeros(self.num_groups, dx))
 
     # -- pieces used by training and sampling ----------------------------------------------
@@ -224,10 +233,14 @@ class LFVI(Method):
     observed site must have the plate as its only batch dimension.
 
     Options: the objective's ``num_particles`` S draws of β per step and ``groups_per_step`` M
-    (None: all N); the networks, ``flow`` / ``transforms`` /
-    ``flow_hidden`` of q(β), ``hidden`` / ``layers`` / ``noise_features`` of the local generator,
-    ``critic_hidden`` / ``critic_layers`` of the critic, whose learning rate is ``critic_lr_scale``
-    times the others'; ``pilot_simulations`` from the prior that standardise the coordinates;
+    (None: all N); the networks, ``flow`` (a name in ``implicitbayes.nn.FLOWS``) / ``transforms`` /
+    ``flow_hidden`` of q(β), ``hidden`` / ``layers`` of the local generator, ``critic_hidden`` /
+    ``critic_layers`` of the critic — or build callables in their place: ``flow(features, 0)``
+    (an unconditional zuko-style flow), ``generator(context_features, theta_features)`` (a module
+    ``(context (n, e), noise (n, m, k)) -> (n, m, d)`` with a ``noise_features`` attribute, e.g.
+    ``partial(ib.nn.ImplicitGenerator, noise_features=8)``) and ``critic(theta_features,
+    context_features)``, passed again to ``ib.load`` — the critic's learning rate being
+    ``critic_lr_scale`` times the others'; ``pilot_simulations`` from the prior that standardise the coordinates;
     ``training`` (a :class:`~implicitbayes.TrainConfig` or a mapping of fields changing
     ``LFVI.TRAINING``: 8 000 steps, no held-out rows — LFVI validates on the observation's ELBO);
     ``device``.
@@ -237,10 +250,13 @@ class LFVI(Method):
                            patience=10**9, restore_best=False, clip_grad_norm=10.0)
 
     def __init__(self, model: Callable, *, observed: str | Sequence[str], model_args: tuple = (),
-                 model_kwargs: Mapping | None = None, plate: str | None = None, num_particles: int = 64, groups_per_step: int | None = None, flow: str = "nsf", transforms: int = 3,
-                 flow_hidden: Sequence[int] = (64, 64), hidden: int = 128, layers: int = 3,
-                 noise_features: int | None = None, critic_hidden: int = 128, critic_layers: int = 3,
-                 critic_lr_scale: float = 10.0, pilot_simulations: int = 256,
+                 model_kwargs: Mapping | None = None, plate: str | None = None, num_particles: int = 64,
+                 groups_per_step: int | None = None, flow: str | Callable[[int, int], nn.Module] = "nsf",
+                 transforms: int = 3, flow_hidden: Sequence[int] = (64, 64), hidden: int = 128, layers: int = 3,
+                 critic_hidden: int = 128, critic_layers: int = 3,
+                 generator: Callable[[int, int], nn.Module] | None = None,
+                 critic: Callable[[int, int], nn.Module] | None = None, critic_lr_scale: float = 10.0,
+                 pilot_simulations: int = 256,
                  training: TrainConfig | Mapping | None = None, device: str | torch.device | None = None):
         super().__init__(model, observed=observed, model_args=model_args, model_kwargs=model_kwargs, device=device)
         self.plate = plate
@@ -248,9 +264,18 @@ class LFVI(Method):
         self.groups_per_step = integer("groups_per_step", groups_per_step, none=True)
         self.pilot_simulations = integer("pilot_simulations", pilot_simulations, minimum=2)
         self.critic_lr_scale = number("critic_lr_scale", critic_lr_scale)
-        self.net = {"flow": choice("flow", flow, FLOWS), "transforms": integer("transforms", transforms),
-                    "flow_hidden": tuple(flow_hidden), "hidden": integer("hidden", hidden),
-                    "layers": integer("layers", layers), "noise_features": integer("noise_features", noise_features, none=True),
+        self.builders = {
+            "flow": network_builder("flow", flow, {"transforms": (transforms, 3), "flow_hidden": (tuple(flow_hidden),
+                                                                                                (64, 64))})
+            if callable(flow) else None,
+            "generator": network_builder("generator", generator, {"hidden": (hidden, 128), "layers": (layers, 3)}),
+            "critic": network_builder("critic", critic, {"critic_hidden": (critic_hidden, 128),
+                                                         "critic_layers": (critic_layers, 3)})}
+        self.net = {"flow": "custom" if self.builders["flow"] else choice("flow", flow, FLOWS),
+                    "generator": "custom" if self.builders["generator"] else "mlp",
+                    "critic": "custom" if self.builders["critic"] else "mlp",
+                    "transforms": integer("transforms", transforms), "flow_hidden": tuple(flow_hidden),
+                    "hidden": integer("hidden", hidden), "layers": integer("layers", layers), "noise_features": None,
                     "critic_hidden": integer("critic_hidden", critic_hidden),
                     "critic_layers": integer("critic_layers", critic_layers)}
         self.training = resolve_training(self.TRAINING, training)
@@ -309,7 +334,8 @@ class LFVI(Method):
         s_particles = self.num_particles
         m = min(self.groups_per_step or n_groups, n_groups)
         with seeded(seed, self.device):
-            post = LFVIPosterior(space, self.observed, {s.name: s.shape for s in obs}, config).to(self.device)
+            post = LFVIPosterior(space, self.observed, {s.name: s.shape for s in obs}, config,
+                                 **self.builders).to(self.device)
             post.observation.copy_(x_flat)
             ginfo = {s.name: s for s in glob}
             simulator = _GroupSimulator(self, post, ginfo, local, obs, outer_dim, n_groups)
