@@ -147,6 +147,9 @@ CASES = {
     "flow-callable-options": (lambda t: lambda: ib.NPE(gaussian_model, observed="x", flow=lambda d, c: None,
                                                         hidden_features=(64, 64)), ValueError,
                               r"flow: a build callable is used as it is, so \['hidden_features'\] cannot apply to it"),
+    "builder-not-module": (lambda t: lambda: ib.NPE(gaussian_model, observed="x", flow=lambda d, c: "nsf").fit(
+        ib.simulate(gaussian_model, 50, observed="x", seed=0, progress=False), max_steps=2, progress=False),
+        TypeError, r"flow: the build callable returned str for sizes \(2, 2\); expected a torch.nn.Module"),
     "spline-init": (lambda t: lambda: ib.NPE(gaussian_model, observed="x", flow="maf", spline_init=1e-3),
                     ValueError, r"spline_init: only flow='nsf' has spline conditioners, got flow='maf'"),
     "linear-residual": (lambda t: lambda: ib.NPE(gaussian_model, observed="x", linear_residual="yes"),

@@ -145,5 +145,8 @@ def test_lfvi_takes_network_build_callables(tmp_path):
     back = ib.load(tmp_path / "lfvi.safetensors", flow=flow, generator=gen, critic=crit)
     a, b = post.sample(20, seed=1), back.sample(20, seed=1)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(TypeError, match="generator: the module needs an integer noise_features attribute"):
+        ib.LFVI(TASK.model, observed="x", num_particles=4, pilot_simulations=8,
+                generator=lambda e, d: torch.nn.Linear(e, d)).fit(observation=x, max_steps=1, progress=False)
     with pytest.raises(ValueError, match=r"critic: a build callable is used as it is, so \['critic_layers'\]"):
         ib.LFVI(TASK.model, observed="x", critic=crit, critic_layers=2)

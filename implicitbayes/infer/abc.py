@@ -26,7 +26,7 @@ import pyro.poutine as poutine
 import torch
 
 from ..checks import choice, integer, number
-from ..seeding import resolve_seed, seeded
+from ..seeding import fresh_seed, resolve_seed, seeded
 from ..simulate import model_sites, plate_layout, simulate, simulate_at
 from ..space import ParameterSpace
 from .data import join_observed, observed_values
@@ -205,7 +205,7 @@ class ABC(Method):
                     latents = prep.space.to_constrained(cand)
                     finite_prior = torch.isfinite(self._log_prior_u(prep.space, cand))
                     x = simulate_at(self.model, latents, observed=prep.observed, model_args=self.model_args,
-                                    model_kwargs=self.model_kwargs, seed=int(torch.randint(0, 2**62, (), generator=g)),
+                                    model_kwargs=self.model_kwargs, seed=fresh_seed(g),
                                     device=self.device)
                     xs = join_observed(x, prep.observed)
                     dd = distance(self._summaries(xs))

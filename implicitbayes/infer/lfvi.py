@@ -52,7 +52,7 @@ from torch.func import functional_call
 from ..checks import choice, integer, number
 from ..errors import IntractableLikelihoodError
 from ..nn import FLOWS, Critic, ImplicitGenerator, Standardize, build_flow
-from ..seeding import resolve_seed, seeded
+from ..seeding import fresh_seed, resolve_seed, seeded
 from ..simulate import _OUTER_PLATE, SiteInfo, model_sites, plate_layout, run_given
 from ..space import ParameterSpace, SiteSpace
 from .data import observed_values
@@ -120,6 +120,9 @@ class LFVIPosterior(Posterior):
             config.flow, dg, 0, transforms=config.transforms, hidden_features=config.flow_hidden), dg, 0)
         self.generator = build_network("generator", config.generator == "custom", generator, lambda: ImplicitGenerator(
             dx + dg, dl, config.noise_features, config.hidden, config.layers), dx + dg, dl)
+        if not isinstance(getattr(self.generator, "noise_features", None), int):
+            raise TypeError("generator: the module needs an integer noise_features attribute (the width k of the "
+                            "noise (n, m, k) it takes), as ib.nn.ImplicitGenerator has")
         self.critic = build_network("critic", config.critic == "custom", critic, lambda: Critic(
             dl + dg, dx, config.critic_hidden, config.critic_layers), dl + dg, dx)
         self.register_buffer("observation", torch.zeros(self.num_groups, dx))
@@ -348,7 +351,7 @@ class LFVI(Method):
                 b_s, log_q_s = post.draw_global(s_particles, g)
                 idx = torch.randperm(n_groups, generator=g)[:m].to(self.device)
                 with torch.no_grad():
-                    z_u, x_sim = simulator(b_s.detach(), int(torch.randint(0, 2**62, (), generator=g)))
+                    z_u, x_sim = simulator(b_s.detach(), fresh_seed(g))
                     z_model = post.local_standardize(z_u[:, idx].reshape(s_particles * m, -1)).reshape(s_particles, m, -1)
                     f_model = post.features(x_sim[:, idx].reshape((s_particles, m) + x_group_shape))
                     # the reference class: x simulated at another particle β', z ~ q(z | x, β)

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..checks import choice, flag, integer, number
 from ..nn import FLOWS, LinearResidual, build_flow, short_softmax
-from ..seeding import seeded
+from ..seeding import fresh_seed, resolve_seed, seeded
 from ..space import ParameterSpace
 from .data import join_observed
 from .method import NeuralMethod, network_builder
@@ -109,7 +109,7 @@ class NPEPosterior(NeuralPosterior):
                 "excess_kurtosis": [round(float(v), 4) for v in kurt]}
 
     def _sample_unconstrained(self, x, num_samples, generator):
-        with seeded(int(torch.randint(0, 2**62, (), generator=generator)), self.device), short_softmax():
+        with seeded(fresh_seed(generator), self.device), short_softmax():
             u_s = self.distribution(x).sample((num_samples,))[:, 0]
         return self.theta_standardize.inverse(u_s)
 
@@ -122,8 +122,7 @@ class NPEPosterior(NeuralPosterior):
         if bad.any():
             raise ValueError(f"observations: rows {sorted(set(bad.reshape(len(x), -1).any(1).nonzero().flatten().tolist()))[:10]} "
                              "have entries ≤ 0 where every training simulation was strictly positive")
-        base = seed if seed is not None else int(torch.randint(0, 2**62, ()))
-        with seeded(base, self.device), short_softmax():
+        with seeded(resolve_seed(seed), self.device), short_softmax():
             u_s = self.distribution(x).sample((num_samples,))  # (n, B, d)
         b = x.shape[0]
         u = self.theta_standardize.inverse(u_s.transpose(0, 1).reshape(b * num_samples, -1))

@@ -263,7 +263,11 @@ def build_network(name: str, custom: bool, builder: Callable[..., nn.Module] | N
     if builder is None:
         raise TypeError(f"this posterior was trained with a custom {name}: pass its build callable to "
                         f"ib.load(path, {name}=...) (the same one; the weights are in the file)")
-    return builder(*sizes)
+    network = builder(*sizes)
+    if not isinstance(network, nn.Module):
+        raise TypeError(f"{name}: the build callable returned {type(network).__name__} for sizes {sizes}; "
+                        "expected a torch.nn.Module")
+    return network
 
 
 def neural_config_fields(x_shape: Sequence[int], embedding: nn.Module | None) -> dict:
