@@ -1,23 +1,44 @@
 """Accuracy and speed on sbibm tasks: our methods and sbi 0.27's NPE (neural spline flow) on
 the same simulations, in the same run, scored by C2ST against sbibm's reference posteriors.
 
-For each task and budget, one SimulationSet is drawn with ``ib.simulate`` (seeded); every
-method trains on exactly those simulations; each trained posterior draws 10 000 samples per
-observation, scored with sbibm's own ``c2st`` (MLP classifier, 5-fold CV, z-scored). Results
-accumulate in ``benchmarks/results/sbibm_suite.json`` (re-running skips what is there) and a
-markdown table ``sbibm_suite.md``.
+Protocol. Settings are chosen on the *development cells* only (observations 1–5, simulation
+seed 0: ``--cells dev``); results are reported on the *held-out cells* (observations 6–10,
+simulation seeds 1, 2, 3: ``--cells heldout``, the default). For each task, budget and seed one
+SimulationSet is drawn with ``ib.simulate``; every method and peer trains on exactly those
+simulations (training seed = simulation seed) and draws 10 000 samples per observation, scored
+with sbibm's own ``c2st`` (MLP classifier, 5-fold CV, z-scored).
 
-    python benchmarks/sbibm_suite.py --tasks two_moons,slcp --methods implicit_vi,npe,sbi_npe \\
-        --budgets 1000,10000 --observations 1-5
+Methods: ``implicit_vi`` and ``npe`` at their defaults; ``sbi_npe`` = sbi's NPE-NSF at its
+defaults; ``sbi_npe_std`` = the same, trained on observations passed through our input
+standardisation (``implicitbayes.nn.Standardize``: log space for positive features, the robust
+asinh step), run only on tasks where that differs from plain z-scoring — the fairness row that
+separates the method from the preprocessing.
+
+Every row records the commit, the git trees of ``implicitbayes/`` and ``simulators/``, a hash of
+its simulations, the versions of torch / sbi / sbibm / pyro, the resolved configuration and the
+command. A row is skipped as done only if its setup (code trees, versions, method, draws) is
+unchanged; a row with a changed setup replaces the old one. Rows accumulate in
+``benchmarks/results/sbibm_suite.json`` (several processes may run at once: writes are locked);
+``sbibm_suite.md`` is rewritten from all rows.
+
+    OMP_NUM_THREADS=1 python benchmarks/sbibm_suite.py --tasks two_moons,slcp --budgets 1000
+    python benchmarks/sbibm_suite.py --table   # only rewrite the markdown
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
+import hashlib
 import json
 import platform
+import shlex
+import statistics
+import subprocess
 import sys
 import time
+from contextlib import contextmanager
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -27,24 +48,41 @@ sys.path.insert(0, str(ROOT))
 
 import implicitbayes as ib  # noqa: E402
 import simulators  # noqa: E402
+from implicitbayes.nn import Standardize  # noqa: E402
 
-METHODS = ("implicit_vi", "npe", "sbi_npe")
+METHODS = ("implicit_vi", "npe", "sbi_npe", "sbi_npe_std")
+PEER = "sbi_npe"
+TASKS = ("two_moons", "gaussian_linear", "slcp", "gaussian_mixture", "bernoulli_glm", "sir", "lotka_volterra_ode")
+CELLS = {"dev": ((1, 2, 3, 4, 5), (0,)), "heldout": ((6, 7, 8, 9, 10), (1, 2, 3))}
 
 
+# ----------------------------------------------------------------------------- methods
 def train_ours(method, task, data, seed):
     cls = {"implicit_vi": ib.ImplicitVI, "npe": ib.NPE}[method]
     post = cls(task.model, observed="x").fit(data, seed=seed, progress=False)
-    return lambda x, n: post.sample(n, x, seed=seed)["theta"]
+    return (lambda x, n: post.sample(n, x, seed=seed)["theta"]), {"class": cls.__name__, **post.config.to_json()}
 
 
-def train_sbi(task, data, seed):
+def input_standardization(data) -> Standardize | None:
+    """Our standardisation of the flattened simulations, or None where it is plain z-scoring."""
+    x = data["x"].reshape(len(data), -1)
+    std = Standardize((x.shape[1],)).fit(x)
+    return std if bool(std.use_log.any() or std.use_asinh.any()) else None
+
+
+def train_sbi(task, data, seed, standardize: Standardize | None = None):
     from sbi.inference import NPE_C
 
+    x = data["x"].reshape(len(data), -1)
+    transform = (lambda v: v) if standardize is None else (lambda v: standardize(v.reshape(-1, x.shape[1])))
     torch.manual_seed(seed)
     inference = NPE_C(prior=task.prior, density_estimator="nsf", show_progress_bars=False)
-    estimator = inference.append_simulations(data["theta"], data["x"].reshape(len(data), -1)).train()
+    estimator = inference.append_simulations(data["theta"], transform(x)).train()
     posterior = inference.build_posterior(estimator)
-    return lambda x, n: posterior.sample((n,), x=x.reshape(1, -1), show_progress_bars=False)
+    config = {"class": "sbi.NPE_C", "density_estimator": "nsf",
+              "input": "sbi z-score" if standardize is None else
+              {"implicitbayes.Standardize": {"log": standardize.use_log.tolist(), "asinh": standardize.use_asinh.tolist()}}}
+    return (lambda v, n: posterior.sample((n,), x=transform(v.reshape(1, -1)), show_progress_bars=False)), config
 
 
 def sbibm_c2st():
@@ -62,6 +100,75 @@ def sbibm_c2st():
     return module.c2st
 
 
+# ----------------------------------------------------------------------------- provenance
+def git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def code_state() -> dict:
+    """The commit and the trees the numbers depend on; ``dirty`` if either folder has
+    uncommitted changes (such rows are never reused)."""
+    dirty = bool(git("status", "--porcelain", "--", "implicitbayes", "simulators", "benchmarks/sbibm_suite.py"))
+    return {"commit": git("rev-parse", "HEAD"), "implicitbayes_tree": git("rev-parse", "HEAD:implicitbayes"),
+            "simulators_tree": git("rev-parse", "HEAD:simulators"), "dirty": dirty}
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in ("torch", "sbi", "sbibm", "pyro-ppl", "zuko", "implicitbayes"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def data_hash(data) -> str:
+    h = hashlib.sha256()
+    for site in ("theta", "x"):
+        h.update(data[site].detach().to(torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def setup_key(method: str, code: dict, vers: dict, num_samples: int) -> str:
+    """What a row's numbers depend on besides task, budget, seed and observations."""
+    parts = [method, code["simulators_tree"], vers["torch"], vers["sbibm"], str(num_samples)]
+    if method != "sbi_npe":  # ours, and the fairness row (our Standardize)
+        parts.append(code["implicitbayes_tree"])
+    if method.startswith("sbi"):
+        parts.append(str(vers["sbi"]))
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def cell_name(observations, seed) -> str:
+    for name, (obs, seeds) in CELLS.items():
+        if tuple(observations) == obs and seed in seeds:
+            return name
+    return "custom"
+
+
+# ----------------------------------------------------------------------------- storage
+@contextmanager
+def locked_results(path: Path):
+    """Read-modify-write of the results file under an exclusive lock (several runs at once)."""
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = json.loads(path.read_text()) if path.exists() else {"runs": []}
+        yield results
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=1))
+        tmp.replace(path)
+
+
+def row_identity(r: dict) -> tuple:
+    return r["task"], r["budget"], r["method"], r["seed"], tuple(r["observations"])
+
+
+def store(path: Path, row: dict) -> None:
+    with locked_results(path) as results:
+        results["runs"] = [r for r in results["runs"] if row_identity(r) != row_identity(row)] + [row]
+
+
 def parse_range(text: str) -> list[int]:
     out = []
     for part in text.split(","):
@@ -70,73 +177,167 @@ def parse_range(text: str) -> list[int]:
     return out
 
 
+# ----------------------------------------------------------------------------- main
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tasks", default="two_moons,slcp")
+    p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--budgets", default="1000,10000")
-    p.add_argument("--observations", default="1-5")
+    p.add_argument("--cells", choices=sorted(CELLS), default="heldout",
+                   help="dev: observations 1-5, seed 0 (tuning); heldout: observations 6-10, seeds 1,2,3 (reporting)")
+    p.add_argument("--observations", help="override the cells' observations (rows are then 'custom')")
+    p.add_argument("--seeds", help="override the cells' simulation seeds")
     p.add_argument("--num-samples", type=int, default=10_000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--allow-dirty", action="store_true", help="run with uncommitted library changes (rows marked dirty)")
+    p.add_argument("--table", action="store_true", help="only rewrite the markdown table from the JSON")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args()
-    c2st = sbibm_c2st()
-
-    methods = args.methods.split(",")
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise SystemExit(f"unknown methods {unknown}; choose from {METHODS}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "sbibm_suite.json"
-    results = json.loads(path.read_text()) if path.exists() else {"runs": []}
-    obs = parse_range(args.observations)
-    done = {(r["task"], r["budget"], r["method"], r["seed"]) for r in results["runs"]
-            if sorted(map(int, r["c2st"])) == obs}
-    results["environment"] = {"torch": torch.__version__, "python": platform.python_version(),
-                              "threads": torch.get_num_threads()}
-    for name in args.tasks.split(","):
-        task = simulators.get(name)
-        for budget in map(int, args.budgets.split(",")):
-            todo = [m for m in methods if (name, budget, m, args.seed) not in done]
-            if not todo:
-                continue
-            data = ib.simulate(task.model, budget, observed="x", seed=args.seed, progress=False)
-            for method in todo:
-                t0 = time.perf_counter()
-                sampler = train_sbi(task, data, args.seed) if method == "sbi_npe" else train_ours(method, task, data, args.seed)
-                train_s = time.perf_counter() - t0
-                scores, sample_s = {}, []
-                for k in obs:
-                    x = task.observation(k)
+    if args.table:
+        write_table(json.loads(path.read_text()), out / "sbibm_suite.md")
+        return
+
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS] + [t for t in args.tasks.split(",") if t not in TASKS]
+    if unknown:
+        raise SystemExit(f"unknown methods or tasks {unknown}; choose from {METHODS} and {TASKS}")
+    obs, seeds = CELLS[args.cells]
+    obs = tuple(parse_range(args.observations)) if args.observations else obs
+    seeds = tuple(parse_range(args.seeds)) if args.seeds else seeds
+    code, vers = code_state(), versions()
+    if code["dirty"] and not args.allow_dirty:
+        raise SystemExit("implicitbayes/, simulators/ or this script has uncommitted changes: commit first "
+                         "(rows record the commit), or pass --allow-dirty for a row that is never reused")
+    torch.set_num_threads(args.threads)
+    c2st = sbibm_c2st()
+    existing = json.loads(path.read_text())["runs"] if path.exists() else []
+    done = {(*row_identity(r), r["setup"]) for r in existing if not r["code"]["dirty"]}
+    command = "OMP_NUM_THREADS=1 python benchmarks/sbibm_suite.py " + shlex.join(sys.argv[1:])
+
+    for seed in seeds:
+        for name in args.tasks.split(","):
+            task = simulators.get(name)
+            for budget in map(int, args.budgets.split(",")):
+                keys = {m: setup_key(m, code, vers, args.num_samples) for m in methods}
+                todo = [m for m in methods if (name, budget, m, seed, obs, keys[m]) not in done]
+                if not todo:
+                    continue
+                data = ib.simulate(task.model, budget, observed="x", seed=seed, progress=False)
+                for method in todo:
+                    base = {"task": name, "budget": budget, "method": method, "seed": seed, "observations": list(obs),
+                            "cells": cell_name(obs, seed), "setup": keys[method], "code": code, "versions": vers,
+                            "data_hash": data_hash(data), "num_samples": args.num_samples,
+                            "threads": torch.get_num_threads(), "command": command}
                     t0 = time.perf_counter()
-                    draws = sampler(x, args.num_samples)
-                    sample_s.append(time.perf_counter() - t0)
-                    scores[k] = float(c2st(task.reference_samples(k), draws.reshape(args.num_samples, -1).float(), seed=1)[0])
-                row = {"task": name, "budget": budget, "method": method, "seed": args.seed, "c2st": scores,
-                       "c2st_mean": sum(scores.values()) / len(scores), "train_seconds": train_s,
-                       "sample_seconds_per_10k": sum(sample_s) / len(sample_s) * 10_000 / args.num_samples}
-                results["runs"].append(row)
-                path.write_text(json.dumps(results, indent=1))
-                print(f"{name:18s} {budget:>7d} {method:12s} C2ST {row['c2st_mean']:.3f}  train {train_s:6.1f} s  "
-                      f"sample {row['sample_seconds_per_10k']:.2f} s", flush=True)
-    write_table(results, out / "sbibm_suite.md")
+                    if method == "sbi_npe_std":
+                        std = input_standardization(data)
+                        if std is None:
+                            store(path, {**base, "applicable": False,
+                                         "config": "our standardisation is plain z-scoring here: same as sbi_npe"})
+                            continue
+                        sampler, config = train_sbi(task, data, seed, std)
+                    elif method == "sbi_npe":
+                        sampler, config = train_sbi(task, data, seed)
+                    else:
+                        sampler, config = train_ours(method, task, data, seed)
+                    train_s = time.perf_counter() - t0
+                    scores, sample_s = {}, []
+                    for k in obs:
+                        x = task.observation(k)
+                        t0 = time.perf_counter()
+                        draws = sampler(x, args.num_samples)
+                        sample_s.append(time.perf_counter() - t0)
+                        draws = draws.reshape(args.num_samples, -1).float()
+                        scores[str(k)] = float(c2st(task.reference_samples(k), draws, seed=1)[0])
+                    row = {**base, "applicable": True, "config": config, "c2st": scores,
+                           "c2st_mean": statistics.fmean(scores.values()), "train_seconds": train_s,
+                           "sample_seconds_per_10k": statistics.fmean(sample_s) * 10_000 / args.num_samples}
+                    store(path, row)
+                    print(f"{name:18s} {budget:>6d} seed {seed} {method:12s} C2ST {row['c2st_mean']:.3f}  "
+                          f"train {train_s:6.1f} s  sample {row['sample_seconds_per_10k']:.2f} s", flush=True)
+    with locked_results(path) as results:
+        write_table(results, out / "sbibm_suite.md")
+
+
+# ----------------------------------------------------------------------------- table
+def verdict(ours: list[float], peer: list[float]) -> str:
+    """Lower C2ST is better; decided only where the seed ranges [min, max] do not overlap."""
+    if len(ours) < 2 or len(peer) < 2:
+        return "undecided (one seed)"
+    if max(ours) < min(peer):
+        return "ahead"
+    if min(ours) > max(peer):
+        return "behind"
+    return "undecided"
+
+
+def summarise(rows: list[dict]) -> dict:
+    """(task, budget, method) -> per-seed C2ST means and mean training / sampling seconds."""
+    out: dict = {}
+    for r in rows:
+        if r.get("applicable", True):
+            out.setdefault((r["task"], r["budget"], r["method"]), []).append(r)
+    return {k: {"seeds": [r["seed"] for r in sorted(v, key=lambda r: r["seed"])],
+                "c2st": [r["c2st_mean"] for r in sorted(v, key=lambda r: r["seed"])],
+                "train": statistics.fmean(r["train_seconds"] for r in v),
+                "sample": statistics.fmean(r["sample_seconds_per_10k"] for r in v)} for k, v in out.items()}
+
+
+def cell_table(rows: list[dict], title: str, note: str) -> list[str]:
+    summary = summarise(rows)
+    lines = [f"## {title}", "", note, "",
+             "| task | simulations | method | C2ST mean | seed range | per seed | vs sbi_npe | train (s) | 10k draws (s) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    counts: dict = {}
+    order = {t: i for i, t in enumerate(TASKS)}
+    for (task, budget, method), s in sorted(summary.items(), key=lambda kv: (order.get(kv[0][0], 99), kv[0][1],
+                                                                            METHODS.index(kv[0][2]))):
+        peer = summary.get((task, budget, PEER))
+        if method == PEER or peer is None:
+            against = "—"
+        else:
+            v = verdict(s["c2st"], peer["c2st"])
+            counts.setdefault(method, {}).setdefault(v, 0)
+            counts[method][v] += 1
+            against = f"{statistics.fmean(s['c2st']) - statistics.fmean(peer['c2st']):+.3f} {v}"
+        per = " ".join(f"{c:.3f}" for c in s["c2st"])
+        lines.append(f"| {task} | {budget} | {method} | {statistics.fmean(s['c2st']):.3f} | "
+                     f"{min(s['c2st']):.3f}–{max(s['c2st']):.3f} | {per} | {against} | {s['train']:.1f} | "
+                     f"{s['sample']:.2f} |")
+    lines += ["", "Against sbi_npe: " + "; ".join(
+        f"{m}: " + ", ".join(f"{n} {v}" for v, n in sorted(c.items())) for m, c in counts.items()), ""]
+    return lines
 
 
 def write_table(results: dict, path: Path) -> None:
-    rows = sorted(results["runs"], key=lambda r: (r["task"], r["budget"], r["method"]))
-    lines = ["# sbibm suite: C2ST (mean over observations; 0.5 is perfect), seconds", "",
-             f"Environment: {results.get('environment')}", "",
-             *[f"- {note}" for note in results.get("notes", [])], *([""] if results.get("notes") else []),
-             "| task | simulations | method | C2ST mean | − sbi_npe | per observation | train (s) | 10k draws (s) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    peer = {(r["task"], r["budget"]): r["c2st_mean"] for r in rows if r["method"] == "sbi_npe"}
-    for r in rows:
-        per = " ".join(f"{v:.3f}" for v in r["c2st"].values())
-        ref = peer.get((r["task"], r["budget"]))
-        delta = "—" if ref is None or r["method"] == "sbi_npe" else f"{r['c2st_mean'] - ref:+.3f}"
-        lines.append(f"| {r['task']} | {r['budget']} | {r['method']} | {r['c2st_mean']:.3f} | {delta} | {per} | "
-                     f"{r['train_seconds']:.1f} | {r['sample_seconds_per_10k']:.2f} |")
+    runs = results["runs"]
+    heldout = [r for r in runs if r["cells"] == "heldout"]
+    dev = [r for r in runs if r["cells"] == "dev"]
+    custom = [r for r in runs if r["cells"] == "custom"]
+    commits = sorted({r["code"]["commit"][:10] for r in runs})
+    same_std = sorted({(r["task"], r["budget"]) for r in runs if r["method"] == "sbi_npe_std" and not r["applicable"]})
+    lines = ["# sbibm suite: C2ST against sbibm's reference posteriors (0.5 is perfect), seconds", "",
+             "Produced by `benchmarks/sbibm_suite.py` (its docstring gives the protocol); the commands:", "",
+             *[f"    {c}" for c in sorted({r["command"] for r in runs})], "",
+             f"Commits: {', '.join(commits)}; versions: {runs[-1]['versions'] if runs else {}}. "
+             "Each row of the JSON holds its commit, code trees, simulation hash and configuration.", "",
+             "C2ST mean is over the cells' observations and then over simulation seeds; *seed range* is the "
+             "smallest and largest per-seed mean. *vs sbi_npe* is the difference of the means and a verdict: "
+             "ahead / behind where the seed ranges do not overlap, else undecided. Training seconds are per "
+             "fit on one thread; rows that ran beside another process are inflated by up to 2×.", "",
+             "sbi_npe_std is sbi's NPE-NSF on our input standardisation; it is absent where ours is plain "
+             f"z-scoring ({', '.join(f'{t} {b}' for t, b in same_std) or 'none measured'}).", ""]
+    if heldout:
+        lines += cell_table(heldout, "Held-out cells: observations 6–10, simulation seeds 1, 2, 3",
+                            "The reported numbers: no setting was chosen on these cells.")
+    if dev:
+        lines += cell_table(dev, "Development cells: observations 1–5, simulation seed 0",
+                            "The cells the defaults were tuned on; shown for reference, not for claims.")
+    if custom:
+        lines += cell_table(custom, "Other cells", "Runs with --observations or --seeds: not part of the protocol.")
     path.write_text("\n".join(lines) + "\n")
 
 
