@@ -28,27 +28,23 @@ unchanged; a row with a changed setup replaces the old one. Rows accumulate in
 from __future__ import annotations
 
 import argparse
-import fcntl
-import hashlib
 import json
-import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
-from contextlib import contextmanager
-from importlib import metadata
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import implicitbayes as ib  # noqa: E402
 import simulators  # noqa: E402
 from implicitbayes.nn import Standardize  # noqa: E402
+from provenance import code_state, key, locked_results, parse_range, store, tensors_hash, versions  # noqa: E402
 
 METHODS = ("implicit_vi", "npe", "sbi_npe", "sbi_npe_std")
 PEER = "sbi_npe"
@@ -101,43 +97,14 @@ def sbibm_c2st():
 
 
 # ----------------------------------------------------------------------------- provenance
-def git(*args: str) -> str:
-    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-
-
-def code_state() -> dict:
-    """The commit and the trees the numbers depend on; ``dirty`` if either folder has
-    uncommitted changes (such rows are never reused)."""
-    dirty = bool(git("status", "--porcelain", "--", "implicitbayes", "simulators", "benchmarks/sbibm_suite.py"))
-    return {"commit": git("rev-parse", "HEAD"), "implicitbayes_tree": git("rev-parse", "HEAD:implicitbayes"),
-            "simulators_tree": git("rev-parse", "HEAD:simulators"), "dirty": dirty}
-
-
-def versions() -> dict:
-    out = {"python": platform.python_version()}
-    for name in ("torch", "sbi", "sbibm", "pyro-ppl", "zuko", "implicitbayes"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def data_hash(data) -> str:
-    h = hashlib.sha256()
-    for site in ("theta", "x"):
-        h.update(data[site].detach().to(torch.float32).contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def setup_key(method: str, code: dict, vers: dict, num_samples: int) -> str:
     """What a row's numbers depend on besides task, budget, seed and observations."""
-    parts = [method, code["simulators_tree"], vers["torch"], vers["sbibm"], str(num_samples)]
+    parts = [method, code["simulators_tree"], vers["torch"], vers["sbibm"], num_samples]
     if method != "sbi_npe":  # ours, and the fairness row (our Standardize)
         parts.append(code["implicitbayes_tree"])
     if method.startswith("sbi"):
-        parts.append(str(vers["sbi"]))
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+        parts.append(vers["sbi"])
+    return key(*parts)
 
 
 def cell_name(observations, seed) -> str:
@@ -147,34 +114,8 @@ def cell_name(observations, seed) -> str:
     return "custom"
 
 
-# ----------------------------------------------------------------------------- storage
-@contextmanager
-def locked_results(path: Path):
-    """Read-modify-write of the results file under an exclusive lock (several runs at once)."""
-    with open(path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        results = json.loads(path.read_text()) if path.exists() else {"runs": []}
-        yield results
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, indent=1))
-        tmp.replace(path)
-
-
 def row_identity(r: dict) -> tuple:
     return r["task"], r["budget"], r["method"], r["seed"], tuple(r["observations"])
-
-
-def store(path: Path, row: dict) -> None:
-    with locked_results(path) as results:
-        results["runs"] = [r for r in results["runs"] if row_identity(r) != row_identity(row)] + [row]
-
-
-def parse_range(text: str) -> list[int]:
-    out = []
-    for part in text.split(","):
-        a, _, b = part.partition("-")
-        out.extend(range(int(a), int(b or a) + 1))
-    return out
 
 
 # ----------------------------------------------------------------------------- main
@@ -207,7 +148,7 @@ def main() -> None:
     obs, seeds = CELLS[args.cells]
     obs = tuple(parse_range(args.observations)) if args.observations else obs
     seeds = tuple(parse_range(args.seeds)) if args.seeds else seeds
-    code, vers = code_state(), versions()
+    code, vers = code_state("benchmarks/sbibm_suite.py", "benchmarks/provenance.py"), versions()
     if code["dirty"] and not args.allow_dirty:
         raise SystemExit("implicitbayes/, simulators/ or this script has uncommitted changes: commit first "
                          "(rows record the commit), or pass --allow-dirty for a row that is never reused")
@@ -229,13 +170,13 @@ def main() -> None:
                 for method in todo:
                     base = {"task": name, "budget": budget, "method": method, "seed": seed, "observations": list(obs),
                             "cells": cell_name(obs, seed), "setup": keys[method], "code": code, "versions": vers,
-                            "data_hash": data_hash(data), "num_samples": args.num_samples,
+                            "data_hash": tensors_hash(data["theta"], data["x"]), "num_samples": args.num_samples,
                             "threads": torch.get_num_threads(), "command": command}
                     t0 = time.perf_counter()
                     if method == "sbi_npe_std":
                         std = input_standardization(data)
                         if std is None:
-                            store(path, {**base, "applicable": False,
+                            store(path, row_identity, {**base, "applicable": False,
                                          "config": "our standardisation is plain z-scoring here: same as sbi_npe"})
                             continue
                         sampler, config = train_sbi(task, data, seed, std)
@@ -255,7 +196,7 @@ def main() -> None:
                     row = {**base, "applicable": True, "config": config, "c2st": scores,
                            "c2st_mean": statistics.fmean(scores.values()), "train_seconds": train_s,
                            "sample_seconds_per_10k": statistics.fmean(sample_s) * 10_000 / args.num_samples}
-                    store(path, row)
+                    store(path, row_identity, row)
                     print(f"{name:18s} {budget:>6d} seed {seed} {method:12s} C2ST {row['c2st_mean']:.3f}  "
                           f"train {train_s:6.1f} s  sample {row['sample_seconds_per_10k']:.2f} s", flush=True)
     with locked_results(path) as results:

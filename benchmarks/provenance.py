@@ -1,0 +1,78 @@
+"""What every benchmark row records and how rows are stored: the commit and code trees the
+numbers depend on, package versions, a hash of the simulations, and a results file that several
+processes can append to at once (an exclusive lock around each read-modify-write)."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import platform
+import subprocess
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def code_state(*scripts: str) -> dict:
+    """The commit and the trees of ``implicitbayes/`` and ``simulators/``; ``dirty`` if either
+    folder or one of ``scripts`` has uncommitted changes (such rows are never reused)."""
+    dirty = bool(git("status", "--porcelain", "--", "implicitbayes", "simulators", *scripts))
+    return {"commit": git("rev-parse", "HEAD"), "implicitbayes_tree": git("rev-parse", "HEAD:implicitbayes"),
+            "simulators_tree": git("rev-parse", "HEAD:simulators"), "dirty": dirty}
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in ("torch", "sbi", "sbibm", "pyro-ppl", "zuko", "implicitbayes"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def tensors_hash(*tensors: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def key(*parts) -> str:
+    return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:16]
+
+
+@contextmanager
+def locked_results(path: Path):
+    """Read-modify-write of a results file ``{"runs": [...]}`` under an exclusive lock."""
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = json.loads(path.read_text()) if path.exists() else {"runs": []}
+        yield results
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=1))
+        tmp.replace(path)
+
+
+def store(path: Path, identity, row: dict) -> None:
+    """Add ``row``, replacing any row with the same ``identity(row)``."""
+    with locked_results(path) as results:
+        results["runs"] = [r for r in results["runs"] if identity(r) != identity(row)] + [row]
+
+
+def parse_range(text: str) -> list[int]:
+    """``"1-5,8"`` → ``[1, 2, 3, 4, 5, 8]``."""
+    out = []
+    for part in text.split(","):
+        a, _, b = part.partition("-")
+        out.extend(range(int(a), int(b or a) + 1))
+    return out
