@@ -95,8 +95,8 @@ def directions(d: int) -> torch.Tensor:
     return torch.stack([*eye, *pairs])
 
 
-def sliced_errors(draws: torch.Tensor, exact: torch.Tensor) -> dict[str, float]:
-    dirs = directions(exact.shape[1])
+def sliced_errors(draws: torch.Tensor, exact: torch.Tensor, diagonals: bool = True) -> dict[str, float]:
+    dirs = directions(exact.shape[1]) if diagonals else torch.eye(exact.shape[1])
     a, b = (draws.double() @ dirs.T.double()).numpy(), (exact.double() @ dirs.T.double()).numpy()
     w1 = max(scipy.stats.wasserstein_distance(a[:, j], b[:, j]) / b[:, j].std() for j in range(len(dirs)))
     mode = abs(float((draws[:, 0] > 0).double().mean() - (exact[:, 0] > 0).double().mean()))
