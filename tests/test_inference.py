@@ -3,7 +3,9 @@
 With 3 000 simulations of the 10-D task, each method's draws for observation 1 must have
 means within 0.5 posterior sd and sds within 25 % of the exact posterior's, per coordinate
 (the exact posterior: N(x/2, 0.05 I)). These are loose on purpose: they catch a method that
-is wrong, not one that is slightly less converged; the benchmark measures accuracy (C2ST).
+is wrong, not one that is slightly less converged; the checks that a 1.5× variance, a 0.3-sd
+shift or wrong correlations fail, at every method's defaults, are in test_accuracy.py, and the
+benchmark measures accuracy (C2ST).
 """
 
 import copy
@@ -68,10 +70,9 @@ def test_implicit_vi_matches_the_analytic_posterior(implicit):
         assert implicit.last_ess is not None and 1 <= implicit.last_ess <= implicit.config.num_candidates
     else:
         assert implicit.last_ess is None  # the generator's own draws
-    forced = implicit.sample(4000, X, seed=1, correction=None)["theta"]
-    check_against_exact(forced)
-    raw = implicit.sample(4000, X, seed=1, correction=None)["theta"]
-    check_against_exact(raw)
+    # the generator's own draws are close too (that the correction moves them toward the posterior
+    # is test_accuracy.py's test of a deliberately biased generator)
+    check_against_exact(implicit.sample(4000, X, seed=1, correction=None)["theta"])
 
 
 def test_the_critic_sees_theta_in_the_generators_frame_at_y(implicit):
