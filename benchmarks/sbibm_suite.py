@@ -204,10 +204,14 @@ def main() -> None:
 
 
 # ----------------------------------------------------------------------------- table
+MIN_SEEDS = 3  # a verdict needs every held-out seed
+
+
 def verdict(ours: list[float], peer: list[float]) -> str:
-    """Lower C2ST is better; decided only where the seed ranges [min, max] do not overlap."""
-    if len(ours) < 2 or len(peer) < 2:
-        return "undecided (one seed)"
+    """Lower C2ST is better; decided only where the seed ranges [min, max] do not overlap, on the
+    seeds both have (at least ``MIN_SEEDS``)."""
+    if len(ours) < MIN_SEEDS:
+        return f"undecided ({len(ours)} of {MIN_SEEDS} seeds)"
     if max(ours) < min(peer):
         return "ahead"
     if min(ours) > max(peer):
@@ -216,13 +220,12 @@ def verdict(ours: list[float], peer: list[float]) -> str:
 
 
 def summarise(rows: list[dict]) -> dict:
-    """(task, budget, method) -> per-seed C2ST means and mean training / sampling seconds."""
+    """(task, budget, method) -> {seed: C2ST mean} and mean training / sampling seconds."""
     out: dict = {}
     for r in rows:
         if r.get("applicable", True):
             out.setdefault((r["task"], r["budget"], r["method"]), []).append(r)
-    return {k: {"seeds": [r["seed"] for r in sorted(v, key=lambda r: r["seed"])],
-                "c2st": [r["c2st_mean"] for r in sorted(v, key=lambda r: r["seed"])],
+    return {k: {"c2st": {r["seed"]: r["c2st_mean"] for r in v},
                 "train": statistics.fmean(r["train_seconds"] for r in v),
                 "sample": statistics.fmean(r["sample_seconds_per_10k"] for r in v)} for k, v in out.items()}
 
@@ -230,23 +233,26 @@ def summarise(rows: list[dict]) -> dict:
 def cell_table(rows: list[dict], title: str, note: str) -> list[str]:
     summary = summarise(rows)
     lines = [f"## {title}", "", note, "",
-             "| task | simulations | method | C2ST mean | seed range | per seed | vs sbi_npe | train (s) | 10k draws (s) |",
+             "| task | simulations | method | C2ST mean | seed range | per seed | vs sbi_npe (same seeds) | train (s) | 10k draws (s) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     counts: dict = {}
     order = {t: i for i, t in enumerate(TASKS)}
     for (task, budget, method), s in sorted(summary.items(), key=lambda kv: (order.get(kv[0][0], 99), kv[0][1],
                                                                             METHODS.index(kv[0][2]))):
         peer = summary.get((task, budget, PEER))
-        if method == PEER or peer is None:
+        common = sorted(set(s["c2st"]) & set(peer["c2st"])) if peer else []
+        if method == PEER or not common:
             against = "—"
         else:
-            v = verdict(s["c2st"], peer["c2st"])
+            ours, theirs = [s["c2st"][k] for k in common], [peer["c2st"][k] for k in common]
+            v = verdict(ours, theirs)
             counts.setdefault(method, {}).setdefault(v, 0)
             counts[method][v] += 1
-            against = f"{statistics.fmean(s['c2st']) - statistics.fmean(peer['c2st']):+.3f} {v}"
-        per = " ".join(f"{c:.3f}" for c in s["c2st"])
-        lines.append(f"| {task} | {budget} | {method} | {statistics.fmean(s['c2st']):.3f} | "
-                     f"{min(s['c2st']):.3f}–{max(s['c2st']):.3f} | {per} | {against} | {s['train']:.1f} | "
+            against = f"{statistics.fmean(ours) - statistics.fmean(theirs):+.3f} {v}"
+        values = list(s["c2st"].values())
+        per = " ".join(f"{s['c2st'][k]:.3f} ({k})" for k in sorted(s["c2st"]))
+        lines.append(f"| {task} | {budget} | {method} | {statistics.fmean(values):.3f} | "
+                     f"{min(values):.3f}–{max(values):.3f} | {per} | {against} | {s['train']:.1f} | "
                      f"{s['sample']:.2f} |")
     lines += ["", "Against sbi_npe: " + "; ".join(
         f"{m}: " + ", ".join(f"{n} {v}" for v, n in sorted(c.items())) for m, c in counts.items()), ""]
@@ -279,8 +285,9 @@ def write_table(results: dict, path: Path) -> None:
              f"Commits: {', '.join(commits)}; versions: {runs[-1]['versions'] if runs else {}}. "
              "Each row of the JSON holds its commit, code trees, simulation hash and configuration.", "",
              "C2ST mean is over the cells' observations and then over simulation seeds; *seed range* is the "
-             "smallest and largest per-seed mean. *vs sbi_npe* is the difference of the means and a verdict: "
-             "ahead / behind where the seed ranges do not overlap, else undecided. Training seconds are per "
+             "smallest and largest per-seed mean; *per seed* gives each seed's mean (seed in brackets). *vs sbi_npe* "
+             "compares on the seeds both have: the difference of the means and a verdict — ahead / behind where "
+             "the seed ranges do not overlap, undecided where they do or fewer than three seeds are in. Training seconds are per "
              "fit on one thread; rows that ran beside another process are inflated by up to 2×.", "",
              "sbi_npe_std is sbi's NPE-NSF on our input standardisation; it is absent where ours is plain "
              f"z-scoring ({', '.join(f'{t} {b}' for t, b in same_std) or 'none measured'}).", ""]
