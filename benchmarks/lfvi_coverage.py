@@ -28,7 +28,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import implicitbayes as ib  # noqa: E402
 import simulators  # noqa: E402
-from provenance import code_state, key, locked_results, parse_range, store, tensors_hash, versions  # noqa: E402
+from provenance import (add_store_arguments, committed_code_state, key, locked_results, parse_range,  # noqa: E402
+                        results_path, store, tensors_hash, versions)
 
 SITES = ("mu", "sigma", "log_theta")
 TARGET = (0.80, 0.97)
@@ -43,23 +44,17 @@ def main() -> None:
     ap.add_argument("--datasets", default="1-20")
     ap.add_argument("--options", default="", help="LFVI options as Python keyword arguments (default: none)")
     ap.add_argument("--num-samples", type=int, default=4000)
-    ap.add_argument("--allow-dirty", action="store_true")
-    ap.add_argument("--table", action="store_true", help="only rewrite the markdown table from the JSON")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    add_store_arguments(ap)
     args = ap.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "lfvi_coverage.json"
+    path = results_path(args, "lfvi_coverage")
     if not args.table:
         run(args, path)
     with locked_results(path) as results:
-        write_table(results, out / "lfvi_coverage.md")
+        write_table(results, path.with_suffix(".md"))
 
 
 def run(args, path: Path) -> None:
-    code, vers = code_state("benchmarks/lfvi_coverage.py", "benchmarks/provenance.py"), versions()
-    if code["dirty"] and not args.allow_dirty:
-        raise SystemExit("uncommitted changes under implicitbayes/ or simulators/: commit first, or --allow-dirty")
+    code, vers = committed_code_state(args, "benchmarks/lfvi_coverage.py", "benchmarks/provenance.py"), versions()
     options = eval(f"dict({args.options})")  # noqa: S307 — a benchmark's command line
     setup = key(code["implicitbayes_tree"], code["simulators_tree"], vers["torch"], args.options, args.num_samples)
     existing = json.loads(path.read_text())["runs"] if path.exists() else []

@@ -76,3 +76,28 @@ def parse_range(text: str) -> list[int]:
         a, _, b = part.partition("-")
         out.extend(range(int(a), int(b or a) + 1))
     return out
+
+
+def add_store_arguments(parser) -> None:
+    """The options every resumable benchmark shares: where results go, a table-only run, and
+    running with uncommitted changes."""
+    parser.add_argument("--allow-dirty", action="store_true",
+                        help="run with uncommitted library changes (rows marked dirty, never reused)")
+    parser.add_argument("--table", action="store_true", help="only rewrite the markdown table from the JSON")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+
+
+def results_path(args, name: str) -> Path:
+    """``<--out>/<name>.json``, the folder created."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out / f"{name}.json"
+
+
+def committed_code_state(args, *scripts: str) -> dict:
+    """:func:`code_state`, refusing uncommitted changes unless ``--allow-dirty``."""
+    code = code_state(*scripts)
+    if code["dirty"] and not args.allow_dirty:
+        raise SystemExit("implicitbayes/, simulators/ or the benchmark has uncommitted changes: commit first "
+                         "(rows record the commit), or pass --allow-dirty for rows that are never reused")
+    return code

@@ -44,7 +44,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import implicitbayes as ib  # noqa: E402
 import simulators  # noqa: E402
 from implicitbayes.nn import Standardize  # noqa: E402
-from provenance import code_state, key, locked_results, parse_range, store, tensors_hash, versions  # noqa: E402
+from provenance import (add_store_arguments, committed_code_state, key, locked_results, parse_range,  # noqa: E402
+                        results_path, store, tensors_hash, versions)
 
 METHODS = ("implicit_vi", "npe", "sbi_npe", "sbi_npe_std")
 PEER = "sbi_npe"
@@ -130,15 +131,11 @@ def main() -> None:
     p.add_argument("--seeds", help="override the cells' simulation seeds")
     p.add_argument("--num-samples", type=int, default=10_000)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--allow-dirty", action="store_true", help="run with uncommitted library changes (rows marked dirty)")
-    p.add_argument("--table", action="store_true", help="only rewrite the markdown table from the JSON")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    add_store_arguments(p)
     args = p.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "sbibm_suite.json"
+    path = results_path(args, "sbibm_suite")
     if args.table:
-        write_table(json.loads(path.read_text()), out / "sbibm_suite.md")
+        write_table(json.loads(path.read_text()), path.with_suffix(".md"))
         return
 
     methods = args.methods.split(",")
@@ -148,10 +145,7 @@ def main() -> None:
     obs, seeds = CELLS[args.cells]
     obs = tuple(parse_range(args.observations)) if args.observations else obs
     seeds = tuple(parse_range(args.seeds)) if args.seeds else seeds
-    code, vers = code_state("benchmarks/sbibm_suite.py", "benchmarks/provenance.py"), versions()
-    if code["dirty"] and not args.allow_dirty:
-        raise SystemExit("implicitbayes/, simulators/ or this script has uncommitted changes: commit first "
-                         "(rows record the commit), or pass --allow-dirty for a row that is never reused")
+    code, vers = committed_code_state(args, "benchmarks/sbibm_suite.py", "benchmarks/provenance.py"), versions()
     torch.set_num_threads(args.threads)
     c2st = sbibm_c2st()
     existing = json.loads(path.read_text())["runs"] if path.exists() else []
@@ -200,7 +194,7 @@ def main() -> None:
                     print(f"{name:18s} {budget:>6d} seed {seed} {method:12s} C2ST {row['c2st_mean']:.3f}  "
                           f"train {train_s:6.1f} s  sample {row['sample_seconds_per_10k']:.2f} s", flush=True)
     with locked_results(path) as results:
-        write_table(results, out / "sbibm_suite.md")
+        write_table(results, path.with_suffix(".md"))
 
 
 # ----------------------------------------------------------------------------- table
