@@ -14,6 +14,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[test]"
 	$(PY) -m pip install --quiet --no-deps sbibm==1.1.0
+	@# the compiled Lotka–Volterra kernel, built once per machine (≈ 25 s) and kept
+	$(PY) -c "from simulators.lotka_volterra import build_kernel; build_kernel()"
 	touch $@
 
 venv: $(VENV)/.installed

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import contextvars
+import dataclasses
 import json
 import math
 import os
@@ -46,7 +48,8 @@ from .checks import integer
 from .seeding import seeded
 from .simulation_set import SimulationSet
 
-__all__ = ["simulate", "simulate_at", "run_given", "model_sites", "SiteInfo", "resolve_device", "plate_layout"]
+__all__ = ["simulate", "simulate_at", "run_given", "model_sites", "SiteInfo", "resolve_device", "plate_layout",
+           "planned_simulations"]
 
 _OUTER_PLATE = "_ib_simulations"
 _STORE_KIND = "implicitbayes.SimulationStore"
@@ -55,6 +58,16 @@ _STORE_VERSION = 1
 _INDEX = "__index__"
 DEFAULT_BATCH_SIZE = 10_000
 _TRIAL_ATTEMPTS = 5
+
+
+_PLANNED: contextvars.ContextVar[int | None] = contextvars.ContextVar("ib_planned_simulations", default=None)
+
+
+def planned_simulations() -> int | None:
+    """How many simulations the :func:`simulate` call that is running the model will run in
+    this process in all (its chunks still to do), or ``None`` outside one. A simulator with a
+    one-off cost (compiling a kernel) weighs it against the whole run, not one chunk."""
+    return _PLANNED.get()
 
 
 @dataclass(frozen=True)
@@ -186,6 +199,7 @@ class _ChunkJob:
     seed: int
     device: str
     retries: int = 0  # whole-chunk attempts after the first, before isolating failures
+    planned: int | None = None  # simulations of the whole run (see planned_simulations)
 
 
 _MAX_ISOLATION_CALLS = 256
@@ -284,6 +298,7 @@ def _default_device(device: torch.device):
 def _run_chunk_locked(job: _ChunkJob) -> dict[str, torch.Tensor]:
     device = torch.device(job.device)
     tracer = poutine.trace(job.model)
+    token = _PLANNED.set(job.planned if job.planned is not None else job.size)
     try:
         with seeded(job.seed, device), _default_device(device), \
                 pyro.plate(_OUTER_PLATE, job.size, dim=job.outer_dim):
@@ -307,6 +322,8 @@ def _run_chunk_locked(job: _ChunkJob) -> dict[str, torch.Tensor]:
                        for n in [s.name] if not s.observed and n in partial
                        and partial[n].numel() == job.size * math.prod(s.shape)}
         raise err from e
+    finally:
+        _PLANNED.reset(token)
     out = {}
     for site in job.sites:
         value = trace.nodes[site.name]["value"]
@@ -646,6 +663,8 @@ def simulate(
             else:
                 failures.extend(cached[1])
                 bar.update(job.size)
+        planned = sum(job.size for job in todo)
+        todo = [dataclasses.replace(job, planned=planned) for job in todo]
         if executor is None:
             for job in todo:
                 finish(job, *_simulate_chunk(job))

@@ -14,8 +14,9 @@ SDE (chemical Langevin equation, Itô), Euler–Maruyama with step ``dt``:
 
 Since W1, W2 enter only X and W3, W4 only Y, √h1 dW1 − √h2 dW2 has the law of √(h1+h2) dB1:
 we draw two normals per step instead of four (same process in law). The normals come from a
-counter-based generator fused into the step kernel (see ``_splitmix64``), optionally compiled
-with ``torch.compile`` (benchmarks/simulate_lv.py measures it against torchsde).
+counter-based generator fused into the step kernel (see ``_splitmix64``), compiled ahead of
+time and kept on disk (``implicitbayes.kernels``; benchmarks/simulate_lv.py measures it
+against torchsde).
 
 Policies, identical for both simulators:
 
@@ -43,16 +44,17 @@ simulators' summaries are on one scale and directly comparable.
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 
 import implicitbayes as ib
 from implicitbayes.checks import integer
+from implicitbayes.kernels import AOTKernel
+from implicitbayes.simulate import planned_simulations
 
 from .base import Task, generator_for
 
-__all__ = ["lv_sde", "lv_mjp", "lv_summaries", "LotkaVolterraSDE", "LotkaVolterraMJP", "THETA_STAR"]
+__all__ = ["lv_sde", "build_kernel", "lv_mjp", "lv_summaries", "LotkaVolterraSDE", "LotkaVolterraMJP", "THETA_STAR"]
 
 THETA_STAR = (0.01, 0.5, 1.0, 0.01)
 
@@ -129,21 +131,37 @@ def _em_interval(x, y, t1, t2, t3, t4, counter, per: int, cap: float):
     return x, y, blown
 
 
-_COMPILED: dict = {}
-#: calls with at least this many path-steps use the compiled kernel under backend="auto"
-AUTO_COMPILE_PATH_STEPS = 1e9  # ≈ 330 000 paths at dt 0.01, T 30: where a cold compile (≈ 20 s) pays off
+#: the interval kernel compiled ahead of time and kept on disk (implicitbayes.kernels)
+KERNEL = AOTKernel(_em_interval, name="lv_sde", sources=(_splitmix64, _normal_pair, _em_interval))
+#: under backend="auto", a kernel not built yet is built (≈ 25 s on one core, once per machine)
+#: for runs of at least this many path-steps, where the build pays for itself in the same run
+AUTO_BUILD_PATH_STEPS = 2e9  # ≈ 670 000 simulations at dt 0.01, T 30
 
 
-def _kernel(backend: str, work: float):
-    if backend == "eager" or (backend == "auto" and work < AUTO_COMPILE_PATH_STEPS):
-        return _em_interval
-    if "kernel" not in _COMPILED:
-        try:
-            _COMPILED["kernel"] = torch.compile(_em_interval, dynamic=True, fullgraph=True)
-        except Exception as e:  # no compiler toolchain: say so once, then run eagerly
-            warnings.warn(f"lv_sde: torch.compile is unavailable ({e}); using the eager kernel", stacklevel=3)
-            _COMPILED["kernel"] = _em_interval
-    return _COMPILED["kernel"]
+def _kernel(backend: str, work: float, example: tuple, constants: dict):
+    """The eager kernel or the compiled one. ``auto``: the compiled one if this process has it,
+    or its package is on disk (loading costs milliseconds), or ``work`` (path-steps of the
+    whole run) is large enough to pay for building it."""
+    eager = backend == "eager" or (
+        backend == "auto" and KERNEL.loaded(example[0].device, example[0].dtype, constants) is None
+        and not KERNEL.built(example[0].device, example[0].dtype, constants) and work < AUTO_BUILD_PATH_STEPS)
+    if eager:
+        return lambda *tensors: _em_interval(*tensors, **constants)
+    return KERNEL.get(example, constants)
+
+
+def build_kernel(*, dt: float = 0.01, record_every: float = 0.2, max_population: float = 1e5,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """Build (once per machine, ≈ 25 s) and keep the compiled kernel for these settings, so
+    that every later ``lv_sde`` call with them runs it. Returns the package's path, or ``None``
+    where it cannot be built (a warning says why; ``lv_sde`` then runs eagerly). ``make venv``
+    builds the defaults'."""
+    _, per = _grid(record_every, record_every, dt)
+    x = torch.ones(2, device=device, dtype=dtype)
+    constants = {"per": per, "cap": float(max_population)}
+    KERNEL.get((x, x, x, x, x, x, torch.zeros(2, device=device, dtype=torch.int64)), constants)
+    path = KERNEL.path(x.device, dtype, constants)
+    return path if path.is_file() else None
 
 
 def lv_sde(
@@ -158,10 +176,13 @@ def lv_sde(
         dt, T, record_every: step, horizon and recording interval (multiples of each other).
         max_population, on_blowup: blow-up policy (module docstring).
         generator: torch generator the per-call noise key is drawn from (``None``: global RNG).
-        backend: ``"eager"``, ``"compile"`` (``torch.compile`` fuses ``record_every / dt``
-            steps and their noise into one kernel; the first call compiles, ≈ 15 s) or
-            ``"auto"`` (compiled for calls of at least ``AUTO_COMPILE_PATH_STEPS``
-            path-steps). Both draw the same noise; their floats differ by rounding only.
+        backend: ``"eager"``, ``"compile"`` (``record_every / dt`` steps and their noise
+            fused into one kernel compiled ahead of time by AOTInductor, built once per
+            machine, ≈ 25 s, and kept in :func:`implicitbayes.kernels.cache_dir`) or
+            ``"auto"`` (the compiled kernel where it is built already, or where the run —
+            this call, or the whole ``ib.simulate`` run it is a chunk of — has at least
+            ``AUTO_BUILD_PATH_STEPS`` path-steps). Both draw the same noise; their floats
+            differ by rounding only.
 
     Returns:
         ``(n, 2, T / record_every + 1)`` populations (predators, prey) at the record times,
@@ -174,7 +195,6 @@ def lv_sde(
     n_rec, per = _grid(T, record_every, dt)
     n, dev, dtype = theta.shape[0], theta.device, theta.dtype
     steps = (n_rec - 1) * per
-    kernel = _kernel(backend, float(n) * steps)
     t1, t2, t3, t4 = (theta[:, i].contiguous() * dt for i in range(4))
     key = int(torch.randint(-(1 << 63), (1 << 63) - 1, (1,), generator=generator, device=dev, dtype=torch.int64))
     counter = torch.arange(n, device=dev, dtype=torch.int64) * _wrap64(steps * _GOLDEN) + key
@@ -184,10 +204,13 @@ def lv_sde(
     records[0, 0], records[0, 1] = x, y
     stopped = torch.zeros(n, dtype=torch.bool, device=dev)
     frozen = torch.zeros(2, n, dtype=dtype, device=dev)
+    planned = max(n, planned_simulations() or 0)  # ib.simulate runs chunks of one larger run
+    kernel = _kernel(backend, float(planned) * steps, (x, y, t1, t2, t3, t4, counter),
+                     {"per": per, "cap": float(max_population)})
     any_stopped = False
     step_block = _wrap64(per * _GOLDEN)
     for r in range(1, n_rec):
-        x, y, blown = kernel(x, y, t1, t2, t3, t4, counter, per, float(max_population))
+        x, y, blown = kernel(x, y, t1, t2, t3, t4, counter)
         counter = counter + step_block
         if any_stopped or bool(blown.any()):
             newly = blown & ~stopped

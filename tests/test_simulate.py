@@ -370,3 +370,27 @@ def test_training_on_a_memory_mapped_set_equals_training_in_memory(tmp_path):
         a = method(gaussian_model, observed="x").fit(plain, max_steps=60, seed=0, progress=False)
         b = method(gaussian_model, observed="x").fit(mapped, max_steps=60, seed=0, progress=False)
         assert torch.equal(a.sample(200, x, seed=1)["theta"], b.sample(200, x, seed=1)["theta"]), method.__name__
+
+
+def test_a_simulator_sees_the_size_of_the_whole_run(tmp_path):
+    """``planned_simulations`` tells a simulator with a one-off cost how many simulations the
+    run has left in all, not the chunk: every chunk of a 300-run sees 300; resumed from a
+    store with 3 chunks of 40 missing, 120; outside a run, None."""
+    from implicitbayes.simulate import planned_simulations
+
+    seen = []
+
+    def model():
+        theta = pyro.sample("theta", dist.Normal(0.0, 1.0))
+        seen.append(planned_simulations())
+        return pyro.sample("x", ib.Implicit(lambda t: t + 1.0, theta, event_shape=()))
+
+    store = tmp_path / "store"
+    ib.simulate(model, 300, observed="x", seed=4, batch_size=40, store=store, progress=False)
+    assert seen[-8:] == [300] * 8  # the trial run before the chunks sees no plan
+    for p in sorted(store.glob("chunk-*.safetensors"))[2:5]:
+        p.unlink()
+    seen.clear()
+    ib.simulate(model, 300, observed="x", seed=4, batch_size=40, store=store, progress=False)
+    assert seen[-3:] == [120] * 3
+    assert planned_simulations() is None
