@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..checks import choice, flag, integer, number
-from ..nn import FLOWS, LinearResidual, build_flow, short_softmax
+from ..nn import FLOWS, LinearResidual, build_flow, draw, short_softmax
 from ..seeding import fresh_seed, resolve_seed, seeded
 from ..space import ParameterSpace
 from .data import join_observed
@@ -110,7 +110,7 @@ class NPEPosterior(NeuralPosterior):
 
     def _sample_unconstrained(self, x, num_samples, generator):
         with seeded(fresh_seed(generator), self.device), short_softmax():
-            u_s = self.distribution(x).sample((num_samples,))[:, 0]
+            u_s = draw(self.distribution(x), (num_samples,))[:, 0]
         return self.theta_standardize.inverse(u_s)
 
     @torch.no_grad()
@@ -123,7 +123,7 @@ class NPEPosterior(NeuralPosterior):
             raise ValueError(f"observations: rows {sorted(set(bad.reshape(len(x), -1).any(1).nonzero().flatten().tolist()))[:10]} "
                              "have entries ≤ 0 where every training simulation was strictly positive")
         with seeded(resolve_seed(seed), self.device), short_softmax():
-            u_s = self.distribution(x).sample((num_samples,))  # (n, B, d)
+            u_s = draw(self.distribution(x), (num_samples,))  # (n, B, d)
         b = x.shape[0]
         u = self.theta_standardize.inverse(u_s.transpose(0, 1).reshape(b * num_samples, -1))
         return {k: v.reshape((b, num_samples) + tuple(v.shape[1:])) for k, v in self.space.to_constrained(u).items()}

@@ -20,6 +20,7 @@ of a flow at a context a Pyro distribution (``sample``, ``rsample``, ``log_prob`
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Sequence
 
 import pyro.distributions as dist
@@ -31,11 +32,13 @@ from torch.distributions import Transform, constraints
 from torch.overrides import TorchFunctionMode
 from zuko.distributions import DiagNormal
 from zuko.lazy import Flow, LazyInverse, LazyTransform, UnconditionalDistribution
-from zuko.transforms import ComposedTransform, LULinearTransform, PermutationTransform
+from zuko.nn import MaskedLinear
+from zuko.transforms import AutoregressiveTransform, ComposedTransform, LULinearTransform, PermutationTransform
+from zuko.utils import broadcast, unpack
 
 from ..checks import flag, number
 
-__all__ = ["FLOWS", "build_flow", "ActNorm", "LULinear", "FlowDistribution", "short_softmax"]
+__all__ = ["FLOWS", "build_flow", "ActNorm", "LULinear", "FlowDistribution", "short_softmax", "draw"]
 
 FLOWS = ("maf", "iaf", "nsf", "nice", "realnvp", "glow")
 
@@ -68,6 +71,63 @@ class short_softmax(TorchFunctionMode):
                 e = torch.exp(a - a.amax(-1, keepdim=True))
                 return e / e.sum(-1, keepdim=True)
         return func(*args, **kwargs)
+
+
+def draw(q: torch.distributions.Distribution, sample_shape=torch.Size()) -> torch.Tensor:
+    """``q.sample(sample_shape)`` for a zuko flow (or a ``TransformedDistribution`` over one),
+    the same draws to rounding, with masked autoregressive layers inverted by
+    :func:`_invert_masked`: D passes as zuko makes, each computing only the coordinates it
+    determines."""
+    with torch.no_grad():
+        if isinstance(q, torch.distributions.TransformedDistribution):
+            y = draw(q.base_dist, sample_shape)
+            for t in q.transforms:
+                y = t(y)
+            return y
+        if isinstance(q, zuko.distributions.NormalizingFlow):
+            z = q.base.rsample(sample_shape) if q.base.has_rsample else q.base.sample(sample_shape)
+            return _invert(q.transform, z)
+        return q.sample(sample_shape)
+
+
+def _invert(t: Transform, y: torch.Tensor) -> torch.Tensor:
+    if isinstance(t, ComposedTransform):
+        for u in reversed(t.transforms):
+            y = _invert(u, y)
+        return y
+    meta = getattr(t, "meta", None)
+    layer = getattr(getattr(meta, "func", None), "__self__", None)
+    if (isinstance(t, AutoregressiveTransform) and isinstance(meta, partial) and len(meta.args) == 1
+            and isinstance(layer, zuko.flows.MaskedAutoregressiveTransform) and layer.order is not None
+            and isinstance(layer.hyper[-1], MaskedLinear)):
+        return _invert_masked(layer, meta.args[0], y)
+    return t.inv(y)
+
+
+def _invert_masked(layer, c: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+    """The inverse of a masked autoregressive layer given context ``c``.
+
+    zuko inverts by ``passes`` fixed-point passes x ← f(· | x)⁻¹(y), each evaluating the whole
+    conditioner and every coordinate's transform. Pass p only settles the coordinates of order
+    p (their parameters depend on coordinates of lower order only, settled before), so here it
+    computes the conditioner's output rows of those coordinates and inverts only them: the
+    same values (to rounding) for a tenth of the output layer and of the spline work at D = 10.
+    """
+    *hidden, last = layer.hyper
+    weight, bias = last.mask * last.weight, last.bias
+    x = torch.zeros_like(y)
+    for p in range(layer.passes):
+        idx = (layer.order == p).nonzero().flatten().to(y.device)
+        if idx.numel() == 0:
+            continue
+        inputs = x if c is None else torch.cat(broadcast(x, c, ignore=1), dim=-1)
+        rows = (idx[:, None] * layer.total + torch.arange(layer.total, device=y.device)).flatten()
+        for module in hidden:
+            inputs = module(inputs)
+        phi = F.linear(inputs, weight[rows], None if bias is None else bias[rows])
+        phi = unpack(phi.unflatten(-1, (idx.numel(), layer.total)), layer.shapes)
+        x = x.index_copy(-1, idx, layer.univariate(*phi).inv(y.index_select(-1, idx)))
+    return x
 
 
 class _ActNormTransform(Transform):
