@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -107,6 +108,8 @@ class AOTKernel:
                 return
             from torch import _inductor
 
+            sys.stderr.write(f"{self.name}: building the compiled kernel for {example[0].device} "
+                             f"(once per machine and torch version; ≈ 25 s) into {path.parent}\n")
             batch = torch.export.Dim("batch", min=1)
             tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.pt2")
             try:
