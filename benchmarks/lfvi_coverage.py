@@ -66,7 +66,16 @@ def run(args, path: Path) -> None:
             continue
         truth = ib.simulate(task.model, 1, observed="x", seed=1000 + i, progress=False)
         t0 = time.perf_counter()
-        post = ib.LFVI(task.model, observed="x", **options).fit(observation=truth["x"][0], seed=i, progress=False)
+        base = {"dataset": i, "seed": 1000 + i, "options": args.options, "setup": setup, "code": code,
+                "versions": vers, "data_hash": tensors_hash(truth["x"]), "command": command}
+        try:
+            post = ib.LFVI(task.model, observed="x", **options).fit(observation=truth["x"][0], seed=i, progress=False)
+        except ib.SimulationError as e:  # a fit that drove the simulator out of range: a result too
+            message = str(e).splitlines()[0]
+            store(path, identity, {**base, "failed": message, "inside": None,
+                                   "train_seconds": time.perf_counter() - t0, "simulations": None})
+            print(f"dataset {i:3d}  fit failed: {message}", flush=True)
+            continue
         seconds = time.perf_counter() - t0
         draws = post.sample(args.num_samples, seed=i)
         inside = {}
@@ -74,9 +83,7 @@ def run(args, path: Path) -> None:
             lo, hi = draws[site].quantile(0.05, 0), draws[site].quantile(0.95, 0)
             value = truth[site][0]
             inside[site] = ((value >= lo) & (value <= hi)).flatten().tolist()
-        row = {"dataset": i, "seed": 1000 + i, "options": args.options, "setup": setup, "code": code, "versions": vers,
-               "data_hash": tensors_hash(truth["x"]), "inside": inside, "train_seconds": seconds,
-               "simulations": post.training_summary["simulations"], "command": command}
+        row = {**base, "inside": inside, "train_seconds": seconds, "simulations": post.training_summary["simulations"]}
         store(path, identity, row)
         print(f"dataset {i:3d}  " + "  ".join(f"{s} {sum(v)}/{len(v)}" for s, v in inside.items())
               + f"  {seconds:.0f} s  {row['simulations']} simulations", flush=True)
@@ -92,16 +99,24 @@ def write_table(results: dict, path: Path) -> None:
              f"Target: {TARGET[0]:.0%}–{TARGET[1]:.0%} for each group. ± is one binomial sd over the intervals "
              "counted (coordinates of different datasets are independent; those of one dataset are not, so it "
              "understates the spread).", ""]
-    for options, rows in by_options.items():
-        rows = sorted(rows, key=lambda r: r["dataset"])
-        lines += [f"## Options: {options or 'defaults'} ({len(rows)} datasets)", "",
+    for options, every in by_options.items():
+        every = sorted(every, key=lambda r: r["dataset"])
+        rows = [r for r in every if not r.get("failed")]
+        failed = [r for r in every if r.get("failed")]
+        lines += [f"## Options: {options or 'defaults'} ({len(every)} datasets, {len(failed)} fits failed)", ""]
+        if failed:
+            lines += ["Failed fits (counted in no coverage; the target is not met while any fit fails):", "",
+                      *[f"- dataset {r['dataset']}: {r['failed']}" for r in failed], ""]
+        if not rows:
+            continue
+        lines += ["Coverage over the fits that completed:", "",
                   "| parameters | intervals | coverage | target met |", "| --- | --- | --- | --- |"]
         for site in SITES:
             hits = [h for r in rows for h in r["inside"][site]]
             p = sum(hits) / len(hits)
             sd = math.sqrt(p * (1 - p) / len(hits))
-            met = "met" if TARGET[0] <= p <= TARGET[1] else "not met"
-            lines.append(f"| {site} | {len(hits)} | {p:.3f} ± {sd:.3f} | {met if len(rows) >= 20 else met + ' (fewer than 20 datasets)'} |")
+            met = "met" if TARGET[0] <= p <= TARGET[1] and not failed else "not met"
+            lines.append(f"| {site} | {len(hits)} | {p:.3f} ± {sd:.3f} | {met if len(every) >= 20 else met + ' (fewer than 20 datasets)'} |")
         secs = [r["train_seconds"] for r in rows]
         sims = [r["simulations"] for r in rows]
         lines += ["", f"Per fit: {sum(secs) / len(secs):.0f} s on average ({min(secs):.0f}–{max(secs):.0f}), "
