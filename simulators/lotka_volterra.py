@@ -50,7 +50,7 @@ import torch
 import implicitbayes as ib
 from implicitbayes.checks import integer
 from implicitbayes.kernels import AOTKernel
-from implicitbayes.simulate import planned_simulations
+from implicitbayes.simulate import planned_simulations, resolve_device
 
 from .base import Task, generator_for
 
@@ -156,8 +156,9 @@ def build_kernel(*, dt: float = 0.01, record_every: float = 0.2, max_population:
     that every later ``lv_sde`` call with them runs it. Returns the package's path, or ``None``
     where it cannot be built (a warning says why; ``lv_sde`` then runs eagerly). ``make venv``
     builds the defaults'."""
+    _check_policy("freeze", max_population)
     _, per = _grid(record_every, record_every, dt)
-    x = torch.ones(2, device=device, dtype=dtype)
+    x = torch.ones(2, device=resolve_device(device), dtype=dtype)
     constants = {"per": per, "cap": float(max_population)}
     KERNEL.get((x, x, x, x, x, x, torch.zeros(2, device=device, dtype=torch.int64)), constants)
     path = KERNEL.path(x.device, dtype, constants)
