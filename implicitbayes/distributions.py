@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import pyro.distributions as dist
 import pyro.poutine.runtime as pyro_runtime
@@ -21,7 +21,7 @@ from torch.distributions import constraints
 
 from .errors import LIKELIHOOD_FREE_METHODS, IntractableLikelihoodError, SimulatorOutputError
 
-__all__ = ["Implicit", "LogUniform"]
+__all__ = ["Implicit", "LogUniform", "implicit_of"]
 
 
 def _plate_batch_shape() -> torch.Size:
@@ -226,6 +226,19 @@ class Implicit(dist.TorchDistribution):
             f"{', '.join(LIKELIHOOD_FREE_METHODS)} (NRE replaces the site's log-density by a "
             "learned log-ratio, so Pyro's MCMC can run on the model)."
         )
+
+
+def implicit_of(fn: Any, site: str) -> tuple[Implicit, int]:
+    """The ``ib.Implicit`` at a site (itself, or inside ``.to_event``) and the number of batch
+    dims reinterpreted as event dims around it; a ``TypeError`` naming the site otherwise."""
+    reinterpreted = 0
+    while isinstance(fn, dist.Independent):
+        reinterpreted += fn.reinterpreted_batch_ndims
+        fn = fn.base_dist
+    if not isinstance(fn, Implicit):
+        raise TypeError(f"observed: site '{site}' is a {type(fn).__name__}, not an ib.Implicit; a learned "
+                        "likelihood replaces the log-density of an implicit (simulator) site")
+    return fn, reinterpreted
 
 
 _COUNT_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)

@@ -1,5 +1,9 @@
 """Pyro effect handlers for implicit models.
 
+``LearnedLikelihood`` gives observed implicit sites a learned log-density of each draw
+(NLE's flow q(x | η), evaluated at the parameters η the site hands its simulator): inside plates
+it contributes one factor per draw, as any Pyro likelihood does.
+
 ``RatioLikelihood`` replaces the log-density of the observed implicit sites by a learned
 log-ratio r(θ, x) ≈ log p(x | θ) − log p(x): the model then has a tractable unnormalised
 posterior p(θ) exp r(θ, x), so stock Pyro inference (``pyro.infer.NUTS`` / ``MCMC``) runs on
@@ -14,7 +18,9 @@ import pyro.distributions as dist
 import torch
 from pyro.poutine.messenger import Messenger
 
-__all__ = ["RatioLikelihood", "replace_likelihood"]
+from .distributions import implicit_of
+
+__all__ = ["RatioLikelihood", "replace_likelihood", "LearnedLikelihood", "learned_likelihood"]
 
 
 class _FixedLogProb(dist.TorchDistribution):
@@ -88,6 +94,70 @@ def replace_likelihood(model: Callable, log_ratio: Callable, observed: Mapping[s
 
     def wrapped(*args, **kwargs):
         with RatioLikelihood(log_ratio, observed, latent_names):
+            return model(*args, **kwargs)
+
+    return wrapped
+
+
+class _LearnedSite(dist.TorchDistribution):
+    """An implicit site's distribution with a learned log-density: the shapes of the
+    ``ib.Implicit`` it stands for, ``log_prob(value) = log_density(value, implicit, site)``."""
+
+    arg_constraints: dict = {}
+
+    def __init__(self, implicit, log_density: Callable, site: str):
+        self.implicit, self.log_density, self.site = implicit, log_density, site
+        super().__init__(implicit.batch_shape, implicit.event_shape, validate_args=False)
+
+    @property
+    def support(self):
+        return dist.constraints.real
+
+    def log_prob(self, value):
+        return self.log_density(value, self.implicit, self.site)
+
+    def sample(self, sample_shape=torch.Size()):
+        raise NotImplementedError(f"site '{self.site}' is observed with a learned likelihood; it is not simulated here")
+
+
+class LearnedLikelihood(Messenger):
+    """At each observed implicit site, use a learned log-density of its draws.
+
+    Args:
+        log_density: ``f(value, implicit, site) -> tensor of implicit.batch_shape``: the
+            log-density of each draw of the ``ib.Implicit`` ``implicit`` at ``value``,
+            differentiable in the Implicit's parameters.
+        observed: ``{site: value}``; each site must be an ``ib.Implicit`` (or one inside
+            ``.to_event``) whose batch and event shapes ``value`` has.
+    """
+
+    def __init__(self, log_density: Callable, observed: Mapping[str, torch.Tensor]):
+        super().__init__()
+        self.log_density, self.observed = log_density, dict(observed)
+
+    def _pyro_sample(self, msg):
+        name = msg["name"]
+        if name not in self.observed:
+            return
+        implicit, reinterpreted = implicit_of(msg["fn"], name)
+        value = self.observed[name]
+        shape = implicit.batch_shape + implicit.event_shape
+        if tuple(value.shape) != tuple(shape):
+            raise ValueError(f"observed: site '{name}' has shape {tuple(shape)} in this run of the model "
+                             f"(plates {tuple(implicit.batch_shape)}, draws {tuple(implicit.event_shape)}), "
+                             f"got a value of shape {tuple(value.shape)}")
+        fn = _LearnedSite(implicit, self.log_density, name)
+        msg["fn"] = fn.to_event(reinterpreted) if reinterpreted else fn
+        msg["value"] = value
+        msg["is_observed"] = True
+
+
+def learned_likelihood(model: Callable, log_density: Callable, observed: Mapping[str, torch.Tensor]) -> Callable:
+    """``model`` with the sites in ``observed`` given their values and a learned log-density
+    (see :class:`LearnedLikelihood`)."""
+
+    def wrapped(*args, **kwargs):
+        with LearnedLikelihood(log_density, observed):
             return model(*args, **kwargs)
 
     return wrapped

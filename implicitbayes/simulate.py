@@ -48,7 +48,7 @@ from .checks import integer
 from .seeding import seeded
 from .simulation_set import SimulationSet
 
-__all__ = ["simulate", "simulate_at", "run_given", "model_sites", "SiteInfo", "resolve_device", "plate_layout",
+__all__ = ["simulate", "simulate_at", "run_given", "trace_given", "model_sites", "SiteInfo", "resolve_device", "plate_layout",
            "planned_simulations"]
 
 _OUTER_PLATE = "_ib_simulations"
@@ -534,6 +534,23 @@ def run_given(model: Callable, given: Mapping[str, torch.Tensor], returns: Seque
                     tuple(returns), outer_dim, 0, 0, n, seed, str(device))
     out = _run_chunk(job)
     return {s.name: out[s.name].to(device) for s in returns}
+
+
+def trace_given(model: Callable, given: Mapping[str, torch.Tensor], info: Mapping[str, SiteInfo], outer_dim: int, *,
+                model_args: tuple = (), model_kwargs: Mapping[str, Any] | None = None,
+                device: torch.device = torch.device("cpu")) -> poutine.Trace:
+    """The trace of one run of ``model`` vectorized over ``n`` copies (the outer plate at
+    ``outer_dim``, as :func:`simulate` runs it), every site in ``given`` (``{site: (n, *shape)}``)
+    fixed to its values and described by ``info`` (from :func:`model_sites`). With every random
+    site given, no simulator runs: the trace shows what each site's distribution was built from
+    (e.g. the parameters an ``ib.Implicit`` passes its simulator)."""
+    n = {v.shape[0] for v in given.values()}
+    if len(n) != 1:
+        raise ValueError(f"given: every site needs the same leading dimension, got {sorted(n)}")
+    data = {k: plate_layout(torch.as_tensor(v, device=device), outer_dim, info[k].batch_ndim) for k, v in given.items()}
+    with _PROCESS_LOCK, _default_device(device), pyro.plate(_OUTER_PLATE, n.pop(), dim=outer_dim):
+        return poutine.trace(poutine.condition(model, data=data)).get_trace(*tuple(model_args),
+                                                                             **dict(model_kwargs or {}))
 
 
 def simulate_at(model: Callable, latents: Mapping[str, torch.Tensor], *, observed: str | Sequence[str],

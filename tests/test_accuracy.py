@@ -111,6 +111,11 @@ def test_nre_with_nuts_matches_the_correlated_posterior(correlated_data):
     gaussian_check(lambda x, n: post.sample(n, x, seed=1)["theta"], num_samples=2000)
 
 
+def test_nle_with_nuts_matches_the_correlated_posterior(correlated_data):
+    post = ib.NLE(correlated_model, observed="x").fit(correlated_data, seed=0, progress=False)
+    gaussian_check(lambda x, n: post.sample(n, x, seed=1)["theta"], num_samples=2000)
+
+
 def test_abc_matches_the_correlated_posterior():
     def sample(x, n):
         return ib.ABC(correlated_model, observed="x").fit(observation=x, seed=0, progress=False).sample(n, seed=1)["theta"]

@@ -36,7 +36,7 @@ def test_signatures():
     assert sim.parameters["on_error"].default == "raise" and sim.parameters["retries"].default == 0
     imp = inspect.signature(ib.Implicit)
     assert list(imp.parameters)[:4] == ["simulator", "params", "event_shape", "vectorized"]
-    for method in (ib.ImplicitVI, ib.NPE, ib.NRE):
+    for method in (ib.ImplicitVI, ib.NPE, ib.NRE, ib.NLE):
         params = inspect.signature(method).parameters
         assert list(params)[:4] == ["model", "observed", "model_args", "model_kwargs"]
         fit = inspect.signature(method.fit).parameters

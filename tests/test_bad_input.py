@@ -40,6 +40,16 @@ def _posterior():
     return ib.NPE(gaussian_model, observed="x").fit(data, max_steps=5, seed=0, progress=False)
 
 
+def _nle_posterior():
+    data = ib.simulate(gaussian_model, 300, observed="x", seed=0, progress=False)
+    return ib.NLE(gaussian_model, observed="x").fit(data, max_steps=5, seed=0, progress=False)
+
+
+def _normal_observed_model():
+    theta = pyro.sample("theta", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+    return pyro.sample("x", dist.Normal(theta, 1.0).to_event(1))
+
+
 def _other_model_data():
     def other():
         a = pyro.sample("a", dist.Normal(0.0, 1.0))
@@ -156,7 +166,7 @@ CASES = {
                         ValueError, r"linear_residual: expected True, False or 'auto', got 'yes'"),
     "linear-residual-few": (lambda t: lambda: ib.NPE(gaussian_model, observed="x", linear_residual=True).fit(
         ib.simulate(gaussian_model, 20, observed="x", seed=0, progress=False), max_steps=2, progress=False),
-        ValueError, r"linear_residual=True: 20 simulations for a regression on 2 observation numbers; it needs "
+        ValueError, r"linear_residual=True: 20 training rows for a regression on 2 observation numbers; it needs "
                     r"at least 30"),
     "loop-ema": (lambda t: lambda: ib.LFVI(gaussian_model, observed="x", training={"ema": 1.0}), ValueError,
                  r"ema: expected a decay in \(0, 1\) or None, got 1.0"),
@@ -177,6 +187,13 @@ CASES = {
                          r"old\.safetensors: a posterior of format version 1, written before the typed configurations "
                          r"of version 2; .* fit the posterior again"),
     "cli-foreign-dir": (_cli_foreign_dir, SystemExit, r"^2$"),
+    "nle-not-implicit": (lambda t: lambda: ib.NLE(_normal_observed_model, observed="x").fit(
+        ib.simulate(_normal_observed_model, 50, observed="x", seed=0, progress=False), max_steps=2, progress=False),
+        TypeError, r"observed: site 'x' is a Normal, not an ib.Implicit"),
+    "nle-several-sites": (lambda t: lambda: ib.NLE(gaussian_model, observed=["x", "theta"]), ValueError,
+                          r"observed: NLE learns the likelihood of one implicit site, got \['x', 'theta'\]"),
+    "nle-obs-draw-shape": (lambda t: lambda: _nle_posterior().sample(10, torch.zeros(3)), ValueError,
+                           r"observed: site 'x' has shape \(3,\); its draws have shape \(2,\)"),
 }
 
 

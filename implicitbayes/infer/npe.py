@@ -39,7 +39,7 @@ from .objectives import NPELoss
 from .posterior import NeuralConfig, NeuralPosterior, build_network, neural_config_fields, register_posterior
 from .training import TrainConfig, train
 
-__all__ = ["NPE", "NPEPosterior", "NPEConfig"]
+__all__ = ["NPE", "NPEPosterior", "NPEConfig", "linear_residual_wanted", "linear_residual_option"]
 
 
 @dataclass
@@ -60,8 +60,6 @@ class NPEPosterior(NeuralPosterior):
 
     method = "npe"
     Config = NPEConfig
-    RESIDUAL_MAX_SKEW = 0.5  # linear_residual="auto": the residuals' largest |skewness| kept
-    RESIDUAL_MAX_EXCESS_KURTOSIS = 1.0  # ... and largest |excess kurtosis|
 
     def __init__(self, space: ParameterSpace, observed, x_shapes, config: NPEConfig,
                  embedding: nn.Module | None = None, flow: Callable[[int, int], nn.Module] | None = None):
@@ -88,25 +86,19 @@ class NPEPosterior(NeuralPosterior):
 
     @torch.no_grad()
     def fit_residual(self, x: torch.Tensor, u_s: torch.Tensor, auto: bool) -> dict | None:
-        """Fit the linear residual, if there is one, on at most ``LinearResidual.FIT_ROWS`` evenly
-        spread rows of the standardised ``u_s``. With ``auto`` it is kept only where every
-        coordinate's residuals have |skewness| ≤ ``RESIDUAL_MAX_SKEW`` and |excess kurtosis| ≤
-        ``RESIDUAL_MAX_EXCESS_KURTOSIS``, and dropped otherwise (``config.linear_residual``
-        becomes False). Returns the decision and the moments, or None without a residual."""
+        """Fit the linear residual, if there is one (``LinearResidual.fit_checked``). With
+        ``auto`` it is kept only where its residuals look Gaussian, and dropped otherwise
+        (``config.linear_residual`` becomes False). Returns the decision and the moments, or
+        None without a residual."""
         if self.residual is None:
             return None
         rows = torch.arange(0, len(x), -(-len(x) // self.residual.FIT_ROWS))
-        s, u = self.regressors(x[rows.to(x.device)]), u_s[rows.to(u_s.device)]
-        self.residual.fit(s, u)
-        skew, kurt = self.residual.shape_moments(s, u)
-        gaussian = bool((skew.abs() <= self.RESIDUAL_MAX_SKEW).all() and
-                        (kurt.abs() <= self.RESIDUAL_MAX_EXCESS_KURTOSIS).all())
-        keep = gaussian or not auto
+        report = self.residual.fit_checked(self.regressors(x[rows.to(x.device)]), u_s[rows.to(u_s.device)])
+        keep = report["gaussian"] or not auto
         if not keep:
             self.residual = None
             self.config = replace(self.config, linear_residual=False)
-        return {"on": keep, "gaussian": gaussian, "skewness": [round(float(v), 4) for v in skew],
-                "excess_kurtosis": [round(float(v), 4) for v in kurt]}
+        return {"on": keep, **report}
 
     def _sample_unconstrained(self, x, num_samples, generator):
         with seeded(fresh_seed(generator), self.device), short_softmax():
@@ -138,6 +130,36 @@ class NPEPosterior(NeuralPosterior):
         return log_q - self.space.log_abs_det_jacobian(u)
 
 
+LINEAR_MAX_FEATURES = 2048  # the regression's normal equations are (features + 1)² numbers
+LINEAR_ROWS_PER_FEATURE = 10  # at least this many training rows per regression coefficient
+
+
+def linear_residual_wanted(option: bool | str, rows: int, width: int, regressors: str) -> bool:
+    """Whether to fit a linear residual (``option``: True, False or "auto") on ``rows`` training
+    rows with ``width`` regressors (``regressors`` names them in errors): "auto" fits it where
+    the regression is well determined (at most ``LINEAR_MAX_FEATURES`` regressors and
+    ``LINEAR_ROWS_PER_FEATURE`` rows per coefficient; ``LinearResidual.fit_checked`` then keeps it
+    where its residuals look Gaussian); True raises where it is not well determined."""
+    enough = rows >= LINEAR_ROWS_PER_FEATURE * (width + 1)
+    if option == "auto":
+        return width <= LINEAR_MAX_FEATURES and enough
+    if option and width > LINEAR_MAX_FEATURES:
+        raise ValueError(f"linear_residual=True: the {regressors} has {width} numbers, more than the "
+                         f"{LINEAR_MAX_FEATURES} the regression takes; use linear_residual=False or 'auto'")
+    if option and not enough:
+        raise ValueError(f"linear_residual=True: {rows} training rows for a regression on {width} {regressors} "
+                         f"numbers; it needs at least {LINEAR_ROWS_PER_FEATURE * (width + 1)} "
+                         f"({LINEAR_ROWS_PER_FEATURE} per coefficient). Use linear_residual=False or 'auto'")
+    return bool(option)
+
+
+def linear_residual_option(value: Any) -> bool | str:
+    """``linear_residual`` checked: True, False or "auto"."""
+    if not (isinstance(value, bool) or value == "auto"):
+        raise ValueError(f"linear_residual: expected True, False or 'auto', got {value!r}")
+    return value
+
+
 class NPE(NeuralMethod):
     """Neural posterior estimation with a conditional normalizing flow (module docstring).
 
@@ -156,8 +178,6 @@ class NPE(NeuralMethod):
 
     TRAINING = TrainConfig(batch_size=50, lr=5e-4, max_steps=30_000, patience=50)
     SPLINE_INIT = 1e-3
-    LINEAR_MAX_FEATURES = 2048  # the regression's normal equations are (features + 1)² numbers
-    LINEAR_ROWS_PER_FEATURE = 10  # at least this many simulations per regression coefficient
 
     def __init__(self, model: Callable, *, observed: str | Sequence[str], model_args: tuple = (),
                  model_kwargs: Mapping | None = None, flow: str | Callable[[int, int], nn.Module] = "nsf",
@@ -184,26 +204,10 @@ class NPE(NeuralMethod):
             if spline_init is not None and flow != "nsf":
                 raise ValueError(f"spline_init: only flow='nsf' has spline conditioners, got flow={flow!r}")
         self.spline_init = None if spline_init is None else float(spline_init)
-        if not (isinstance(linear_residual, bool) or linear_residual == "auto"):
-            raise ValueError(f"linear_residual: expected True, False or 'auto', got {linear_residual!r}")
-        self.linear_residual = linear_residual
+        self.linear_residual = linear_residual_option(linear_residual)
 
     def _use_residual(self, x_shape) -> bool:
-        """Whether to fit the linear residual on data of shape ``(n, *x_shape)``: "auto" fits it
-        where the regression is well determined (and ``NPEPosterior.fit_residual`` keeps it where
-        its residuals look Gaussian); True raises where it is not well determined."""
-        n, width = x_shape[0], math.prod(x_shape[1:])
-        enough = n >= self.LINEAR_ROWS_PER_FEATURE * (width + 1)
-        if self.linear_residual == "auto":
-            return width <= self.LINEAR_MAX_FEATURES and enough
-        if self.linear_residual and width > self.LINEAR_MAX_FEATURES:
-            raise ValueError(f"linear_residual=True: the observation has {width} numbers, more than the "
-                             f"{self.LINEAR_MAX_FEATURES} the regression takes; use linear_residual=False or 'auto'")
-        if self.linear_residual and not enough:
-            raise ValueError(f"linear_residual=True: {n} simulations for a regression on {width} observation "
-                             f"numbers; it needs at least {self.LINEAR_ROWS_PER_FEATURE * (width + 1)} "
-                             f"({self.LINEAR_ROWS_PER_FEATURE} per coefficient). Use linear_residual=False or 'auto'")
-        return bool(self.linear_residual)
+        return linear_residual_wanted(self.linear_residual, x_shape[0], math.prod(x_shape[1:]), "observation")
 
     def fit(self, data, *, max_steps: int | None = None, time_budget: float | None = None, seed: int | None = None,
             progress: bool = True, checkpoint=None) -> NPEPosterior:

@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-import pyro
 import torch
 from torch import nn
 
@@ -25,6 +24,7 @@ from ..nn import Critic
 from ..seeding import seeded
 from ..space import ParameterSpace
 from .data import split_observed
+from .mcmc import MCMCDiagnostics, SampledByNUTS
 from .method import NeuralMethod, network_builder
 from .objectives import RatioCriticLoss
 from .posterior import NeuralConfig, NeuralPosterior, build_network, neural_config_fields, register_posterior
@@ -45,7 +45,7 @@ class NREConfig(NeuralConfig):
 
 
 @register_posterior
-class NREPosterior(NeuralPosterior):
+class NREPosterior(SampledByNUTS, NeuralPosterior):
     """p(θ) exp r(θ, y), sampled with NUTS on the model; ``log_ratio`` exposes r."""
 
     method = "nre"
@@ -59,7 +59,7 @@ class NREPosterior(NeuralPosterior):
         self.classifier = build_network("classifier", config.classifier == "custom", classifier,
                                         lambda: Critic(d, e, config.hidden, config.layers), d, e)
         self.model, self.model_args, self.model_kwargs = model, (), {}
-        self.chains: dict[str, torch.Tensor] = {}
+        self.mcmc = MCMCDiagnostics()
 
     def log_ratio(self, theta: Mapping[str, torch.Tensor], observed: Any = None) -> torch.Tensor:
         """r(θ, y) for latents ``{site: (n, *shape)}``: ``(n,)``, differentiable in θ."""
@@ -70,40 +70,19 @@ class NREPosterior(NeuralPosterior):
     def sample(self, num_samples: int, observed: Any = None, *, seed: int | None = None, num_chains: int | None = None,
                warmup_steps: int | None = None) -> dict[str, torch.Tensor]:
         """NUTS on the model with the learned likelihood (``num_chains`` chains one after another,
-        ``warmup_steps`` each; defaults from the fit); ``self.chains`` keeps the draws by chain."""
+        ``warmup_steps`` each; defaults from the fit); ``self.chains`` keeps the draws by chain and
+        ``self.diagnostics()`` their R-hat, effective sizes and divergences."""
         return super().sample(num_samples, observed, seed=seed, num_chains=num_chains, warmup_steps=warmup_steps)
 
     def _draw(self, x, num_samples, seed, num_chains=None, warmup_steps=None):
-        if self.model is None:
-            raise ValueError("this NRE posterior has no model to run MCMC on (loaded from a file?): "
-                             "pass ib.load(path, model=...) or call posterior.attach_model(model)")
-        chains = integer("num_chains", num_chains, none=True) or self.config.num_chains
-        warmup = integer("warmup_steps", warmup_steps, none=True) or self.config.warmup
+        self._require_model()
         values = {k: v[0] for k, v in split_observed(x, self.observed, self.x_shapes).items()}
 
         def log_ratio(latents, observed_now):
             return self.log_ratio({k: v[None] for k, v in latents.items()}, observed_now)[0]
 
         conditioned = replace_likelihood(self.model, log_ratio, values, self.space.names)
-        per_chain = -(-num_samples // chains)
-        runs = []
-        # chains run one after another: Pyro's parallel chains need a picklable model
-        with seeded(seed, self.device):
-            for _ in range(chains):
-                mcmc = pyro.infer.MCMC(pyro.infer.NUTS(conditioned), num_samples=per_chain, warmup_steps=warmup,
-                                       disable_progbar=True)
-                mcmc.run(*self.model_args, **self.model_kwargs)
-                runs.append(mcmc.get_samples())
-        self.chains = {k: torch.stack([r[k] for r in runs]) for k in self.space.names}  # (chains, draws, ...)
-        return {k: v.reshape((-1,) + v.shape[2:])[:num_samples] for k, v in self.chains.items()}
-
-    def diagnostics(self) -> dict:
-        """Split R-hat and effective sample size per site of the last ``sample`` run."""
-        if not self.chains:
-            raise ValueError("diagnostics: call sample() first")
-        from pyro.infer.mcmc.util import diagnostics
-
-        return diagnostics(self.chains, group_by_chain=True)
+        return self._nuts(conditioned, num_samples, seed, num_chains, warmup_steps, what="NRE")
 
 
 class NRE(NeuralMethod):

@@ -122,6 +122,14 @@ class Standardize(nn.Module):
         z = torch.where(self.use_asinh, torch.asinh((z - self.center) / self.spread), z)
         return (z - self.loc) / self.scale
 
+    def log_abs_det_jacobian(self, y: torch.Tensor) -> torch.Tensor:
+        """log |d forward(y) / dy| element by element, ``(n, *shape)``: a density of the
+        standardised values becomes one of ``y`` by adding its sum over the features."""
+        z = torch.where(self.use_log, y.clamp_min(1e-30).log(), y)
+        log_d = -torch.where(self.use_log, z, torch.zeros_like(z)) - self.scale.log()
+        a = (z - self.center) / self.spread
+        return log_d + torch.where(self.use_asinh, -self.spread.log() - 0.5 * torch.log1p(a * a), torch.zeros_like(a))
+
     def inverse(self, z: torch.Tensor) -> torch.Tensor:
         """Undo :meth:`forward`."""
         y = z * self.scale + self.loc
@@ -178,6 +186,23 @@ class LinearResidual(nn.Module):
         self.bias.copy_(solution[-1])
         self.scale.copy_((u - self.loc(s)).std(0).clamp_min(self.SCALE_FLOOR))
         return self
+
+    MAX_SKEW = 0.5  # looks Gaussian: every coordinate's residual |skewness| at most this ...
+    MAX_EXCESS_KURTOSIS = 1.0  # ... and |excess kurtosis| at most this
+
+    @torch.no_grad()
+    def fit_checked(self, s: torch.Tensor, u: torch.Tensor) -> dict:
+        """Fit on at most ``FIT_ROWS`` evenly spread rows of ``s`` and ``u`` and report whether the
+        residuals look Gaussian (|skewness| ≤ ``MAX_SKEW`` and |excess kurtosis| ≤
+        ``MAX_EXCESS_KURTOSIS`` on every coordinate, as a homoscedastic linear-Gaussian relation
+        makes them): ``{"gaussian", "skewness", "excess_kurtosis"}``."""
+        rows = torch.arange(0, len(s), -(-len(s) // self.FIT_ROWS))
+        s, u = s[rows.to(s.device)], u[rows.to(u.device)]
+        self.fit(s, u)
+        skew, kurt = self.shape_moments(s, u)
+        gaussian = bool((skew.abs() <= self.MAX_SKEW).all() and (kurt.abs() <= self.MAX_EXCESS_KURTOSIS).all())
+        return {"gaussian": gaussian, "skewness": [round(float(v), 4) for v in skew],
+                "excess_kurtosis": [round(float(v), 4) for v in kurt]}
 
     def forward(self, s: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """The standardised residual (u − A s − b) / σ."""
