@@ -5,7 +5,7 @@ from .diagnostics import to_inference_data
 from .distributions import Implicit, LogUniform
 from .errors import (FormatError, IntractableLikelihoodError, SimulationError, SimulatorOutputError,
                      StoreMismatchError, TrainingError)
-from .infer import ABC, LFVI, NLE, NPE, NRE, ImplicitVI, TrainConfig, load
+from .infer import ABC, LFVI, NLE, NPE, NRE, ImplicitVI, TrainConfig, load, sequential
 from .seeding import seeded
 from .simulate import simulate
 from .simulation_set import SimulationSet
@@ -30,6 +30,7 @@ __all__ = [
     "NRE",
     "NLE",
     "ABC",
+    "sequential",
     "TrainingError",
     "TrainConfig",
     "seeded",

@@ -128,7 +128,7 @@ class LearnedLikelihood(Messenger):
             log-density of each draw of the ``ib.Implicit`` ``implicit`` at ``value``,
             differentiable in the Implicit's parameters.
         observed: ``{site: value}``; each site must be an ``ib.Implicit`` (or one inside
-            ``.to_event``) whose batch and event shapes ``value`` has.
+            ``.to_event``) whose batch and event shapes ``value`` has (or broadcasts to).
     """
 
     def __init__(self, log_density: Callable, observed: Mapping[str, torch.Tensor]):
@@ -142,10 +142,15 @@ class LearnedLikelihood(Messenger):
         implicit, reinterpreted = implicit_of(msg["fn"], name)
         value = self.observed[name]
         shape = implicit.batch_shape + implicit.event_shape
-        if tuple(value.shape) != tuple(shape):
+        try:
+            fits = torch.broadcast_shapes(value.shape, shape) == shape
+        except RuntimeError:
+            fits = False
+        if not fits:
             raise ValueError(f"observed: site '{name}' has shape {tuple(shape)} in this run of the model "
                              f"(plates {tuple(implicit.batch_shape)}, draws {tuple(implicit.event_shape)}), "
                              f"got a value of shape {tuple(value.shape)}")
+        value = value.expand(shape)  # the same data under plates the model is run in (e.g. batches of θ)
         fn = _LearnedSite(implicit, self.log_density, name)
         msg["fn"] = fn.to_event(reinterpreted) if reinterpreted else fn
         msg["value"] = value

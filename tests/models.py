@@ -17,6 +17,16 @@ def gaussian_model():
     return pyro.sample("x", ib.Implicit(gaussian_simulator, theta, event_shape=(2,)))
 
 
+def normal_simulator(theta):
+    return theta + 0.5 * torch.randn_like(theta)
+
+
+def normal_model():
+    """θ ~ N(0, I₂), x ~ N(θ, 0.5² I): p(θ | x) = N(0.8 x, 0.2 I)."""
+    theta = pyro.sample("theta", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+    return pyro.sample("x", ib.Implicit(normal_simulator, theta, event_shape=(2,)))
+
+
 def nan_simulator(theta):
     """NaN output wherever theta[..., 0] > threshold."""
     x = theta + 0.1 * torch.randn_like(theta)

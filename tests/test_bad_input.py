@@ -50,6 +50,13 @@ def _normal_observed_model():
     return pyro.sample("x", dist.Normal(theta, 1.0).to_event(1))
 
 
+def _empty_region_prior():
+    from implicitbayes.infer.sequential import Region, TruncatedPrior
+
+    empty = Region(lambda latents: torch.zeros(len(latents["theta"]), dtype=torch.bool), "empty", 0.0)
+    return TruncatedPrior(gaussian_model, ["x"], empty)
+
+
 def _other_model_data():
     def other():
         a = pyro.sample("a", dist.Normal(0.0, 1.0))
@@ -192,6 +199,17 @@ CASES = {
         TypeError, r"observed: site 'x' is a Normal, not an ib.Implicit"),
     "nle-several-sites": (lambda t: lambda: ib.NLE(gaussian_model, observed=["x", "theta"]), ValueError,
                           r"observed: NLE learns the likelihood of one implicit site, got \['x', 'theta'\]"),
+    "seq-rounds": (lambda t: lambda: ib.sequential(ib.NPE(gaussian_model, observed="x"), observation=torch.zeros(2),
+                                                   num_simulations=100, rounds=0), ValueError,
+                   r"rounds: expected a positive integer, got 0"),
+    "seq-too-few": (lambda t: lambda: ib.sequential(ib.NPE(gaussian_model, observed="x"), observation=torch.zeros(2),
+                                                    num_simulations=3, rounds=5), ValueError,
+                    r"num_simulations: 3 simulations cannot be split over 5 rounds; give at least one per round"),
+    "seq-abc": (lambda t: lambda: ib.sequential(ib.ABC(gaussian_model, observed="x"), observation=torch.zeros(2),
+                                                num_simulations=100), TypeError,
+                r"method: ABC does not run in rounds here; its own sequential scheme is SMC-ABC"),
+    "seq-zero-mass": (lambda t: lambda: _empty_region_prior(), ValueError,
+                      r"the posterior's region \(empty\) has numerically zero prior mass: none of 20000 prior draws"),
     "nle-obs-draw-shape": (lambda t: lambda: _nle_posterior().sample(10, torch.zeros(3)), ValueError,
                            r"observed: site 'x' has shape \(3,\); its draws have shape \(2,\)"),
 }

@@ -9,7 +9,8 @@ from .nle import NLE, NLEPosterior
 from .npe import NPE, NPEPosterior
 from .nre import NRE, NREPosterior
 from .posterior import Posterior, load
+from .sequential import sequential
 from .training import TrainConfig
 
 __all__ = ["Posterior", "load", "ImplicitVI", "ImplicitPosterior", "NPE", "NPEPosterior", "NRE", "NREPosterior", "NLE", "NLEPosterior",
-           "ABC", "ABCPosterior", "LFVI", "LFVIPosterior", "TrainConfig"]
+           "ABC", "ABCPosterior", "LFVI", "LFVIPosterior", "TrainConfig", "sequential"]

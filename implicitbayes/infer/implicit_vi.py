@@ -243,20 +243,24 @@ class ImplicitVI(NeuralMethod):
             num_candidates=self.num_candidates)
 
     def fit(self, data, *, max_steps: int | None = None, time_budget: float | None = None, seed: int | None = None,
-            progress: bool = True, checkpoint=None) -> ImplicitPosterior:
-        """Train on a SimulationSet; returns an :class:`ImplicitPosterior`.
+            progress: bool = True, checkpoint=None, init: ImplicitPosterior | None = None) -> ImplicitPosterior:
+        """Train on a SimulationSet; returns an :class:`ImplicitPosterior`. ``init``: start from
+        that posterior's networks, standardisations and configuration (a warm start).
 
         ``max_steps`` and ``time_budget`` apply to each stage; ``checkpoint`` is a path prefix
         (``<checkpoint>.generator`` and ``<checkpoint>.critic`` are written).
         """
         prep, seed, loop = self._begin(data, max_steps, time_budget, seed)
         critic_loop = self.critic_training.with_fit(max_steps, time_budget)
-        config = self._posterior_config(prep.x.shape, prep.space.unconstrained_dim)
+        config = init.config if init is not None else self._posterior_config(prep.x.shape, prep.space.unconstrained_dim)
         with seeded(seed, self.device):
             post = ImplicitPosterior(prep.space, prep.observed, prep.x_shapes, config, self.embedding, self.generator,
                                      self.critic).to(self.device)
             x = prep.x_on(self.device)
             u_s = post.fit_standardizers(prep.x, prep.u.to(self.device))
+            if init is not None:
+                self._warm_start(post, init)
+                u_s = post.theta_standardize(prep.u.to(self.device))
             summary = {"generator": self._fit_generator(post, x, u_s, loop, seed, progress, checkpoint)}
             if self.correction == "sir":
                 summary.update(self._fit_critic(post, x, u_s, critic_loop, seed, progress, checkpoint))

@@ -49,6 +49,18 @@ class NeuralMethod(Method):
         self.embedding = embedding
         self.training = resolve_training(self.TRAINING, training)
 
+    @staticmethod
+    def _warm_start(post, init) -> None:
+        """Start ``post`` from ``init`` (a posterior this method fitted before, e.g. the previous
+        round of ``ib.sequential``): its weights, standardisations and configuration."""
+        if init is None:
+            return
+        if type(init) is not type(post) or init.space.names != post.space.names or init.x_shapes != post.x_shapes:
+            raise ValueError(f"init: expected a {type(post).__name__} of this model (latents {list(post.space.names)}, "
+                             f"observed {post.x_shapes}), got a {type(init).__name__} of latents "
+                             f"{list(getattr(getattr(init, 'space', None), 'names', []))}")
+        post.load_state_dict(init.state_dict())
+
     def _begin(self, data, max_steps, time_budget, seed) -> tuple[Prepared, int, TrainConfig]:
         """Validate the fit arguments and the data; returns ``(prepared, seed, loop settings)``."""
         loop = self.training.with_fit(max_steps, time_budget)

@@ -250,11 +250,12 @@ class NLE(NeuralMethod):
         return x, params, trial
 
     def fit(self, data, *, max_steps: int | None = None, time_budget: float | None = None, seed: int | None = None,
-            progress: bool = True, checkpoint=None) -> NLEPosterior:
-        """Train on a SimulationSet; returns an :class:`NLEPosterior` (sampled by NUTS)."""
+            progress: bool = True, checkpoint=None, init: NLEPosterior | None = None) -> NLEPosterior:
+        """Train on a SimulationSet; returns an :class:`NLEPosterior` (sampled by NUTS). ``init``:
+        start from that posterior's weights, standardisations and configuration."""
         prep, seed, loop = self._begin(data, max_steps, time_budget, seed)
         x, params, trial = self._draws(data, prep.u.dtype)
-        config = NLEConfig(site=self.observed[0], trial_shape=trial, param_features=params.shape[1], flow=self.flow,
+        config = init.config if init is not None else NLEConfig(site=self.observed[0], trial_shape=trial, param_features=params.shape[1], flow=self.flow,
                            transforms=self.transforms, hidden_features=self.hidden_features,
                            affine_first=self.affine_first, spline_init=self.spline_init,
                            linear_residual=linear_residual_wanted(self.linear_residual, len(x), params.shape[1],
@@ -264,10 +265,11 @@ class NLE(NeuralMethod):
             post = NLEPosterior(prep.space, prep.observed, prep.x_shapes, config).to(self.device)
             post.x_standardize.fit(x)
             post.param_standardize.fit(params)
+            self._warm_start(post, init)
             s = post.x_standardize(x.to(self.device)).reshape(len(x), -1)
             c = params.to(self.device)
             residual = None
-            if post.residual is not None:
+            if post.residual is not None and init is None:
                 residual = {"on": True, **post.residual.fit_checked(post.param_standardize(c), s)}
                 if not residual["gaussian"] and self.linear_residual == "auto":
                     post.residual, residual["on"] = None, False

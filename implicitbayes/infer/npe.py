@@ -210,10 +210,11 @@ class NPE(NeuralMethod):
         return linear_residual_wanted(self.linear_residual, x_shape[0], math.prod(x_shape[1:]), "observation")
 
     def fit(self, data, *, max_steps: int | None = None, time_budget: float | None = None, seed: int | None = None,
-            progress: bool = True, checkpoint=None) -> NPEPosterior:
-        """Train on a SimulationSet; returns an :class:`NPEPosterior`."""
+            progress: bool = True, checkpoint=None, init: NPEPosterior | None = None) -> NPEPosterior:
+        """Train on a SimulationSet; returns an :class:`NPEPosterior`. ``init``: start from that
+        posterior's weights, standardisations and configuration (a warm start)."""
         prep, seed, loop = self._begin(data, max_steps, time_budget, seed)
-        config = NPEConfig(**neural_config_fields(prep.x.shape[1:], self.embedding), flow=self.flow,
+        config = init.config if init is not None else NPEConfig(**neural_config_fields(prep.x.shape[1:], self.embedding), flow=self.flow,
                            transforms=self.transforms, hidden_features=self.hidden_features,
                            affine_first=self.affine_first, spline_init=self.spline_init,
                            linear_residual=self._use_residual(prep.x.shape))
@@ -222,7 +223,9 @@ class NPE(NeuralMethod):
                                 self.flow_builder).to(self.device)
             x = prep.x_on(self.device)
             u_s = post.fit_standardizers(prep.x, prep.u.to(self.device))
-            residual = post.fit_residual(x, u_s, auto=self.linear_residual == "auto")
+            residual = post.fit_residual(x, u_s, auto=self.linear_residual == "auto") if init is None else None
+            self._warm_start(post, init)
+            u_s = post.theta_standardize(prep.u.to(self.device)) if init is not None else u_s
             nll = NPELoss(post)
 
             def step(idx, g):

@@ -110,10 +110,11 @@ class NRE(NeuralMethod):
         self.classifier = network_builder("classifier", classifier, {"hidden": (hidden, 128), "layers": (layers, 3)})
 
     def fit(self, data, *, max_steps: int | None = None, time_budget: float | None = None, seed: int | None = None,
-            progress: bool = True, checkpoint=None) -> NREPosterior:
-        """Train on a SimulationSet; returns an :class:`NREPosterior` (sampled by NUTS)."""
+            progress: bool = True, checkpoint=None, init: NREPosterior | None = None) -> NREPosterior:
+        """Train on a SimulationSet; returns an :class:`NREPosterior` (sampled by NUTS). ``init``:
+        start from that posterior's weights, standardisations and configuration."""
         prep, seed, loop = self._begin(data, max_steps, time_budget, seed)
-        config = NREConfig(**neural_config_fields(prep.x.shape[1:], self.embedding),
+        config = init.config if init is not None else NREConfig(**neural_config_fields(prep.x.shape[1:], self.embedding),
                            classifier="mlp" if self.classifier is None else "custom", hidden=self.hidden,
                            layers=self.layers, num_chains=self.num_chains, warmup=self.warmup)
         with seeded(seed, self.device):
@@ -123,6 +124,9 @@ class NRE(NeuralMethod):
             post.model_args, post.model_kwargs = self.model_args, self.model_kwargs
             x = prep.x_on(self.device)
             u_s = post.fit_standardizers(prep.x, prep.u.to(self.device))
+            if init is not None:
+                self._warm_start(post, init)
+                u_s = post.theta_standardize(prep.u.to(self.device))
             critic_loss = RatioCriticLoss(post.classifier)
 
             def loss(idx, g):  # joint pairs against pairs with θ shuffled within the batch (marginals)

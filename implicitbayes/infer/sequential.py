@@ -1,0 +1,377 @@
+r"""Sequential rounds focused on one observation: truncated-prior rounds (TSNPE; Deistler,
+Goncalves & Macke 2022).
+
+Round 1 simulates from the prior p(θ). After round r the current posterior q_r(θ | x_o) defines a
+region R_r holding all but a fraction ε of its mass (its highest-density region, or for an
+implicit posterior the region its draws cover, below); round r + 1 simulates from the prior
+truncated to it, p̃_r(θ) ∝ p(θ) 1_{R_r}(θ), and the method is trained on all rounds' simulations,
+warm-started from round r.
+
+Why no proposal correction is needed. The simulations of all rounds are draws of
+θ ~ π(θ) = Σ_r w_r p̃_r(θ) = p(θ) Σ_r (w_r / P(R_r)) 1_{R_r}(θ), x ~ p(x | θ), so a method fitted to
+them learns π(θ | x) ∝ p(x | θ) π(θ). Wherever the true posterior p(θ | x_o) has its mass —
+inside every R_r, which is what each region is built to hold — the factor Σ_r (w_r / P(R_r)) 1_{R_r}
+is one constant, so π(θ | x_o) = p(θ | x_o) there: the same posterior at x_o, learned from
+simulations that all land near it. (It is not amortized any more: at other observations the
+answer is biased by the truncation.) The prior restricted to a region is proportional to the prior
+there, which is what makes the rounds exact; a region that cuts posterior mass off biases the
+result by at most that mass, hence ε = 10⁻⁴.
+
+Regions. For NPE, the flow's own density: R = {θ : log q(θ | x_o) ≥ τ}, τ the ε-quantile of
+log q over 20 000 of its draws (in the unconstrained coordinates the flow lives in). For NLE and
+NRE, the unnormalised posterior log p(θ) + log q(x_o | θ) (NLE) or log p(θ) + r(θ, x_o) (NRE)
+with τ its minimum over 2 000 NUTS draws. ImplicitVI has no density; its region is built from
+what it has, its (critic-corrected) draws: R = {θ : min_j ‖s(θ) − s(θ_j)‖ ≤ ρ}, the union of balls
+of radius ρ around M = 4 000 draws θ_j in standardised unconstrained coordinates s, with ρ the
+(1 − ε)-quantile of the distance from 4 000 further draws to their nearest θ_j, times
+``COVER_MARGIN``. By construction a fresh draw of q falls in R with probability ≥ 1 − ε (the
+quantile is taken over draws independent of the centres), so R holds q's mass as the HPD region
+does, and the argument above applies unchanged: nothing in it needs a density, only that R holds
+the posterior's mass. The margin widens the balls against the error of q in its tails.
+
+The truncated prior is a Pyro model (:class:`TruncatedPrior`) that ``ib.simulate`` runs like any
+other — chunked, seeded, on executors, into a store: inside each chunk it draws candidates from
+the model's own prior and keeps those in the region (rejection), then runs the model with the
+latents fixed to them. A ``store`` makes the whole sequence resumable after ``kill -9``: each
+round's simulations are a simulation store, each fit a checkpoint, each finished round's posterior
+a file, so a rerun continues where it stopped and gives the same result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import pyro
+import pyro.poutine as poutine
+import pyro.poutine.runtime as pyro_runtime
+import torch
+
+from ..checks import integer, number
+from ..errors import StoreMismatchError
+from ..io import atomic_write_text
+from ..seeding import resolve_seed, seeded
+from ..simulate import _OUTER_PLATE, model_sites, plate_layout, simulate
+from .data import observed_values
+from .posterior import Posterior, load
+
+__all__ = ["sequential", "TruncatedPrior", "Region", "region_of"]
+
+QUANTILE = 1e-4  # posterior mass a region may leave out (TSNPE's ε)
+DENSITY_DRAWS = 20_000  # draws of a flow posterior that set its region's threshold
+MCMC_DRAWS = 2_000  # NUTS draws of an NLE / NRE posterior that set its region's threshold
+COVER_DRAWS = 4_000  # ImplicitVI: ball centres, and as many more draws to set the radius
+COVER_MARGIN = 1.5  # ImplicitVI: the radius is widened by this factor
+MASS_DRAWS = 20_000  # prior draws that estimate a region's prior mass
+_CANDIDATES = "_ib_region_candidates"
+
+
+class _Fixed(pyro.poutine.messenger.Messenger):
+    """Latent sites take given values (not conditioned: they stay latent sites of the trace)."""
+
+    def __init__(self, values: Mapping[str, torch.Tensor]):
+        super().__init__()
+        self.values = values
+
+    def _pyro_sample(self, msg):
+        if msg["name"] in self.values and not msg["is_observed"]:
+            msg["value"] = self.values[msg["name"]]
+
+
+class PriorDraws:
+    """Draws of the latents from the model's own prior, vectorized, without simulating: the
+    model runs under a plate of candidates with its observed sites given placeholder values.
+    Used inside a model run as well, so it hides itself from the enclosing handlers and puts its
+    plate one dimension left of the simulation plate."""
+
+    def __init__(self, model: Callable, observed, model_args=(), model_kwargs=None):
+        self.model, self.observed = model, list(observed)
+        self.model_args, self.model_kwargs = tuple(model_args), dict(model_kwargs or {})
+        sites, self.outer_dim = model_sites(model, self.observed, self.model_args, self.model_kwargs)
+        self.info = {s.name: s for s in sites}
+        self.latent = [s.name for s in sites if not s.observed]
+
+    def __call__(self, m: int) -> dict[str, torch.Tensor]:
+        dim = self.outer_dim - 1
+        placeholders = {o: plate_layout(torch.zeros((m,) + self.info[o].shape), dim, self.info[o].batch_ndim)
+                        for o in self.observed}
+        with poutine.block(), pyro.plate(_CANDIDATES, m, dim=dim):
+            trace = poutine.trace(poutine.condition(self.model, data=placeholders)).get_trace(
+                *self.model_args, **self.model_kwargs)
+        return {k: trace.nodes[k]["value"].detach().reshape((m,) + self.info[k].shape) for k in self.latent}
+
+
+class Region:
+    """A set of latent values: ``contains(latents {site: (m, *shape)}) -> bool (m,)``, with a
+    description (``kind``, ``threshold``) and its prior mass, estimated when it is made."""
+
+    def __init__(self, contains: Callable[[Mapping[str, torch.Tensor]], torch.Tensor], kind: str, threshold: float):
+        self.contains, self.kind, self.threshold = contains, kind, float(threshold)
+        self.prior_mass: float | None = None
+
+    def estimate_mass(self, prior: PriorDraws, draws: int = MASS_DRAWS) -> float:
+        inside = 0
+        for m in [8192] * (draws // 8192) + ([draws % 8192] if draws % 8192 else []):
+            with torch.no_grad():
+                inside += int(self.contains(prior(m)).sum())
+        if inside == 0:
+            raise ValueError(f"the posterior's region ({self.kind}) has numerically zero prior mass: none of {draws} "
+                             "prior draws lies in it. The observation may be far outside what the model simulates "
+                             "(check it with a prior predictive), or the posterior failed to train")
+        self.prior_mass = inside / draws
+        return self.prior_mass
+
+
+class TruncatedPrior:
+    """The model with its latents drawn from the prior truncated to ``region`` — a Pyro model
+    ``ib.simulate`` runs like the original (by rejection from the prior inside each run)."""
+
+    MAX_TRIES = 200  # candidates per kept draw, in units of 1 / prior mass, before giving up
+
+    def __init__(self, model: Callable, observed, region: Region, model_args=(), model_kwargs=None):
+        self.model, self.region = model, region
+        self.prior = PriorDraws(model, observed, model_args, model_kwargs)
+        if region.prior_mass is None:
+            region.estimate_mass(self.prior)
+
+    def draw(self, n: int) -> dict[str, torch.Tensor]:
+        """``n`` latent draws from the truncated prior: ``{site: (n, *shape)}``."""
+        mass = self.region.prior_mass
+        kept, count, tried = [], 0, 0
+        while count < n:
+            m = min(1 << 16, math.ceil(1.2 * (n - count) / mass) + 16)
+            candidates = self.prior(m)
+            with torch.no_grad():
+                inside = self.region.contains(candidates)
+            kept.append({k: v[inside] for k, v in candidates.items()})
+            count, tried = count + int(inside.sum()), tried + m
+            if count < n and tried > self.MAX_TRIES * n / mass + 100_000:
+                raise ValueError(f"truncated prior: {count} of {tried} prior draws fell in the region, far fewer than "
+                                 f"its estimated prior mass {mass:.3g} promises; the region is too small to sample")
+        return {k: torch.cat([d[k] for d in kept])[:n] for k in kept[0]}
+
+    def __call__(self, *args, **kwargs):
+        frames = [f for f in pyro_runtime.get_plates() if f.name == _OUTER_PLATE]
+        n = frames[0].size if frames else 1
+        values = self.draw(n)
+        info = self.prior.info
+        laid = {k: plate_layout(v, frames[0].dim, info[k].batch_ndim) if frames else v[0] for k, v in values.items()}
+        with _Fixed(laid):
+            return self.model(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------- regions
+def _density_region(log_density: Callable[[Mapping[str, torch.Tensor]], torch.Tensor],
+                    draws: Mapping[str, torch.Tensor], quantile: float, kind: str) -> Region:
+    with torch.no_grad():
+        values = torch.cat([log_density({k: v[i] for k, v in draws.items()})
+                            for i in torch.arange(len(next(iter(draws.values())))).split(4096)])
+    finite = values[torch.isfinite(values)]
+    threshold = float(torch.quantile(finite.double(), quantile)) if len(finite) else -math.inf
+
+    def contains(latents):
+        return log_density(latents) >= threshold
+
+    return Region(contains, kind, threshold)
+
+
+def _rows_log_prob(trace, m: int) -> torch.Tensor:
+    """Σ of every sample site's log-density per candidate, from a trace under the candidate plate."""
+    total = torch.zeros(m)
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or name.startswith("_ib_") or site["infer"].get("_deterministic", False):
+            continue
+        lp = site["fn"].log_prob(site["value"])
+        total = total + lp.reshape(m, -1).sum(1) if lp.numel() % m == 0 and lp.numel() >= m else total + lp.sum()
+    return total
+
+
+def _log_joint(model: Callable, prior: PriorDraws) -> Callable[[Mapping[str, torch.Tensor]], torch.Tensor]:
+    """log of ``model``'s joint density at given latents (its observed sites handled by ``model``
+    itself, e.g. with a learned likelihood), one number per row."""
+
+    def log_joint(latents):
+        m = len(next(iter(latents.values())))
+        dim = prior.outer_dim - 1
+        laid = {k: plate_layout(v, dim, prior.info[k].batch_ndim) for k, v in latents.items()}
+        with poutine.block(), pyro.plate(_CANDIDATES, m, dim=dim):
+            trace = poutine.trace(poutine.condition(model, data=laid)).get_trace(*prior.model_args, **prior.model_kwargs)
+        return _rows_log_prob(trace, m)
+
+    return log_joint
+
+
+def region_of(posterior: Posterior, observation: Any, prior: PriorDraws, *, quantile: float = QUANTILE,
+              seed: int = 0) -> Region:
+    """The region of ``posterior`` at ``observation`` that holds all but ``quantile`` of its mass
+    (module docstring), with its prior mass estimated."""
+    from .implicit_vi import ImplicitPosterior
+    from .nle import NLEPosterior
+    from .npe import NPEPosterior
+    from .nre import NREPosterior
+
+    space = posterior.space
+    if isinstance(posterior, NPEPosterior):
+        x = posterior._observation(observation)
+
+        def log_q(latents):
+            u_s = posterior.theta_standardize(space.to_unconstrained(latents))
+            return posterior.distribution(x).log_prob(u_s)
+
+        draws = posterior.sample(DENSITY_DRAWS, observation, seed=seed)
+        region = _density_region(log_q, draws, quantile, "highest-density region of the flow")
+    elif isinstance(posterior, (NLEPosterior, NREPosterior)):
+        draws = posterior.sample(MCMC_DRAWS, observation, seed=seed)
+        if isinstance(posterior, NLEPosterior):
+            log_joint = _log_joint(posterior.condition(prior.model, posterior._observation(observation)), prior)
+        else:
+            prior_only = _log_joint(_without_observed(prior.model, prior.observed), prior)
+
+            def log_joint(latents):
+                return prior_only(latents) + posterior.log_ratio(latents, observation)
+        # a few thousand MCMC draws cannot resolve a 10⁻⁴ quantile: the threshold is their minimum
+        region = _density_region(log_joint, draws, 0.0, "highest-density region of the unnormalised posterior")
+    elif isinstance(posterior, ImplicitPosterior):
+        region = _cover_region(posterior, observation, quantile, seed)
+    else:
+        raise TypeError(f"method: {type(posterior).__name__} has no region to truncate the prior to")
+    with seeded(seed + 1, torch.device("cpu")):  # the mass sets the rejection batches: it must repeat
+        region.estimate_mass(prior)
+    return region
+
+
+def _without_observed(model: Callable, observed) -> Callable:
+    """``model`` whose observed sites contribute nothing (the prior part of the joint)."""
+    from ..handlers import replace_likelihood
+
+    return replace_likelihood(model, lambda latents, obs: torch.zeros(()), {o: torch.zeros(()) for o in observed}, [])
+
+
+def _cover_region(posterior, observation, quantile: float, seed: int) -> Region:
+    space = posterior.space
+    draws = posterior.sample(2 * COVER_DRAWS, observation, seed=seed)
+    s = posterior.theta_standardize(space.to_unconstrained(draws))
+    centres, probes = s[:COVER_DRAWS], s[COVER_DRAWS:]
+    nearest = torch.cdist(probes, centres).min(1).values
+    radius = COVER_MARGIN * float(torch.quantile(nearest.double(), 1 - quantile))
+
+    def contains(latents):
+        z = posterior.theta_standardize(space.to_unconstrained(latents))
+        return torch.cat([torch.cdist(z[i], centres).min(1).values for i in torch.arange(len(z)).split(4096)]) <= radius
+
+    return Region(contains, "union of balls around the posterior's draws", radius)
+
+
+# ----------------------------------------------------------------------------- driver
+def _round_seeds(seed: int, r: int) -> tuple[int, int, int]:
+    state = np.random.SeedSequence([seed, r]).generate_state(6, np.uint32).view(np.uint64) >> 2
+    return int(state[0]), int(state[1]), int(state[2])
+
+
+def sequential(method, *, observation: Any, num_simulations: int, rounds: int = 5, seed: int | None = None,
+               store=None, progress: bool = True, quantile: float = QUANTILE) -> Posterior:
+    """A posterior focused on ``observation``, trained on ``rounds`` rounds of simulations from
+    the prior truncated to the previous round's posterior region (module docstring).
+
+    ``method`` is a configured method (``ib.NPE(model, observed="x")``; NLE, NRE and ImplicitVI
+    too). ``num_simulations`` are split evenly over the rounds (the first takes the remainder).
+    The returned posterior samples at ``observation`` by default (``.sample(n)``) and records
+    each round in ``.rounds`` (simulations, the region's prior mass, seconds). ``store``: a
+    directory that makes the run resumable (module docstring). ``quantile``: the posterior mass a
+    region may leave out."""
+    from .abc import ABC
+    from .lfvi import LFVI
+
+    if isinstance(method, ABC):
+        raise TypeError("method: ABC does not run in rounds here; its own sequential scheme is SMC-ABC: "
+                        "ib.ABC(model, observed=..., algorithm='smc').fit(observation=...)")
+    if isinstance(method, LFVI) or not hasattr(method, "fit") or "init" not in _fit_parameters(method):
+        raise TypeError(f"method: expected a configured ib.NPE, ib.NLE, ib.NRE or ib.ImplicitVI, got "
+                        f"{type(method).__name__}")
+    rounds = integer("rounds", rounds)
+    num_simulations = integer("num_simulations", num_simulations)
+    if num_simulations < rounds:
+        raise ValueError(f"num_simulations: {num_simulations} simulations cannot be split over {rounds} rounds; "
+                         "give at least one per round")
+    number("quantile", quantile, low=0.0, high=1.0, what="a fraction in (0, 1)")
+    seed = resolve_seed(seed)
+    sites, _ = model_sites(method.model, method.observed, method.model_args, method.model_kwargs)
+    shapes = {s.name: s.shape for s in sites if s.observed}
+    values = observed_values(observation, method.observed, shapes, torch.device("cpu"), torch.get_default_dtype())
+    budgets = [num_simulations // rounds + (num_simulations % rounds if r == 0 else 0) for r in range(rounds)]
+    directory = _open_store(store, method, values, num_simulations, rounds, seed, quantile)
+    prior = PriorDraws(method.model, method.observed, method.model_args, method.model_kwargs)
+
+    data, posterior, record = None, None, []
+    for r in range(rounds):
+        t0 = time.perf_counter()
+        sim_seed, fit_seed, region_seed = _round_seeds(seed, r)
+        region = None
+        if posterior is not None:
+            region = region_of(posterior, values, prior, quantile=quantile, seed=region_seed)
+        model = method.model if region is None else TruncatedPrior(method.model, method.observed, region,
+                                                                    method.model_args, method.model_kwargs)
+        part = simulate(model, budgets[r], observed=method.observed, model_args=method.model_args,
+                        model_kwargs=method.model_kwargs, seed=sim_seed, progress=progress,
+                        store=None if directory is None else directory / f"round-{r + 1}")
+        data = part if data is None else data.extend(part)
+        saved = None if directory is None else directory / f"round-{r + 1}.posterior.safetensors"
+        if saved is not None and saved.exists():
+            posterior = _load_round(saved, method)
+        else:
+            checkpoint = None if directory is None else directory / f"round-{r + 1}.checkpoint"
+            posterior = method.fit(data, seed=fit_seed, progress=progress, checkpoint=checkpoint, init=posterior)
+            if saved is not None:
+                posterior.save(saved)
+        record.append({"round": r + 1, "simulations": len(part), "total_simulations": len(data),
+                       "prior_mass": 1.0 if region is None else region.prior_mass,
+                       "region": None if region is None else {"kind": region.kind, "threshold": region.threshold},
+                       "seconds": time.perf_counter() - t0})
+    posterior.rounds = record
+    posterior.training_summary["rounds"] = record
+    return posterior.set_default_observed(values)
+
+
+def _fit_parameters(method) -> set[str]:
+    return set(inspect.signature(method.fit).parameters)
+
+
+def _open_store(store, method, values, num_simulations, rounds, seed, quantile) -> Path | None:
+    if store is None:
+        return None
+    directory = Path(store)
+    digest = hashlib.sha256(b"".join(v.numpy().tobytes() for v in values.values())).hexdigest()[:16]
+    manifest = {"kind": "implicitbayes.Sequential", "version": 1, "method": type(method).__name__,
+                "num_simulations": num_simulations, "rounds": rounds, "seed": seed, "quantile": quantile,
+                "observation": digest}
+    path = directory / "sequential.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        differ = {k: (old.get(k), v) for k, v in manifest.items() if old.get(k) != v}
+        if differ:
+            raise StoreMismatchError(f"store: {directory} holds a sequential run with other settings "
+                                     f"(stored, asked): {differ}; use another directory")
+    else:
+        if directory.exists() and any(directory.iterdir()):
+            raise ValueError(f"store: {directory} is a non-empty directory that is not a sequential run's store")
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(manifest, indent=1))
+    return directory
+
+
+def _load_round(path: Path, method) -> Posterior:
+    """A finished round's posterior, read back with the method's custom networks (if any)."""
+    modules = {}
+    for name, attr in (("embedding", "embedding"), ("flow", "flow_builder"), ("classifier", "classifier"),
+                       ("generator", "generator"), ("critic", "critic")):
+        value = getattr(method, attr, None)
+        if value is not None and not isinstance(value, str):
+            modules[name] = value
+    post = load(path, model=method.model, model_args=method.model_args, model_kwargs=method.model_kwargs, **modules)
+    return post.to(method.device)
