@@ -5,7 +5,7 @@
   observations (largest mean error over the 10 coordinates within 0.22 posterior sd, spread within
   0.3, where a 0.3-sd shift scores 0.3 and a 1.5× variance 0.41). Measured: 0.19 / 0.12 and
   0.14 / 0.20; amortized NPE on the same 3 000 simulations 0.13–0.19 / 0.11–0.20.
-- Regions hold the posterior: over 30 parameters drawn from the prior and their simulations, the
+- Regions hold the posterior: over 20 parameters drawn from the prior and their simulations, the
   region of an amortized NPE (and of ImplicitVI's draws) at the simulation never cuts the true
   parameter, and leaves out less than 0.2 % of fresh posterior draws (10⁻⁴ by construction, plus
   the noise of 20 000 draws); the same check with regions that leave out a large part of the mass
@@ -45,7 +45,7 @@ def test_sequential_npe_matches_the_gaussian_linear_posterior():
 
 @pytest.fixture(scope="module")
 def pairs():
-    return ib.simulate(model, 30, observed="x", seed=123, progress=False)
+    return ib.simulate(model, 20, observed="x", seed=123, progress=False)
 
 
 @pytest.fixture(scope="module")
