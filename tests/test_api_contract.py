@@ -47,6 +47,9 @@ def test_signatures():
         fit = inspect.signature(method.fit).parameters
         assert list(fit)[:2] == ["self", "data"] and fit["data"].default is None
         assert {"observation", "max_steps", "time_budget", "seed", "progress", "checkpoint"} <= set(fit)
+    seq = inspect.signature(ib.sequential).parameters
+    assert list(seq)[:7] == ["method", "observation", "num_simulations", "rounds", "seed", "store", "progress"]
+    assert seq["rounds"].default == 5 and seq["progress"].default is True and seq["seed"].default is None
     tid = inspect.signature(ib.to_inference_data).parameters
     assert list(tid)[:2] == ["posterior", "observed"] and tid["num_samples"].default == 1000
     assert tid["posterior_predictive"].default is True and tid["num_samples"].kind is inspect.Parameter.KEYWORD_ONLY
