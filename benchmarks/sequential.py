@@ -175,16 +175,22 @@ def write_table(results: dict, path: Path) -> None:
             continue
         summary = per_seed(rows)
         lines += [f"## {title}", "", "| task | simulations | method | observations | C2ST mean | per seed | "
-                  "vs peer (same seeds) | seconds per run |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "vs peer (same seeds and observations) | seconds per run |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for (task, budget, method), s in sorted(summary.items(), key=lambda kv: (kv[0][0], kv[0][1],
                                                                                METHODS.index(kv[0][2]))):
-            peer = summary.get((task, budget, PEER.get(method, "")))
             against = "—"
-            if peer:
-                common = sorted(set(s["c2st"]) & set(peer["c2st"]))
-                if common:
-                    a, b = [s["c2st"][k] for k in common], [peer["c2st"][k] for k in common]
-                    against = f"{statistics.fmean(a) - statistics.fmean(b):+.3f} {verdict(a, b)} ({PEER[method]})"
+            if PEER.get(method):
+                mine = [r for r in rows if (r["task"], r["budget"], r["method"]) == (task, budget, method)]
+                theirs = [r for r in rows if (r["task"], r["budget"], r["method"]) == (task, budget, PEER[method])]
+                shared = {(r["seed"], r["observation"]) for r in mine} & {(r["seed"], r["observation"]) for r in theirs}
+                if shared:
+                    a, b = (per_seed([r for r in part if (r["seed"], r["observation"]) in shared])[
+                        (task, budget, m)]["c2st"] for part, m in ((mine, method), (theirs, PEER[method])))
+                    seeds = sorted(a)
+                    a, b = [a[k] for k in seeds], [b[k] for k in seeds]
+                    against = (f"{statistics.fmean(a) - statistics.fmean(b):+.3f} {verdict(a, b)} ({PEER[method]}, "
+                               f"{len(shared)} cells)")
             values = list(s["c2st"].values())
             lines.append(f"| {task} | {budget} | {method} | {','.join(map(str, s['observations']))} | "
                          f"{statistics.fmean(values):.3f} | "
