@@ -15,12 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shlex
 import sys
 import time
 from pathlib import Path
 
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -28,7 +26,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import implicitbayes as ib  # noqa: E402
 import simulators  # noqa: E402
-from provenance import (add_store_arguments, committed_code_state, key, locked_results, parse_range,  # noqa: E402
+from provenance import (add_store_arguments, command_line, committed_code_state, key, locked_results, parse_range,  # noqa: E402
                         results_path, store, tensors_hash, versions)
 
 SITES = ("mu", "sigma", "log_theta")
@@ -60,7 +58,7 @@ def run(args, path: Path) -> None:
     existing = json.loads(path.read_text())["runs"] if path.exists() else []
     done = {(r["dataset"], r["options"]) for r in existing if r["setup"] == setup and not r["code"]["dirty"]}
     task = simulators.get("lotka_volterra_population")
-    command = "OMP_NUM_THREADS=1 python benchmarks/lfvi_coverage.py " + shlex.join(sys.argv[1:])
+    command = command_line("benchmarks/lfvi_coverage.py")
     for i in parse_range(args.datasets):
         if (i, args.options) in done:
             continue

@@ -8,7 +8,9 @@ import fcntl
 import hashlib
 import json
 import platform
+import shlex
 import subprocess
+import sys
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -85,6 +87,21 @@ def add_store_arguments(parser) -> None:
                         help="run with uncommitted library changes (rows marked dirty, never reused)")
     parser.add_argument("--table", action="store_true", help="only rewrite the markdown table from the JSON")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+
+
+def command_line(script: str) -> str:
+    """The command a row records: this run's arguments less ``--out`` (where the results went is
+    not part of how they were made)."""
+    args, kept = sys.argv[1:], []
+    skip = False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == "--out":
+            skip = True
+        elif not a.startswith("--out="):
+            kept.append(a)
+    return f"OMP_NUM_THREADS=1 python {script} " + shlex.join(kept)
 
 
 def results_path(args, name: str) -> Path:

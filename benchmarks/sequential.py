@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
 import sys
 import time
@@ -35,7 +34,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import implicitbayes as ib  # noqa: E402
 import simulators  # noqa: E402
-from provenance import (add_store_arguments, committed_code_state, key, locked_results, parse_range,  # noqa: E402
+from provenance import (add_store_arguments, command_line, committed_code_state, key, locked_results, parse_range,  # noqa: E402
                         results_path, store, versions)
 from sbibm_suite import sbibm_c2st, verdict  # noqa: E402
 
@@ -127,7 +126,7 @@ def main() -> None:
     c2st = sbibm_c2st()
     existing = json.loads(path.read_text())["runs"] if path.exists() else []
     done = {(*row_identity(r), r["setup"]) for r in existing if not r["code"]["dirty"]}
-    command = "OMP_NUM_THREADS=1 python benchmarks/sequential.py " + shlex.join(sys.argv[1:])
+    command = command_line("benchmarks/sequential.py")
     for seed in seeds:
         for name in tasks:
             task = simulators.get(name)
