@@ -34,6 +34,7 @@ _BUILTIN = {
     "lotka_volterra_ode": "simulators.sbibm_tasks:LotkaVolterraODE",
     "hierarchical_gaussian": "simulators.hierarchical:HierarchicalGaussian",
     "lotka_volterra_population": "simulators.hierarchical:LotkaVolterraPopulation",
+    "hare_lynx": "simulators.hare_lynx:HareLynx",
 }
 
 

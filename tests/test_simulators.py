@@ -18,7 +18,7 @@ from simulators.sbibm_tasks import SIR, GaussianLinear, LotkaVolterraODE
 
 DESIGN_NAMES = ["two_moons", "gaussian_linear", "gaussian_linear_uniform", "slcp", "gaussian_mixture",
                 "bernoulli_glm", "sir", "g_and_k", "lotka_volterra_sde", "lotka_volterra_mjp",
-                "lotka_volterra_ode", "hierarchical_gaussian", "lotka_volterra_population"]
+                "lotka_volterra_ode", "hierarchical_gaussian", "lotka_volterra_population", "hare_lynx"]
 SBIBM_NO_JULIA = ["two_moons", "gaussian_linear", "gaussian_linear_uniform", "slcp", "gaussian_mixture",
                   "bernoulli_glm"]
 SBIBM_FILES = SBIBM_NO_JULIA + ["sir", "lotka_volterra_ode"]

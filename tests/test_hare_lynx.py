@@ -1,0 +1,108 @@
+"""The real-data task ``hare_lynx``: the shipped table, the prior, the ODE solve, the simulator's
+noise, and the shipped NUTS reference against the Stan case study's published posterior."""
+
+import math
+
+import numpy as np
+import pytest
+import scipy.integrate
+import scipy.stats
+import torch
+
+import simulators
+from simulators.hare_lynx import HareLynxPrior
+
+POSTERIOR_MEAN = torch.tensor([0.55, 0.028, 0.80, 0.024, 33.9, 5.9, 0.25, 0.25])
+HARE = [30.0, 47.2, 70.2, 77.4, 36.3, 20.6, 18.1, 21.4, 22.0, 25.4, 27.1, 40.3, 57.0, 76.6, 52.3, 19.5, 11.2,
+        7.6, 14.6, 16.2, 24.7]
+LYNX = [4.0, 6.1, 9.8, 35.2, 59.4, 41.7, 19.0, 13.0, 8.3, 9.1, 7.4, 8.0, 12.3, 19.5, 45.7, 51.1, 29.7, 15.8,
+        9.7, 10.1, 8.6]
+
+
+@pytest.fixture(scope="module")
+def task():
+    return simulators.get("hare_lynx")
+
+
+def test_the_table_is_the_hudson_bay_series_hare_first(task):
+    y = task.observation(1)
+    assert y.shape == (21, 2) and task.num_observations == 1
+    assert torch.equal(y, torch.tensor([HARE, LYNX]).T)
+    assert task.true_parameters(1) is None
+    with pytest.raises(ValueError, match="1..1"):
+        task.observation(2)
+
+
+def test_prior_is_the_case_studys(task):
+    """log_prob equals scipy's truncated normals and log-normals; draws match them (KS)."""
+    prior = task.prior
+    theta = prior.sample((4000,))
+    assert theta.shape == (4000, 8) and (theta > 0).all()
+    marginals = [scipy.stats.truncnorm(-1 / 0.5, np.inf, loc=1, scale=0.5),
+                 scipy.stats.truncnorm(-1, np.inf, loc=0.05, scale=0.05)] * 2 + \
+        [scipy.stats.lognorm(s=1, scale=10.0)] * 2 + [scipy.stats.lognorm(s=1, scale=math.exp(-1))] * 2
+    expected = sum(m.logpdf(theta[:50, i].double().numpy()) for i, m in enumerate(marginals))
+    np.testing.assert_allclose(prior.log_prob(theta[:50]).double().numpy(), expected, rtol=1e-4, atol=1e-4)
+    pvalues = [scipy.stats.kstest(theta[:, i].numpy(), m.cdf).pvalue for i, m in enumerate(marginals)]
+    assert min(pvalues) * 8 > 1e-3, pvalues
+    assert prior.log_prob(torch.tensor([-0.1, 0.05, 1, 0.05, 10, 10, 0.3, 0.3])) == -math.inf
+    assert isinstance(prior, HareLynxPrior)
+
+
+def test_populations_solve_the_lotka_volterra_ode(task):
+    """The fixed-step solve against scipy's adaptive one at tight tolerance, at the posterior mean."""
+    a, b, c, d, u0, v0 = POSTERIOR_MEAN[:6].double().tolist()
+    sol = scipy.integrate.solve_ivp(lambda t, s: [(a - b * s[1]) * s[0], (-c + d * s[0]) * s[1]], (0, 20), [u0, v0],
+                                    t_eval=np.arange(21.0), rtol=1e-10, atol=1e-10)
+    ours = task.populations(POSTERIOR_MEAN[None])[0].numpy()
+    np.testing.assert_allclose(ours, sol.y.T, rtol=1e-4)
+
+
+def test_simulator_noise_is_lognormal_with_one_scale_per_species(task):
+    theta = POSTERIOR_MEAN.repeat(4000, 1)
+    theta[:, 7] = 0.5  # the lynx scale differs from the hare's
+    x = task.simulate(theta, seed=1)
+    assert torch.equal(x, task.simulate(theta, seed=1)) and not torch.equal(x, task.simulate(theta, seed=2))
+    resid = (x.double().log() - task.populations(theta[:1]).log()) / torch.tensor([0.25, 0.5], dtype=torch.float64)
+    for species in range(2):
+        r = resid[:, :, species].reshape(-1).numpy()
+        assert scipy.stats.kstest(r, "norm").pvalue > 1e-3
+
+
+def test_prior_simulations_are_almost_all_finite(task):
+    """Only far-tail parameters outgrow float32 (the rows ib.simulate drops and reports)."""
+    x = task.simulate(task.prior.sample((5000,)), seed=0)
+    assert torch.isfinite(x.reshape(5000, -1)).all(1).float().mean() > 0.99
+
+
+def test_likelihood_model_is_the_simulators_density(task):
+    """The written-out likelihood is the density the simulator draws from: at fixed parameters,
+    its log-density of simulated tables equals the log-normal one computed here, and the data's
+    log-likelihood is highest near the case study's posterior mean."""
+    import pyro
+
+    def log_lik(theta):
+        trace = pyro.poutine.trace(pyro.poutine.condition(task.likelihood_model, {"theta": theta})).get_trace(y)
+        trace.compute_log_prob()
+        return float(trace.nodes["x"]["log_prob_sum"])
+
+    y = task.observation(1)
+    z = task.populations(POSTERIOR_MEAN[None])[0]
+    sd = POSTERIOR_MEAN[6:8].double()
+    expected = scipy.stats.norm(z.log().numpy(), sd.numpy()).logpdf(y.double().log().numpy()).sum() - y.double().log().sum()
+    assert log_lik(POSTERIOR_MEAN) == pytest.approx(float(expected), rel=1e-6)
+    worse = POSTERIOR_MEAN.clone()
+    worse[0] *= 1.3
+    assert log_lik(worse) < log_lik(POSTERIOR_MEAN) - 10
+
+
+def test_reference_posterior_agrees_with_the_case_study(task):
+    """The shipped NUTS draws: 10 000 of them, each mean within 0.5 published sd of the case
+    study's, each sd within 30 % of its."""
+    ref = task.reference_samples(1)
+    assert ref.shape == (10_000, 8) and torch.isfinite(ref).all()
+    published_sd = torch.tensor([0.07, 0.004, 0.10, 0.004, 2.9, 0.5, 0.04, 0.05])
+    off = (ref.mean(0) - POSTERIOR_MEAN) / published_sd
+    assert off.abs().max() < 0.5, off
+    ratio = ref.std(0) / published_sd
+    assert ((ratio > 0.7) & (ratio < 1.3)).all(), ratio
