@@ -87,33 +87,120 @@ def _cmd_simulate(args) -> int:
     return 0
 
 
-METHODS = {"implicit-vi": "ImplicitVI", "npe": "NPE", "nre": "NRE", "lfvi": "LFVI", "abc": "ABC"}
+METHODS = {"implicit-vi": "ImplicitVI", "npe": "NPE", "nre": "NRE", "nle": "NLE", "lfvi": "LFVI", "abc": "ABC"}
+# `run`'s settings where neither the command line nor the task (its ``run_defaults``) sets them
+RUN_DEFAULTS = {"method": "implicit-vi", "simulations": 10_000, "rounds": 1, "num_samples": 1000}
 _RUN_MARKER = "run.json"
 _OWN = ("run.json", "store", "checkpoint", "checkpoint.generator", "checkpoint.critic", "posterior.safetensors",
-        "inference_data.nc", "pair.png", "ppc.png", "sbc.png", "coverage.png", "training.png", "summary.txt")
+        "inference_data.nc", "pair.png", "ppc.png", "sbc.png", "coverage.png", "training.png", "summary.txt",
+        "sequential", "reference.json")
 
 
-def _read_data_file(path: str, shape: tuple[int, ...]):
+def _read_data_file(path: str, shape: tuple[int, ...], site: str):
+    """The observation of ``site`` from a CSV (numbers; a header line and ``#`` comments allowed)
+    or a ``.npy`` file, checked against the site's shape and for NaN or inf."""
     import numpy as np
     import torch
 
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"--data: no file {path!r}")
-    try:
-        values = np.loadtxt(p, delimiter=",", ndmin=1, dtype=float)
-    except ValueError:
+    if p.suffix == ".npy":
         try:
-            values = np.loadtxt(p, delimiter=",", ndmin=1, dtype=float, skiprows=1)  # a header line
+            values = np.load(p, allow_pickle=False)
         except ValueError as e:
-            raise ValueError(f"--data: {path} is not a CSV of numbers: {e}") from e
+            raise ValueError(f"--data: {path} is not a .npy array of numbers: {e}") from e
+        if not np.issubdtype(values.dtype, np.number) or np.issubdtype(values.dtype, np.complexfloating):
+            raise ValueError(f"--data: {path} holds {values.dtype} values, expected real numbers")
+        values = values.astype(float)
+    else:
+        try:
+            values = np.loadtxt(p, delimiter=",", ndmin=1, dtype=float)
+        except ValueError:
+            try:
+                values = np.loadtxt(p, delimiter=",", ndmin=1, dtype=float, skiprows=1)  # a header line
+            except ValueError as e:
+                raise ValueError(f"--data: {path} is not a CSV of numbers: {e}") from e
     size = int(np.prod(shape)) if shape else 1
     if values.size != size:
-        raise ValueError(f"--data: {path} holds {values.size} numbers (shape {values.shape}), but the simulator's "
-                         f"observation has shape {tuple(shape)} ({size} numbers)")
+        raise ValueError(f"--data: {path} holds {values.size} numbers (shape {values.shape}), but the observed site "
+                         f"{site!r} has shape {tuple(shape)} ({size} numbers)")
     if not np.isfinite(values).all():
         raise ValueError(f"--data: {path} contains NaN or inf")
     return torch.as_tensor(values.reshape(shape), dtype=torch.get_default_dtype())
+
+
+def _load_model(target: str):
+    """``path/to/file.py:function`` or ``module:function`` → the function (a Pyro model)."""
+    import importlib.util
+    from importlib import import_module
+
+    where, _, name = target.rpartition(":")
+    if not where or not all(part.isidentifier() for part in name.split(".")):
+        raise ValueError(f"TARGET: expected a simulator name, FILE.py:FUNCTION or MODULE:FUNCTION, got {target!r}")
+    if where.endswith(".py") or os.sep in where or "/" in where:
+        path = Path(where)
+        if not path.is_file():
+            raise FileNotFoundError(f"TARGET: no file {where!r}")
+        spec = importlib.util.spec_from_file_location(f"implicitbayes_user_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        loader = spec.loader.exec_module
+    else:
+        module, loader = None, None
+    try:
+        if loader is not None:
+            sys.modules[spec.name] = module  # so that what the file defines can be found by name (pickling)
+            loader(module)
+        else:
+            module = import_module(where)
+    except ModuleNotFoundError as e:
+        raise ValueError(f"TARGET: cannot import {where!r}: {e}") from e
+    except Exception as e:  # the user's file itself fails
+        raise ValueError(f"TARGET: importing {where!r} failed: {type(e).__name__}: {e}") from e
+    obj = module
+    for part in name.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"TARGET: {where!r} has no function {name!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"TARGET: {target!r} is a {type(obj).__name__}, not a function (a Pyro model)")
+    return obj
+
+
+def _model_site(model, target: str, observed: str | None) -> tuple[str, tuple[int, ...]]:
+    """Run the model once (one prior predictive draw) and find the observed site and its shape:
+    ``observed`` if given, else the model's one ``ib.Implicit`` site."""
+    import pyro
+
+    from implicitbayes.distributions import implicit_of
+
+    try:
+        with pyro.poutine.block():
+            trace = pyro.poutine.trace(model).get_trace()
+    except Exception as e:
+        raise ValueError(f"TARGET: running {target!r} as a Pyro model without arguments failed: "
+                         f"{type(e).__name__}: {e}") from e
+    sites = [n for n, s in trace.nodes.items() if s["type"] == "sample" and not s["is_observed"]]
+    if not sites:
+        raise ValueError(f"TARGET: {target!r} is not a Pyro model: it draws no pyro.sample sites")
+    def is_implicit(name: str) -> bool:
+        try:
+            implicit_of(trace.nodes[name]["fn"], name)
+        except TypeError:
+            return False
+        return True
+
+    implicit = [n for n in sites if is_implicit(n)]
+    if observed is None:
+        if len(implicit) != 1:
+            raise ValueError(f"--observed: name the observed site of {target!r}; its ib.Implicit sites are "
+                             f"{implicit or 'none'} and its sample sites {sites}")
+        observed = implicit[0]
+    elif observed not in sites:
+        raise ValueError(f"--observed: {target!r} has no sample site {observed!r}; its sample sites are {sites}")
+    if len(sites) == 1:
+        raise ValueError(f"TARGET: {target!r} has no latent site besides the observed {observed!r}: nothing to infer")
+    return observed, tuple(trace.nodes[observed]["value"].shape)
 
 
 def _prepare_out(out: Path, config: dict, force: bool) -> None:
@@ -146,7 +233,114 @@ def _prepare_out(out: Path, config: dict, force: bool) -> None:
     marker.write_text(json.dumps(config, indent=1))
 
 
+def _resolve_run(args):
+    """TARGET and the options that depend on it → (task or None, model, observed sites, observed
+    value, true parameters or None, label). Every check runs before anything is written."""
+    import simulators
+
+    sim_options = _options(args.option)
+    if ":" not in args.simulator:
+        task = simulators.get(args.simulator, **sim_options)
+        model, observed = task.model, list(task.observed)
+        if args.observed is not None and args.observed != observed[0]:
+            raise ValueError(f"--observed: {args.simulator} observes {observed}, not {args.observed!r}")
+        shape = tuple(task.x_shape)
+        defaults = {**RUN_DEFAULTS, **getattr(task, "run_defaults", {})}
+    else:
+        if sim_options:
+            raise ValueError("--option: simulator options apply to registered simulators; a model given as "
+                             f"{args.simulator!r} takes none")
+        if args.observation is not None:
+            raise ValueError(f"--observation: {args.simulator!r} has no stored observations; pass the data with --data")
+        if args.data is None:
+            raise ValueError(f"--data: a model given as FILE.py:FUNCTION or MODULE:FUNCTION ({args.simulator!r}) "
+                             "has no stored observations; pass its data with --data (CSV or .npy)")
+        task, model = None, _load_model(args.simulator)
+        site, shape = _model_site(model, args.simulator, args.observed)
+        observed, defaults = [site], dict(RUN_DEFAULTS)
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.method not in METHODS:
+        raise ValueError(f"--method: expected one of {', '.join(METHODS)}, got {args.method!r}")
+    for name in ("simulations", "rounds", "num_samples"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
+    if args.rounds > 1:
+        for name in ("max_steps", "time_budget"):
+            if getattr(args, name) is not None:
+                raise ValueError(f"--{name.replace('_', '-')}: applies to one fit; with --rounds {args.rounds} set "
+                                 f"it for every round with --method-option training={{'{name}': ...}}")
+        if args.executor not in (None, "local"):
+            raise ValueError(f"--executor: --rounds {args.rounds} simulates each round in this process; run "
+                             "amortized (--rounds 1) to simulate on an executor")
+    if args.data is not None:
+        x_obs, truth, label = _read_data_file(args.data, shape, observed[0]), None, f"data {args.data}"
+    else:
+        k = args.observation or 1
+        x_obs, label = task.observation(k), f"observation {k}"
+        truth = task.true_parameters(k)
+        truth = None if truth is None else truth if isinstance(truth, dict) else {"theta": truth}
+    if args.out is None:
+        where, _, name = args.simulator.rpartition(":")
+        slug = f"{Path(where).stem}-{name}" if where else args.simulator
+        args.out = f"results/{slug}-{args.method}"
+    return task, model, observed, x_obs, truth, label
+
+
+def _reference_lines(task, draws: dict, reference, seed: int) -> tuple[list[str], dict]:
+    """Our posterior against the task's reference draws: per-parameter mean and sd, and C2ST."""
+    import torch
+
+    from implicitbayes.diagnostics import c2st
+
+    ours = torch.cat([v.reshape(v.shape[0], -1) for v in draws.values()], 1).float()
+    reference = torch.as_tensor(reference).float()
+    names = list(getattr(task, "parameter_names", None) or [f"theta[{i}]" for i in range(ours.shape[1])])
+    rows = {}
+    for i, name in enumerate(names):
+        m, sd = float(reference[:, i].mean()), float(reference[:, i].std())
+        rows[name] = {"reference_mean": m, "reference_sd": sd, "mean": float(ours[:, i].mean()),
+                      "sd": float(ours[:, i].std()), "mean_off_in_reference_sd": float((ours[:, i].mean() - m) / sd),
+                      "sd_ratio": float(ours[:, i].std() / sd)}
+    n = min(len(ours), len(reference))
+    pick = torch.randperm(len(reference), generator=torch.Generator().manual_seed(seed))[:n]
+    score = c2st(ours[:n], reference[pick], seed=seed)
+    lines = [f"against the reference posterior ({len(reference)} draws; C2ST {score:.3f} on {n} draws each, "
+             "0.5 = indistinguishable):",
+             f"{'parameter':12s} {'mean':>10s} {'ref mean':>10s} {'off/ref sd':>10s} {'sd':>10s} {'ref sd':>10s} "
+             f"{'sd ratio':>8s}"]
+    for name, r in rows.items():
+        lines.append(f"{name:12s} {r['mean']:10.4g} {r['reference_mean']:10.4g} {r['mean_off_in_reference_sd']:+10.2f} "
+                     f"{r['sd']:10.3g} {r['reference_sd']:10.3g} {r['sd_ratio']:8.2f}")
+    return lines, {"c2st": score, "draws": n, "parameters": rows}
+
+
+def _misspecification_line(post, obs: dict, simulations, method: str, seed: int) -> str:
+    """The summary's line on ``ib.diagnostics.misspecification`` of the observation against the
+    run's simulations from the prior predictive (amortized: all of them; rounds: round 1's)."""
+    import implicitbayes as ib
+
+    if not hasattr(post, "context"):
+        return f"misspecification check: not available for {method} (its posterior has no summary network)"
+    if simulations is None:
+        return "misspecification check: not available (no simulations from the prior predictive in this run)"
+    if not isinstance(simulations, ib.SimulationSet):
+        simulations = ib.SimulationSet.load(simulations)
+    if len(simulations) < 200:
+        return f"misspecification check: skipped, {len(simulations)} simulations from the prior are too few (200)"
+    n_ref = min(1000, len(simulations) // 2)
+    n_null = min(1000, len(simulations) - n_ref)
+    r = ib.diagnostics.misspecification(post, obs, simulations, num_reference=n_ref, num_null=n_null, seed=seed)
+    verdict = ("LIKELY MISSPECIFIED: the observation is unlike the model's simulations, so the posterior may mean "
+               "little; check the model" if r["p_value"] < 0.01 else "the observation looks like the model's simulations")
+    return (f"misspecification check (MMD in the posterior's summary space, {n_ref} simulations against a null of "
+            f"{n_null} more): statistic {r['statistic']:.3g}, p = {r['p_value']:.3g}; {verdict}")
+
+
 def _cmd_run(args) -> int:
+
+    import json
 
     import matplotlib
 
@@ -156,57 +350,53 @@ def _cmd_run(args) -> int:
     import torch
 
     import implicitbayes as ib
-    import simulators
     from implicitbayes.diagnostics import plots
     from implicitbayes.simulate import resolve_device
 
     t_start = time.perf_counter()
-    if args.method not in METHODS:
-        raise ValueError(f"--method: expected one of {', '.join(METHODS)}, got {args.method!r}")
-    if args.simulations < 1:
-        raise ValueError(f"--simulations: expected a positive integer, got {args.simulations}")
     device = resolve_device(args.device)
+    task, model, observed, x_obs, truth, label = _resolve_run(args)
     sim_options, method_options = _options(args.option), _options(args.method_option)
-    task = simulators.get(args.simulator, **sim_options)
-    observed = list(task.observed)
-    shapes = {"x": tuple(task.x_shape)}
-    if args.data is not None:
-        x_obs, truth, label = _read_data_file(args.data, shapes[observed[0]]), None, f"data {args.data}"
-    else:
-        k = args.observation or 1
-        x_obs, label = task.observation(k), f"observation {k}"
-        truth = task.true_parameters(k)
-        truth = truth if isinstance(truth, dict) else {"theta": truth}
     out = Path(args.out)
     config = {"simulator": args.simulator, "simulator_options": sim_options, "method": args.method,
-              "method_options": method_options, "simulations": args.simulations, "seed": args.seed,
+              "method_options": method_options, "simulations": args.simulations, "rounds": args.rounds,
+              "seed": args.seed, "observed": observed,
               "observation": args.observation if args.data is None else None,
               "data": str(Path(args.data).resolve()) if args.data else None}
     _prepare_out(out, config, args.force)
-    method = getattr(ib, METHODS[args.method])(task.model, observed=observed, device=device, **method_options)
-    amortized = args.method in ("implicit-vi", "npe", "nre")
+    method = getattr(ib, METHODS[args.method])(model, observed=observed, device=device, **method_options)
+    amortized = args.method in ("implicit-vi", "npe", "nre") and args.rounds == 1
     post_path = out / "posterior.safetensors"
     data = None
-    if args.method != "lfvi":
+    if args.method != "lfvi" and args.rounds == 1:
         executor, close = _executor(args.executor)
         try:
             print(f"simulating {args.simulations} × {args.simulator} into {out / 'store'} (resumable)")
-            data = ib.simulate(task.model, args.simulations, observed=observed, seed=args.seed, device=device,
+            data = ib.simulate(model, args.simulations, observed=observed, seed=args.seed, device=device,
                                executor=executor, store=out / "store", progress=not args.quiet)
         finally:
             close()
     if post_path.exists():
         print(f"loading the trained posterior from {post_path}")
-        post = ib.load(post_path, device=device, model=task.model)
+        post = ib.load(post_path, device=device, model=model)
     else:
-        print(f"training {METHODS[args.method]} (checkpoints in {out}; Ctrl-C and re-run to resume)")
         fit = dict(seed=args.seed, progress=not args.quiet, max_steps=args.max_steps, time_budget=args.time_budget)
-        if amortized:
-            post = method.fit(data, checkpoint=str(out / "checkpoint"), **fit)
-        elif args.method == "lfvi":
-            post = method.fit(observation=x_obs, checkpoint=str(out / "checkpoint"), **fit)
+        if args.rounds > 1:
+            print(f"focused on the {label}: {METHODS[args.method]} in {args.rounds} rounds, {args.simulations} "
+                  f"simulations in all (resumable store {out / 'sequential'})")
+            post = ib.sequential(method, observation={observed[0]: x_obs}, num_simulations=args.simulations,
+                                 rounds=args.rounds, seed=args.seed, store=out / "sequential", progress=not args.quiet)
+            for r, info in enumerate(post.rounds, 1):
+                print(f"  round {r}: {info['simulations']} simulations, region prior mass {info['prior_mass']:.3g}, "
+                      f"{info['seconds']:.0f} s")
         else:
-            post = method.fit(data, observation=x_obs, **fit)
+            print(f"training {METHODS[args.method]} (checkpoints in {out}; Ctrl-C and re-run to resume)")
+            if args.method in ("implicit-vi", "npe", "nre", "nle"):
+                post = method.fit(data, checkpoint=str(out / "checkpoint"), **fit)
+            elif args.method == "lfvi":
+                post = method.fit(observation=x_obs, checkpoint=str(out / "checkpoint"), **fit)
+            else:
+                post = method.fit(data, observation=x_obs, **fit)
         post.save(post_path)
         if any("history" in (v if isinstance(v, dict) else {}) for v in [post.training_summary,
                                                                          *post.training_summary.values()]):
@@ -232,17 +422,22 @@ def _cmd_run(args) -> int:
     else:
         pred = torch.as_tensor(idata.posterior_predictive[observed[0]].values)
         pred = pred.reshape((-1,) + tuple(x_obs.shape))
-        fig = plots.plot_ppc_series(x_obs.reshape(1, -1), pred.reshape(pred.shape[0], 1, -1), names=[observed[0]])
+        if x_obs.dim() == 2 and x_obs.shape[1] <= 4:  # a table: one series per column
+            names = getattr(task, "series_names", None) or [f"{observed[0]}[:, {c}]" for c in range(x_obs.shape[1])]
+            fig = plots.plot_ppc_series(x_obs.T, pred.transpose(1, 2), times=getattr(task, "record_times", None),
+                                        names=names)
+        else:
+            fig = plots.plot_ppc_series(x_obs.reshape(1, -1), pred.reshape(pred.shape[0], 1, -1), names=[observed[0]])
     fig.savefig(out / "ppc.png", dpi=100)
     plt.close("all")
     if args.sbc:
         if not amortized:
-            print("--sbc: skipped; SBC needs an amortized posterior (implicit-vi, npe, nre)")
+            print("--sbc: skipped; SBC needs an amortized posterior (implicit-vi, npe, nre with --rounds 1)")
         else:
             from implicitbayes.diagnostics import coverage_from_draws, sbc_ranks
             from implicitbayes.diagnostics.calibration import calibration_draws
 
-            theta, cal, names = calibration_draws(post, task.model, observed=observed, num_datasets=args.sbc,
+            theta, cal, names = calibration_draws(post, model, observed=observed, num_datasets=args.sbc,
                                                   num_samples=99, seed=args.seed + 7, progress=not args.quiet)
             result = sbc_ranks(theta, cal, names=names)
             result.plot().savefig(out / "sbc.png", dpi=100)
@@ -251,7 +446,8 @@ def _cmd_run(args) -> int:
             print(f"SBC over {args.sbc} datasets: Bonferroni p = {result.p_value:.3g} "
                   f"({'passed' if result.passed else 'FAILED'}); plots sbc.png, coverage.png")
     summary = az.summary(idata, kind="stats", hdi_prob=0.95)
-    lines = [f"{args.simulator}, {label}: {METHODS[args.method]} on {args.simulations} simulations, "
+    how = f"{args.rounds} rounds of " if args.rounds > 1 else ""
+    lines = [f"{args.simulator}, {label}: {METHODS[args.method]} on {how}{args.simulations} simulations, "
              f"{args.num_samples} posterior draws", summary.to_string()]
     if truth is not None:
         inside, total = 0, 0
@@ -262,13 +458,21 @@ def _cmd_run(args) -> int:
             inside += int(((v >= lo) & (v <= hi)).sum())
             total += v.numel()
         lines.append(f"true parameters inside the central 95 % intervals: {inside}/{total}")
-    lines.append(f"wall time {time.perf_counter() - t_start:.1f} s; outputs in {out}: posterior.safetensors, "
-                 "inference_data.nc, pair.png, ppc.png" + (", sbc.png, coverage.png" if args.sbc and amortized else ""))
+    lines.append(_misspecification_line(post, obs, data if args.rounds == 1 else out / "sequential" / "round-1",
+                                        METHODS[args.method], args.seed))
+    reference = task.reference_samples(args.observation or 1) if task is not None and args.data is None else None
+    written = ["posterior.safetensors", "inference_data.nc", "pair.png", "ppc.png"]
+    if reference is not None:
+        more, record = _reference_lines(task, draws, reference, args.seed)
+        lines += more
+        (out / "reference.json").write_text(json.dumps(record, indent=1) + "\n")
+        written.append("reference.json")
+    written += ["sbc.png", "coverage.png"] if args.sbc and amortized else []
+    lines.append(f"wall time {time.perf_counter() - t_start:.1f} s; outputs in {out}: {', '.join(written)}")
     text = "\n".join(lines)
     (out / "summary.txt").write_text(text + "\n")
     print(text)
     return 0
-
 
 
 def _cmd_demo(args) -> int:
@@ -327,18 +531,27 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--option", action="append", metavar="KEY=VALUE", help="simulator option, repeatable")
     s.set_defaults(func=_cmd_simulate)
     r = sub.add_parser("run", help="simulate, train, and write posterior, ArviZ data and plots (resumable)")
-    r.add_argument("simulator", help="a registered simulator (see `implicitbayes list`)")
-    r.add_argument("--method", default="implicit-vi", help="implicit-vi | npe | nre | lfvi | abc (default implicit-vi)")
-    r.add_argument("-n", "--simulations", type=int, default=10_000)
+    r.add_argument("simulator", metavar="TARGET", help="a registered simulator (see `implicitbayes list`), or your "
+                   "own Pyro model as path/to/file.py:function or module:function (with --data)")
+    r.add_argument("--method", default=None, help="implicit-vi | npe | nre | nle | lfvi | abc (default: the "
+                   "simulator's, else implicit-vi)")
+    r.add_argument("-n", "--simulations", type=int, default=None, help="simulations in all (default: the "
+                   "simulator's, else 10000)")
+    r.add_argument("--rounds", type=int, default=None, help="1: amortized; R > 1: R rounds focused on the "
+                   "observation (ib.sequential; default: the simulator's, else 1)")
+    r.add_argument("--observed", default=None, help="the observed site of your own model (default: its one "
+                   "ib.Implicit site)")
     g = r.add_mutually_exclusive_group()
     g.add_argument("--observation", type=int, default=None, help="the simulator's observation K (default 1)")
-    g.add_argument("--data", default=None, help="a CSV file with the observation (its numbers, in the site's shape)")
+    g.add_argument("--data", default=None, help="a CSV or .npy file with the observation (its numbers, in the "
+                   "site's shape)")
     r.add_argument("--device", default=None, help="cpu | cuda[:i]")
     r.add_argument("--executor", default="local", help="local | processes[=N] | dask[=ADDRESS], for simulation")
-    r.add_argument("--out", default=None, help="run directory (default results/<simulator>-<method>); re-running "
+    r.add_argument("--out", default=None, help="run directory (default results/<target>-<method>); re-running "
                    "with the same one resumes")
     r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--num-samples", type=int, default=1000, help="posterior draws written and summarised")
+    r.add_argument("--num-samples", type=int, default=None, help="posterior draws written and summarised "
+                   "(default: the simulator's, else 1000)")
     r.add_argument("--max-steps", type=int, default=None)
     r.add_argument("--time-budget", type=float, default=None, help="seconds of training at most")
     r.add_argument("--sbc", type=int, nargs="?", const=100, default=0, metavar="DATASETS",
@@ -358,8 +571,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if getattr(args, "command", None) == "run" and args.out is None:
-        args.out = f"results/{args.simulator}-{args.method}"
     try:
         return args.func(args)
     except (ValueError, TypeError, OSError) as e:

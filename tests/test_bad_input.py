@@ -103,6 +103,31 @@ def _corrupt_file(tmp_path):
     return lambda: ib.SimulationSet.load(tmp_path / "d.safetensors")
 
 
+def _cli_run(*argv, data=None):
+    """``implicitbayes run ARGV`` (with ``data`` saved as ``--data``): raises SystemExit with the
+    exit status and the error printed, and checks that nothing was written."""
+    import contextlib
+    import io
+
+    import numpy as np
+
+    from implicitbayes.cli import main
+
+    def factory(tmp_path):
+        def run():
+            extra = []
+            if data is not None:
+                np.save(tmp_path / "data.npy", np.asarray(data))
+                extra = ["--data", str(tmp_path / "data.npy")]
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):
+                code = main(["run", *argv, *extra, "--quiet", "--out", str(tmp_path / "out")])
+            assert not (tmp_path / "out").exists()
+            raise SystemExit(f"{code}: {err.getvalue()}")
+        return run
+    return factory
+
+
 def _cli_foreign_dir(tmp_path):
     from implicitbayes.cli import main
 
@@ -194,6 +219,15 @@ CASES = {
                          r"old\.safetensors: a posterior of format version 1, written before the typed configurations "
                          r"of version 2; .* fit the posterior again"),
     "cli-foreign-dir": (_cli_foreign_dir, SystemExit, r"^2$"),
+    "cli-model-missing": (_cli_run("tests/models.py:no_model", data=[0.0, 0.0]), SystemExit,
+                          r"^2: .*TARGET: 'tests/models.py' has no function 'no_model'"),
+    "cli-not-a-model": (_cli_run("tests/models.py:normal_simulator", data=[0.0, 0.0]), SystemExit,
+                        r"^2: .*TARGET: running 'tests/models.py:normal_simulator' as a Pyro model without arguments "
+                        r"failed"),
+    "cli-data-shape": (_cli_run("tests/models.py:normal_model", data=[0.0, 0.0, 0.0]), SystemExit,
+                       r"^2: .*holds 3 numbers \(shape \(3,\)\), but the observed site 'x' has shape \(2,\)"),
+    "cli-data-nan": (_cli_run("tests/models.py:normal_model", data=[0.0, float("nan")]), SystemExit,
+                     r"^2: .*contains NaN or inf"),
     "nle-not-implicit": (lambda t: lambda: ib.NLE(_normal_observed_model, observed="x").fit(
         ib.simulate(_normal_observed_model, 50, observed="x", seed=0, progress=False), max_steps=2, progress=False),
         TypeError, r"observed: site 'x' is a Normal, not an ib.Implicit"),

@@ -109,3 +109,79 @@ def test_run_errors_are_messages(tmp_path, capsys):
         assert "CUDA is not available" in capsys.readouterr().err
     assert main([*RUN, "--executor", "dask=tcp://127.0.0.1:9", "--out", str(tmp_path / "w")]) == 2
     assert "no Dask scheduler answers" in capsys.readouterr().err
+
+
+# -- your own model from the command line -------------------------------------------------------
+OWN = ["run", "tests/models.py:normal_model", "--method", "npe", "-n", "2000", "--max-steps", "600", "--quiet",
+       "--num-samples", "2000"]
+
+
+def test_run_your_own_model_from_a_file_with_npy_and_csv_data(tmp_path, capsys):
+    """θ ~ N(0, I₂), x ~ N(θ, 0.5² I): the posterior N(0.8 x, 0.2 I) from FILE.py:FUNCTION, the
+    observed site found by itself (the model's one ib.Implicit site)."""
+    import arviz as az
+    import numpy as np
+
+    x = np.array([1.0, -0.5])
+    np.save(tmp_path / "x.npy", x)
+    out = tmp_path / "own"
+    assert main([*OWN, "--data", str(tmp_path / "x.npy"), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "normal_model" in text and "the observation looks like the model's simulations" in text
+    draws = torch.as_tensor(az.from_netcdf(str(out / "inference_data.nc")).posterior["theta"].values).reshape(-1, 2)
+    assert torch.allclose(draws.mean(0), 0.8 * torch.as_tensor(x, dtype=torch.float32), atol=0.1)
+    assert torch.allclose(draws.std(0), torch.full((2,), 0.2 ** 0.5), rtol=0.2)
+    csv = tmp_path / "x.csv"
+    csv.write_text("x0,x1\n1.0,-0.5\n")
+    assert main([*OWN[:2], "--observed", "x", *OWN[2:], "--data", str(csv), "--out", str(tmp_path / "own2")]) == 0
+    assert (tmp_path / "own2" / "posterior.safetensors").exists()
+    capsys.readouterr()
+    np.save(tmp_path / "far.npy", np.array([9.0, -9.0]))  # 8 sd of the prior predictive out
+    assert main([*OWN, "--data", str(tmp_path / "far.npy"), "--out", str(tmp_path / "far")]) == 0
+    assert "LIKELY MISSPECIFIED" in capsys.readouterr().out
+
+
+def test_run_your_own_model_by_module_name(tmp_path):
+    np = __import__("numpy")
+    np.save(tmp_path / "x.npy", np.zeros(2))
+    assert main(["run", "tests.models:normal_model", *OWN[2:], "--max-steps", "50", "--data", str(tmp_path / "x.npy"),
+                 "--out", str(tmp_path / "m")]) == 0
+
+
+def test_run_your_own_model_bad_input_is_a_message_and_writes_nothing(tmp_path, capsys):
+    import numpy as np
+
+    good = tmp_path / "x.npy"
+    np.save(good, np.zeros(2))
+    nan = tmp_path / "nan.npy"
+    np.save(nan, np.array([0.0, np.nan]))
+    wrong = tmp_path / "wrong.npy"
+    np.save(wrong, np.zeros((3, 2)))
+    words = tmp_path / "words.csv"
+    words.write_text("a,b\nc,d\n")
+    not_a_model = tmp_path / "plain.py"
+    not_a_model.write_text("VALUE = 3\n\ndef nothing():\n    return 1\n")
+    cases = [
+        (["tests/nothere.py:model", "--data", str(good)], "no file 'tests/nothere.py'"),
+        (["tests/models.py:nope", "--data", str(good)], "has no function 'nope'"),
+        (["no_such_module_xyz:model", "--data", str(good)], "cannot import 'no_such_module_xyz'"),
+        ([f"{not_a_model}:VALUE", "--data", str(good)], "not a function"),
+        ([f"{not_a_model}:nothing", "--data", str(good)], "draws no pyro.sample sites"),
+        (["tests/models.py:normal_simulator", "--data", str(good)], "without arguments failed"),
+        (["tests/models.py:normal_model", "--observed", "y", "--data", str(good)], "no sample site 'y'"),
+        (["tests/models.py:normal_model"], "pass its data with --data"),
+        (["tests/models.py:normal_model", "--data", str(wrong)], "holds 6 numbers (shape (3, 2)), but the observed site 'x' has shape (2,)"),
+        (["tests/models.py:normal_model", "--data", str(nan)], "NaN or inf"),
+        (["tests/models.py:normal_model", "--data", str(words)], "not a CSV of numbers"),
+        (["tests/models.py:normal_model", "--data", str(good), "--observation", "2"], "not allowed with"),
+    ]
+    for i, (argv, message) in enumerate(cases):
+        out = tmp_path / f"out{i}"
+        code = None
+        try:
+            code = main(["run", *argv, "--quiet", "--out", str(out)])
+        except SystemExit as e:  # argparse's own refusals
+            code = e.code
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and "Traceback" not in err, (argv, err)
+        assert not out.exists(), argv

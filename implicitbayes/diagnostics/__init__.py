@@ -4,8 +4,9 @@ checks, ArviZ conversion and plots. ArviZ and matplotlib are imported only when 
 from .calibration import CoverageResult, SBCResult, coverage_from_draws, expected_coverage, sbc, sbc_ranks
 from .inference_data import ppc, to_inference_data
 from .metrics import c2st, mmd
+from .misspecification import misspecification
 from .plots import plot_coverage, plot_pair, plot_ppc_series, plot_sbc, plot_training
 
-__all__ = ["c2st", "mmd", "sbc", "sbc_ranks", "SBCResult", "expected_coverage", "coverage_from_draws",
+__all__ = ["c2st", "mmd", "misspecification", "sbc", "sbc_ranks", "SBCResult", "expected_coverage", "coverage_from_draws",
            "CoverageResult", "ppc", "to_inference_data", "plot_sbc", "plot_coverage", "plot_ppc_series",
            "plot_training", "plot_pair"]

@@ -1,0 +1,127 @@
+"""Real data: ``implicitbayes run hare_lynx`` against the NUTS reference, for the default settings
+and the other methods beside them.
+
+Each row is one run of the command (``implicitbayes.cli.main``, as a user types it) in a fresh
+directory: its wall time, and from its ``reference.json`` the C2ST against the reference draws
+and each parameter's posterior mean (offset in reference sds) and sd (ratio to the reference's).
+The target (a run meets it or not): with at most 2·10⁴ simulations, every mean within 0.3
+reference sd and every sd within 25 % of the reference's, in at most 10 minutes on 2 CPU cores.
+
+    python benchmarks/hare_lynx.py                      # the default run, seed 0
+    python benchmarks/hare_lynx.py --configs default,npe_amortized,implicit_vi --seeds 0,1
+    python benchmarks/hare_lynx.py --table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from provenance import (add_store_arguments, command_line, committed_code_state, key, locked_results,  # noqa: E402
+                        parse_range, results_path, store, versions)
+
+# the command line of each configuration after `implicitbayes run hare_lynx`
+CONFIGS = {
+    "default": [],
+    "npe_amortized": ["--method", "npe", "--rounds", "1"],
+    "implicit_vi": ["--method", "implicit-vi"],
+    "implicit_vi_amortized": ["--method", "implicit-vi", "--rounds", "1"],
+    "nle": ["--method", "nle"],
+}
+MEAN_TOLERANCE, SD_TOLERANCE, SECONDS, SIMULATIONS = 0.3, 0.25, 600, 20_000
+
+
+def run_one(config: str, seed: int) -> dict:
+    from implicitbayes.cli import main as cli
+
+    with tempfile.TemporaryDirectory() as tmp:
+        argv = ["run", "hare_lynx", *CONFIGS[config], "--seed", str(seed), "--quiet", "--out", f"{tmp}/run"]
+        t0 = time.perf_counter()
+        code = cli(argv)
+        seconds = time.perf_counter() - t0
+        if code != 0:
+            raise SystemExit(f"{' '.join(argv)} exited with {code}")
+        record = json.loads(Path(tmp, "run", "reference.json").read_text())
+        settings = json.loads(Path(tmp, "run", "run.json").read_text())
+        summary = Path(tmp, "run", "summary.txt").read_text()
+    params = record["parameters"]
+    worst_mean = max(abs(p["mean_off_in_reference_sd"]) for p in params.values())
+    worst_sd = max(abs(p["sd_ratio"] - 1) for p in params.values())
+    met = (worst_mean <= MEAN_TOLERANCE and worst_sd <= SD_TOLERANCE and seconds <= SECONDS
+           and settings["simulations"] <= SIMULATIONS)
+    misspecification = next((line for line in summary.splitlines() if line.startswith("misspecification")), None)
+    return {"config": config, "seed": seed, "argv": argv[:-2], "settings": settings, "seconds": seconds,
+            "c2st": record["c2st"], "worst_mean_off": worst_mean, "worst_sd_error": worst_sd, "met": met,
+            "parameters": params, "misspecification": misspecification}
+
+
+def write_table(results: dict, path: Path) -> None:
+    runs = sorted(results["runs"], key=lambda r: (list(CONFIGS).index(r["config"]), r["seed"]))
+    lines = ["# Real data: hare and lynx, likelihood-free against NUTS", "",
+             "Produced by `benchmarks/hare_lynx.py` (its docstring gives the protocol); the commands:", "",
+             *[f"    {c}" for c in sorted({r['command'] for r in runs})], "",
+             f"Target: at most {SIMULATIONS} simulations, every posterior mean within {MEAN_TOLERANCE} reference sd, "
+             f"every sd within {int(SD_TOLERANCE * 100)} % of the reference's, at most {SECONDS // 60} minutes on "
+             "2 CPU cores. The reference: `benchmarks/results/hare_lynx_reference.json`.", "",
+             "| configuration | command | simulations | rounds | seed | seconds | C2ST | worst mean offset (ref sd) "
+             "| worst sd error | target |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in runs:
+        s = r["settings"]
+        lines.append(f"| {r['config']} | `implicitbayes {' '.join(r['argv'])}` | {s['simulations']} | {s['rounds']} | "
+                     f"{r['seed']} | {r['seconds']:.0f} | {r['c2st']:.3f} | {r['worst_mean_off']:.2f} | "
+                     f"{100 * r['worst_sd_error']:.0f} % | {'met' if r['met'] else 'not met'} |")
+    lines += ["", "Per parameter (mean offset in reference sds / sd ratio):", "",
+              "| configuration | seed | " + " | ".join(runs[0]["parameters"]) + " |",
+              "| --- | --- | " + " | ".join("---" for _ in runs[0]["parameters"]) + " |"] if runs else []
+    for r in runs:
+        lines.append(f"| {r['config']} | {r['seed']} | " + " | ".join(
+            f"{p['mean_off_in_reference_sd']:+.2f} / {p['sd_ratio']:.2f}" for p in r["parameters"].values()) + " |")
+    checks = [r for r in runs if r.get("misspecification")]
+    if checks:
+        lines += ["", "The misspecification check of each run on the data:", ""]
+        lines += [f"- {r['config']} (seed {r['seed']}): {r['misspecification']}" for r in checks]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--configs", default="default")
+    p.add_argument("--seeds", default="0")
+    add_store_arguments(p)
+    args = p.parse_args()
+    path = results_path(args, "hare_lynx")
+    if args.table:
+        write_table(json.loads(path.read_text()), path.with_suffix(".md"))
+        return
+    configs = args.configs.split(",")
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"unknown configurations {unknown}; choose from {list(CONFIGS)}")
+    code, vers = committed_code_state(args, "benchmarks/hare_lynx.py"), versions()
+    command = command_line("benchmarks/hare_lynx.py")
+    existing = json.loads(path.read_text())["runs"] if path.exists() else []
+    for seed in parse_range(args.seeds):
+        for config in configs:
+            setup = key(config, CONFIGS[config], code["implicitbayes_tree"], code["simulators_tree"], vers["torch"])
+            if any(r["config"] == config and r["seed"] == seed and r["setup"] == setup and not r["code"]["dirty"]
+                   for r in existing):
+                continue
+            row = {**run_one(config, seed), "setup": setup, "code": code, "versions": vers, "command": command}
+            store(path, lambda r: (r["config"], r["seed"]), row)
+            print(f"{config:22s} seed {seed}: C2ST {row['c2st']:.3f}, worst mean offset {row['worst_mean_off']:.2f} sd, "
+                  f"worst sd error {100 * row['worst_sd_error']:.0f} %, {row['seconds']:.0f} s: "
+                  f"{'met' if row['met'] else 'not met'}", flush=True)
+    with locked_results(path) as results:
+        write_table(results, path.with_suffix(".md"))
+
+
+if __name__ == "__main__":
+    main()
