@@ -89,6 +89,10 @@ class HareLynx(Task):
     series_names = ("hare (thousands of pelts)", "lynx (thousands of pelts)")
     record_times = tuple(range(1900, 1921))  # the years of the table's rows
     STEPS_PER_YEAR = 10
+    # `implicitbayes run hare_lynx`: one data set, so the run is focused on it (ib.sequential);
+    # ImplicitVI in 4 rounds of 5000 was the closer and faster of ours on the NUTS reference
+    # (benchmarks/results/hare_lynx.md)
+    run_defaults = {"method": "implicit-vi", "simulations": 20_000, "rounds": 4, "num_samples": 10_000}
 
     @property
     def prior(self):

@@ -185,3 +185,32 @@ def test_run_your_own_model_bad_input_is_a_message_and_writes_nothing(tmp_path, 
         err = capsys.readouterr().err
         assert code == 2 and message in err and "Traceback" not in err, (argv, err)
         assert not out.exists(), argv
+
+
+def test_a_simulator_sets_its_own_run_defaults_and_the_command_line_overrides_them(tmp_path):
+    from implicitbayes.cli import _parser, _resolve_run
+
+    args = _parser().parse_args(["run", "hare_lynx"])
+    _resolve_run(args)
+    assert (args.method, args.simulations, args.rounds, args.num_samples) == ("implicit-vi", 20_000, 4, 10_000)
+    args = _parser().parse_args(["run", "hare_lynx", "--method", "npe", "--rounds", "1", "-n", "500"])
+    _resolve_run(args)
+    assert (args.method, args.simulations, args.rounds) == ("npe", 500, 1)
+    args = _parser().parse_args(["run", "gaussian_linear"])
+    _resolve_run(args)
+    assert (args.method, args.simulations, args.rounds) == ("implicit-vi", 10_000, 1)
+
+
+def test_run_on_real_data_in_rounds_compares_with_the_reference(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "hl"
+    assert main(["run", "hare_lynx", "--method", "npe", "--rounds", "2", "-n", "600", "--num-samples", "500",
+                 "--method-option", "training={'max_steps': 40}", "--quiet", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "round 2: 300 simulations" in text and "against the reference posterior" in text and "sigma_lynx" in text
+    record = json.loads((out / "reference.json").read_text())
+    assert set(record["parameters"]) == {"alpha", "beta", "gamma", "delta", "u0", "v0", "sigma_hare", "sigma_lynx"}
+    assert 0.5 <= record["c2st"] <= 1.0 and (out / "ppc.png").stat().st_size > 0
+    assert main(["run", "hare_lynx", "--rounds", "2", "--max-steps", "5", "--out", str(tmp_path / "x")]) == 2
+    assert "applies to one fit" in capsys.readouterr().err
