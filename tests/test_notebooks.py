@@ -23,7 +23,7 @@ def test_notebook_executes(path, monkeypatch):
 
 def test_committed_notebooks_hold_their_outputs():
     nbformat = pytest.importorskip("nbformat")
-    assert len(NOTEBOOKS) == 3
+    assert len(NOTEBOOKS) == 4
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
         code = [c for c in nb.cells if c.cell_type == "code"]
