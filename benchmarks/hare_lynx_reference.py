@@ -49,7 +49,7 @@ def main() -> None:
     t0 = time.perf_counter()
     draws = run_nuts(task.likelihood_model, ["theta"], args.num_samples, num_chains=args.chains,
                      warmup_steps=args.warmup, seed=args.seed, device=torch.device("cpu"), record=record,
-                     model_args=(y,), what="hare_lynx reference NUTS")["theta"]
+                     model_args=(y,), what="hare_lynx reference NUTS", progress=True)["theta"]
     seconds = time.perf_counter() - t0
     summary = record.summary()
     names = task.parameter_names

@@ -50,17 +50,18 @@ class MCMCDiagnostics:
 
 def run_nuts(model: Callable, names: Sequence[str], num_samples: int, *, num_chains: int, warmup_steps: int,
              seed: int, device: torch.device, record: MCMCDiagnostics, model_args: tuple = (),
-             model_kwargs: Mapping | None = None, what: str = "NUTS") -> dict[str, torch.Tensor]:
+             model_kwargs: Mapping | None = None, what: str = "NUTS", progress: bool = False) -> dict[str, torch.Tensor]:
     """``num_samples`` draws of the sites ``names`` by NUTS on ``model`` (already carrying its
     learned log-density and observed values), pooled over ``num_chains`` chains of
-    ``warmup_steps`` warm-up steps each; the draws by chain and the diagnostics go to ``record``."""
+    ``warmup_steps`` warm-up steps each; the draws by chain and the diagnostics go to ``record``.
+    ``progress``: Pyro's progress bar for each chain."""
     chains, warmup = integer("num_chains", num_chains), integer("warmup_steps", warmup_steps)
     per_chain = -(-integer("num_samples", num_samples) // chains)
     runs, divergences = [], []
     with seeded(seed, device):
         for _ in range(chains):
             mcmc = pyro.infer.MCMC(pyro.infer.NUTS(model), num_samples=per_chain, warmup_steps=warmup,
-                                   disable_progbar=True)
+                                   disable_progbar=not progress)
             mcmc.run(*tuple(model_args), **dict(model_kwargs or {}))
             runs.append(mcmc.get_samples())
             divergences.append(len(mcmc.diagnostics().get("divergences", {}).get("chain 0", [])))
