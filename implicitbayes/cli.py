@@ -212,6 +212,8 @@ def _prepare_out(out: Path, config: dict, force: bool) -> None:
         raise ValueError(f"--out: {out} exists and is not a directory")
     if marker.exists():
         previous = json.loads(marker.read_text())
+        # a run directory written before `rounds` and `observed` were recorded ran amortized on the default site
+        previous = {"rounds": 1, "observed": config.get("observed"), **previous}
         if previous != config:
             if not force:
                 changed = sorted(k for k in set(config) | set(previous) if config.get(k) != previous.get(k))

@@ -53,8 +53,9 @@ def test_signatures():
     tid = inspect.signature(ib.to_inference_data).parameters
     assert list(tid)[:2] == ["posterior", "observed"] and tid["num_samples"].default == 1000
     assert tid["posterior_predictive"].default is True and tid["num_samples"].kind is inspect.Parameter.KEYWORD_ONLY
-    for name in ("c2st", "mmd", "sbc", "expected_coverage", "ppc"):
+    for name in ("c2st", "mmd", "sbc", "expected_coverage", "ppc", "misspecification"):
         assert callable(getattr(ib.diagnostics, name))
+    assert list(inspect.signature(ib.diagnostics.misspecification).parameters)[:3] == ["posterior", "observation", "data"]
     for name in ("latent_names", "observed_names", "num_invalid"):
         assert hasattr(ib.simulate(model, 5, observed="x", seed=0, progress=False), name)
     assert callable(ib.SimulationSet.load) and callable(ib.load)

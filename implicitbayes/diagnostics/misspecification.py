@@ -66,6 +66,7 @@ def misspecification(posterior, observation: Any, data: SimulationSet, *, num_re
         raise TypeError(f"data: expected an ib.SimulationSet of the model's simulations, got {type(data).__name__}")
     integer("num_reference", num_reference, minimum=2)
     integer("num_null", num_null, minimum=1)
+    integer("seed", seed, minimum=0)
     missing = [s for s in posterior.observed if s not in data]
     if missing:
         raise ValueError(f"data: the simulations hold no site {missing}; the posterior observes {list(posterior.observed)}")
