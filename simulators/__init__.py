@@ -35,6 +35,7 @@ _BUILTIN = {
     "hierarchical_gaussian": "simulators.hierarchical:HierarchicalGaussian",
     "lotka_volterra_population": "simulators.hierarchical:LotkaVolterraPopulation",
     "hare_lynx": "simulators.hare_lynx:HareLynx",
+    "hare_lynx_sde": "simulators.hare_lynx:HareLynxSDE",
 }
 
 

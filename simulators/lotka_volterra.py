@@ -66,6 +66,22 @@ def _check_theta(theta: torch.Tensor) -> None:
         raise ValueError("theta: Lotka–Volterra rates must be finite and non-negative")
 
 
+def _initial_state(x0, n: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predators, prey) at time 0 as two ``(n,)`` tensors, from a pair or an ``(n, 2)`` tensor."""
+    if isinstance(x0, torch.Tensor) and x0.dim() == 2:
+        if x0.shape != (n, 2):
+            raise ValueError(f"x0: expected a pair or a tensor of shape ({n}, 2), got shape {tuple(x0.shape)}")
+        start = x0.to(device=device, dtype=dtype)
+    else:
+        start = torch.as_tensor([float(v) for v in x0], device=device, dtype=dtype)
+        if start.shape != (2,):
+            raise ValueError(f"x0: expected a pair or a tensor of shape ({n}, 2), got {x0!r}")
+        start = start.expand(n, 2)
+    if not torch.isfinite(start).all() or (start < 0).any():
+        raise ValueError("x0: initial populations must be finite and non-negative")
+    return start[:, 0].contiguous(), start[:, 1].contiguous()
+
+
 def _grid(t_end: float, record_every: float, dt: float) -> tuple[int, int]:
     n_rec = round(t_end / record_every)
     per = round(record_every / dt)
@@ -166,14 +182,15 @@ def build_kernel(*, dt: float = 0.01, record_every: float = 0.2, max_population:
 
 
 def lv_sde(
-    theta: torch.Tensor, *, x0: tuple[float, float] = (50.0, 100.0), dt: float = 0.01, T: float = 30.0,
-    record_every: float = 0.2, max_population: float = 1e5, on_blowup: str = "freeze",
+    theta: torch.Tensor, *, x0: tuple[float, float] | torch.Tensor = (50.0, 100.0), dt: float = 0.01,
+    T: float = 30.0, record_every: float = 0.2, max_population: float = 1e5, on_blowup: str = "freeze",
     generator: torch.Generator | None = None, backend: str = "auto",
 ) -> torch.Tensor:
     """Batched Euler–Maruyama for the Lotka–Volterra CLE.
 
     Args:
-        theta: ``(n, 4)`` reaction rates. x0: initial (predators, prey).
+        theta: ``(n, 4)`` reaction rates. x0: initial (predators, prey), one pair for every
+            path or an ``(n, 2)`` tensor of them (finite, non-negative).
         dt, T, record_every: step, horizon and recording interval (multiples of each other).
         max_population, on_blowup: blow-up policy (module docstring).
         generator: torch generator the per-call noise key is drawn from (``None``: global RNG).
@@ -199,8 +216,7 @@ def lv_sde(
     t1, t2, t3, t4 = (theta[:, i].contiguous() * dt for i in range(4))
     key = int(torch.randint(-(1 << 63), (1 << 63) - 1, (1,), generator=generator, device=dev, dtype=torch.int64))
     counter = torch.arange(n, device=dev, dtype=torch.int64) * _wrap64(steps * _GOLDEN) + key
-    x = torch.full((n,), float(x0[0]), dtype=dtype, device=dev)
-    y = torch.full((n,), float(x0[1]), dtype=dtype, device=dev)
+    x, y = _initial_state(x0, n, dtype, dev)
     records = torch.empty(n_rec, 2, n, dtype=dtype, device=dev)  # contiguous writes; transposed once
     records[0, 0], records[0, 1] = x, y
     stopped = torch.zeros(n, dtype=torch.bool, device=dev)

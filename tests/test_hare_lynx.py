@@ -106,3 +106,51 @@ def test_reference_posterior_agrees_with_the_case_study(task):
     assert off.abs().max() < 0.5, off
     ratio = ref.std(0) / published_sd
     assert ((ratio > 0.7) & (ratio < 1.3)).all(), ratio
+
+
+# ----------------------------------------------------------------------------- the stochastic model
+@pytest.fixture(scope="module")
+def sde():
+    return simulators.get("hare_lynx_sde")
+
+
+def with_kappa(theta, kappa, n):
+    return torch.cat([theta, torch.tensor([float(kappa)])]).repeat(n, 1)
+
+
+def test_sde_prior_is_the_odes_and_a_lognormal_kappa(sde, task):
+    theta = sde.prior.sample((4000,))
+    assert theta.shape == (4000, 9) and sde.parameter_names[-1] == "kappa"
+    mu, sd = sde.KAPPA_PRIOR
+    expected = task.prior.log_prob(theta[:50, :8]) + torch.tensor(
+        scipy.stats.lognorm(sd, scale=math.exp(mu)).logpdf(theta[:50, 8].double().numpy()), dtype=torch.float32)
+    np.testing.assert_allclose(sde.prior.log_prob(theta[:50]).numpy(), expected.numpy(), rtol=1e-4, atol=1e-4)
+    assert scipy.stats.kstest(((theta[:, 8].log() - mu) / sd).numpy(), "norm").pvalue > 1e-3
+
+
+def test_sde_paths_tend_to_the_ode_as_kappa_grows(sde, task):
+    """κ = 10⁷: the demographic noise is negligible; the mean path is the ODE's up to the Euler
+    step's error (0.6 % at DT = 0.001, where DT = 0.01 is 5 % off)."""
+    ode = task.populations(POSTERIOR_MEAN[None])[0]
+    paths = sde.populations(with_kappa(POSTERIOR_MEAN, 1e7, 50), torch.Generator().manual_seed(0)).double()
+    assert ((paths.mean(0) - ode) / ode).abs().max() < 0.01
+    assert ((paths - ode) / ode).abs().max() < 0.02
+
+
+def test_sde_noise_variance_is_one_over_kappa(sde):
+    """Over the first year the CLE's variance is ≈ h/κ: four times κ, a quarter of the variance."""
+    runs = [sde.populations(with_kappa(POSTERIOR_MEAN, k, 1000), torch.Generator().manual_seed(1))[:, 1].double()
+            for k in (50.0, 200.0)]
+    ratio = runs[0].log().var(0) / runs[1].log().var(0)
+    assert ratio == pytest.approx(torch.full((2,), 4.0, dtype=torch.float64), rel=0.2)
+
+
+def test_sde_simulations_drop_only_blown_up_paths(sde):
+    """Prior simulations: a few per cent blow up (NaN, which ib.simulate drops and reports), the
+    rest are finite and non-negative, extinctions (zeros) included."""
+    theta = sde.prior.sample((2000,))
+    x = sde.simulate(theta, seed=0)
+    blown = torch.isnan(x.reshape(2000, -1)).any(1)
+    assert blown.float().mean() < 0.06
+    assert (x[~blown] >= 0).all() and torch.isfinite(x[~blown]).all()
+    assert torch.equal(x.nan_to_num(-1), sde.simulate(theta, seed=0).nan_to_num(-1))

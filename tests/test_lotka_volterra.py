@@ -25,6 +25,19 @@ def test_sde_grid_and_reproducibility():
     assert lv_sde(STAR.expand(3, 4), T=2.0, record_every=0.5, dt=0.05).shape == (3, 2, 5)
 
 
+def test_sde_starts_each_path_where_x0_says():
+    """A pair starts every path there; an (n, 2) tensor one per path (the same noise either way)."""
+    starts = torch.tensor([[50.0, 100.0], [5.0, 30.0], [0.0, 10.0]])
+    out = lv_sde(STAR.expand(3, 4), x0=starts, T=2.0, generator=gen(0))
+    assert torch.equal(out[:, :, 0], starts)
+    assert torch.equal(out[0], lv_sde(STAR.expand(3, 4), T=2.0, generator=gen(0))[0])
+    assert (out[2, 0] == 0).all()  # no predators at the start: none ever
+    with pytest.raises(ValueError, match=r"x0: expected a pair or a tensor of shape \(3, 2\)"):
+        lv_sde(STAR.expand(3, 4), x0=starts[:2])
+    with pytest.raises(ValueError, match="x0: initial populations"):
+        lv_sde(STAR.expand(3, 4), x0=-starts)
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(T=1.0, record_every=0.3), "multiple of record_every"),
     (dict(dt=0.03), "multiple of dt"),

@@ -38,7 +38,7 @@ from ..nn import FLOWS, LinearResidual, Standardize, build_flow
 from ..seeding import resolve_seed, seeded
 from ..simulate import model_sites, trace_given
 from ..space import ParameterSpace
-from .mcmc import MCMCDiagnostics, SampledByNUTS
+from .mcmc import MCMCDiagnostics, PriorDraws, SampledByNUTS, batched_log_joint, without_observed
 from .method import NeuralMethod
 from .npe import NPE, linear_residual_option, linear_residual_wanted
 from .objectives import NPELoss
@@ -177,8 +177,12 @@ class NLEPosterior(SampledByNUTS, Posterior):
             if tuple(v.shape) != shapes[name]:
                 raise ValueError(f"observed: site '{name}' has shape {shapes[name]} in the model run with "
                                  f"model_args={args}, model_kwargs={kwargs}, got {tuple(v.shape)}")
+        prior = PriorDraws(self.model, self.observed, args, kwargs)
+        joint = batched_log_joint(self.condition(self.model, values), prior)
+        prior_only = batched_log_joint(without_observed(self.model, self.observed), prior)
         return self._nuts(self.condition(self.model, values), num_samples, resolve_seed(seed), num_chains,
-                          warmup_steps, what="NLE", model_args=args, model_kwargs=kwargs)
+                          warmup_steps, what="NLE", model_args=args, model_kwargs=kwargs,
+                          log_likelihood=lambda latents: joint(latents) - prior_only(latents), prior=prior)
 
     @torch.no_grad()
     def sample_batch(self, num_samples: int, observations: Any, *, seed: int | None = None) -> dict[str, torch.Tensor]:

@@ -63,8 +63,10 @@ class NREPosterior(SampledByNUTS, NeuralPosterior):
 
     def log_ratio(self, theta: Mapping[str, torch.Tensor], observed: Any = None) -> torch.Tensor:
         """r(θ, y) for latents ``{site: (n, *shape)}``: ``(n,)``, differentiable in θ."""
-        x = self._observation(observed)
-        u = self.space.to_unconstrained(theta)
+        return self._log_ratio(theta, self._observation(observed))
+
+    def _log_ratio(self, theta: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        u = self.space.to_unconstrained({k: torch.as_tensor(v, device=self.device) for k, v in theta.items()})
         return self.classifier(self.context(x).expand(u.shape[0], -1), self.theta_standardize(u))
 
     def sample(self, num_samples: int, observed: Any = None, *, seed: int | None = None, num_chains: int | None = None,
@@ -82,7 +84,8 @@ class NREPosterior(SampledByNUTS, NeuralPosterior):
             return self.log_ratio({k: v[None] for k, v in latents.items()}, observed_now)[0]
 
         conditioned = replace_likelihood(self.model, log_ratio, values, self.space.names)
-        return self._nuts(conditioned, num_samples, seed, num_chains, warmup_steps, what="NRE")
+        return self._nuts(conditioned, num_samples, seed, num_chains, warmup_steps, what="NRE",
+                          log_likelihood=lambda latents: self._log_ratio(latents, x).cpu())
 
 
 class NRE(NeuralMethod):

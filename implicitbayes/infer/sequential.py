@@ -49,7 +49,6 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 import pyro
-import pyro.poutine as poutine
 import pyro.poutine.runtime as pyro_runtime
 import torch
 
@@ -59,9 +58,10 @@ from ..io import atomic_write_text
 from ..seeding import resolve_seed, seeded
 from ..simulate import _OUTER_PLATE, model_sites, plate_layout, simulate
 from .data import observed_values
+from .mcmc import PriorDraws, batched_log_joint, without_observed
 from .posterior import Posterior, load
 
-__all__ = ["sequential", "TruncatedPrior", "Region", "region_of"]
+__all__ = ["sequential", "TruncatedPrior", "Region", "region_of", "PriorDraws"]
 
 QUANTILE = 1e-4  # posterior mass a region may leave out (TSNPE's ε)
 DENSITY_DRAWS = 20_000  # draws of a flow posterior that set its region's threshold
@@ -69,7 +69,6 @@ MCMC_DRAWS = 2_000  # NUTS draws of an NLE / NRE posterior that set its region's
 COVER_DRAWS = 4_000  # ImplicitVI: ball centres, and as many more draws to set the radius
 COVER_MARGIN = 1.5  # ImplicitVI: the radius is widened by this factor
 MASS_DRAWS = 20_000  # prior draws that estimate a region's prior mass
-_CANDIDATES = "_ib_region_candidates"
 
 
 class _Fixed(pyro.poutine.messenger.Messenger):
@@ -82,29 +81,6 @@ class _Fixed(pyro.poutine.messenger.Messenger):
     def _pyro_sample(self, msg):
         if msg["name"] in self.values and not msg["is_observed"]:
             msg["value"] = self.values[msg["name"]]
-
-
-class PriorDraws:
-    """Draws of the latents from the model's own prior, vectorized, without simulating: the
-    model runs under a plate of candidates with its observed sites given placeholder values.
-    Used inside a model run as well, so it hides itself from the enclosing handlers and puts its
-    plate one dimension left of the simulation plate."""
-
-    def __init__(self, model: Callable, observed, model_args=(), model_kwargs=None):
-        self.model, self.observed = model, list(observed)
-        self.model_args, self.model_kwargs = tuple(model_args), dict(model_kwargs or {})
-        sites, self.outer_dim = model_sites(model, self.observed, self.model_args, self.model_kwargs)
-        self.info = {s.name: s for s in sites}
-        self.latent = [s.name for s in sites if not s.observed]
-
-    def __call__(self, m: int) -> dict[str, torch.Tensor]:
-        dim = self.outer_dim - 1
-        placeholders = {o: plate_layout(torch.zeros((m,) + self.info[o].shape), dim, self.info[o].batch_ndim)
-                        for o in self.observed}
-        with poutine.block(), pyro.plate(_CANDIDATES, m, dim=dim):
-            trace = poutine.trace(poutine.condition(self.model, data=placeholders)).get_trace(
-                *self.model_args, **self.model_kwargs)
-        return {k: trace.nodes[k]["value"].detach().reshape((m,) + self.info[k].shape) for k in self.latent}
 
 
 class Region:
@@ -181,32 +157,6 @@ def _density_region(log_density: Callable[[Mapping[str, torch.Tensor]], torch.Te
     return Region(contains, kind, threshold)
 
 
-def _rows_log_prob(trace, m: int) -> torch.Tensor:
-    """Σ of every sample site's log-density per candidate, from a trace under the candidate plate."""
-    total = torch.zeros(m)
-    for name, site in trace.nodes.items():
-        if site["type"] != "sample" or name.startswith("_ib_") or site["infer"].get("_deterministic", False):
-            continue
-        lp = site["fn"].log_prob(site["value"])
-        total = total + lp.reshape(m, -1).sum(1) if lp.numel() % m == 0 and lp.numel() >= m else total + lp.sum()
-    return total
-
-
-def _log_joint(model: Callable, prior: PriorDraws) -> Callable[[Mapping[str, torch.Tensor]], torch.Tensor]:
-    """log of ``model``'s joint density at given latents (its observed sites handled by ``model``
-    itself, e.g. with a learned likelihood), one number per row."""
-
-    def log_joint(latents):
-        m = len(next(iter(latents.values())))
-        dim = prior.outer_dim - 1
-        laid = {k: plate_layout(v, dim, prior.info[k].batch_ndim) for k, v in latents.items()}
-        with poutine.block(), pyro.plate(_CANDIDATES, m, dim=dim):
-            trace = poutine.trace(poutine.condition(model, data=laid)).get_trace(*prior.model_args, **prior.model_kwargs)
-        return _rows_log_prob(trace, m)
-
-    return log_joint
-
-
 def region_of(posterior: Posterior, observation: Any, prior: PriorDraws, *, quantile: float = QUANTILE,
               seed: int = 0) -> Region:
     """The region of ``posterior`` at ``observation`` that holds all but ``quantile`` of its mass
@@ -229,9 +179,9 @@ def region_of(posterior: Posterior, observation: Any, prior: PriorDraws, *, quan
     elif isinstance(posterior, (NLEPosterior, NREPosterior)):
         draws = posterior.sample(MCMC_DRAWS, observation, seed=seed)
         if isinstance(posterior, NLEPosterior):
-            log_joint = _log_joint(posterior.condition(prior.model, posterior._observation(observation)), prior)
+            log_joint = batched_log_joint(posterior.condition(prior.model, posterior._observation(observation)), prior)
         else:
-            prior_only = _log_joint(_without_observed(prior.model, prior.observed), prior)
+            prior_only = batched_log_joint(without_observed(prior.model, prior.observed), prior)
 
             def log_joint(latents):
                 return prior_only(latents) + posterior.log_ratio(latents, observation)
@@ -244,13 +194,6 @@ def region_of(posterior: Posterior, observation: Any, prior: PriorDraws, *, quan
     with seeded(seed + 1, torch.device("cpu")):  # the mass sets the rejection batches: it must repeat
         region.estimate_mass(prior)
     return region
-
-
-def _without_observed(model: Callable, observed) -> Callable:
-    """``model`` whose observed sites contribute nothing (the prior part of the joint)."""
-    from ..handlers import replace_likelihood
-
-    return replace_likelihood(model, lambda latents, obs: torch.zeros(()), {o: torch.zeros(()) for o in observed}, [])
 
 
 def _cover_region(posterior, observation, quantile: float, seed: int) -> Region:
