@@ -92,3 +92,28 @@ def test_shapes_and_errors():
     with pytest.raises(ValueError, match="sigma_min"):
         FlowMatchingGenerator(3, 2, sigma_min=1.0)
     assert math.isclose(gen.sigma_min, 1e-4)
+
+
+# ----------------------------------------------------------------------------- inside ImplicitVI
+def test_implicit_vi_trains_the_flow_matching_family_saves_and_loads_it(tmp_path):
+    """family='flow_matching': the generator is a FlowMatchingGenerator trained by its own loss, the
+    critic corrects it as any generator, and the file round-trips (end-to-end accuracy:
+    test_accuracy.py's slow tests)."""
+    import implicitbayes as ib
+    from models import normal_model
+
+    data = ib.simulate(normal_model, 600, observed="x", seed=0, progress=False)
+    post = ib.ImplicitVI(normal_model, observed="x", family="flow_matching", hidden=32, layers=2).fit(
+        data, seed=0, progress=False, max_steps=150)
+    assert isinstance(post.generator, FlowMatchingGenerator) and post.config.family == "flow_matching"
+    assert post.config.noise_features == 2 and not post.config.noise_skip
+    x = torch.tensor([0.4, -0.3])
+    draws = post.sample(500, x, seed=1)["theta"]
+    assert draws.shape == (500, 2) and torch.isfinite(draws).all()
+    post.save(tmp_path / "fm.safetensors")
+    back = ib.load(tmp_path / "fm.safetensors")
+    assert torch.equal(back.sample(200, x, seed=2)["theta"], post.sample(200, x, seed=2)["theta"])
+    with pytest.raises(ValueError, match="noise_features: a flow-matching generator's noise is the latent's own"):
+        ib.ImplicitVI(normal_model, observed="x", family="flow_matching", noise_features=4)
+    with pytest.raises(ValueError, match="family: expected one of"):
+        ib.ImplicitVI(normal_model, observed="x", family="diffusion")

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from ..checks import choice, integer
-from ..nn import Critic, ImplicitGenerator
+from ..nn import Critic, FlowMatchingGenerator, ImplicitGenerator
 from ..seeding import seeded
 from ..space import ParameterSpace
 from .method import NeuralMethod, network_builder
@@ -48,7 +48,11 @@ from .posterior import NeuralConfig, NeuralPosterior, build_network, neural_conf
 from .sir import CriticResampler
 from .training import TrainConfig, resolve_training, split, train
 
-__all__ = ["ImplicitVI", "ImplicitPosterior", "ImplicitVIConfig", "NOISE_SKIP_BELOW"]
+__all__ = ["ImplicitVI", "ImplicitPosterior", "ImplicitVIConfig", "NOISE_SKIP_BELOW", "FAMILIES"]
+
+# the generator families: the energy-score MLP (ImplicitGenerator) and the flow map of a learned
+# ODE trained by flow matching (FlowMatchingGenerator); implicitbayes.nn.generators has the math
+FAMILIES = ("energy_score", "flow_matching")
 
 # noise_skip=None turns the linear noise path on below this many simulations per latent
 # dimension: it pools the posterior's shape over every simulation, which pays where they are
@@ -71,6 +75,7 @@ class ImplicitVIConfig(NeuralConfig):
     correction: str | None
     num_candidates: int
     temperature: float = 1.0  # λ, chosen after training (CriticResampler.select_temperature)
+    family: str = "energy_score"  # the generator's family (FAMILIES)
 
 
 @register_posterior
@@ -87,9 +92,15 @@ class ImplicitPosterior(NeuralPosterior):
                  critic: Callable[[int, int], nn.Module] | None = None):
         super().__init__(space, observed, x_shapes, config, embedding)
         d, e = space.unconstrained_dim, self.context.out_features
-        self.generator = build_network("generator", config.generator == "custom", generator, lambda: ImplicitGenerator(
-            e, d, config.noise_features, config.hidden, config.layers, noise_skip=config.noise_skip),
-            e, d, config.noise_features)
+        if config.family == "flow_matching":
+            def default():
+                return FlowMatchingGenerator(e, d, config.hidden, config.layers)
+        else:
+            def default():
+                return ImplicitGenerator(e, d, config.noise_features, config.hidden, config.layers,
+                                         noise_skip=config.noise_skip)
+        self.generator = build_network("generator", config.generator == "custom", generator, default,
+                                       e, d, config.noise_features)
         self.critic = build_network("critic", config.critic == "custom", critic, lambda: Critic(
             2 * d, e, config.critic_hidden, config.critic_layers), 2 * d, e)
         self.last_ess: float | None = None
@@ -184,7 +195,10 @@ class ImplicitVI(NeuralMethod):
     """Amortized implicit posterior corrected by a ratio-estimating critic (module docstring).
 
     Options: the sampler, ``correction`` ("sir" or None) and ``num_candidates`` K; the generator's
-    objective, ``num_draws`` m per observation; the networks, ``hidden``, ``layers``,
+    ``family`` — ``"energy_score"`` (an MLP of (e(y), z) trained by the energy score of
+    ``num_draws`` m draws per observation) or ``"flow_matching"`` (the flow map of a learned ODE,
+    :class:`~implicitbayes.nn.FlowMatchingGenerator`, trained by flow matching; with
+    ``correction=None`` it is plain flow-matching posterior estimation); the networks, ``hidden``, ``layers``,
     ``noise_features`` (None: max(2 dim θ, 8)) and ``noise_skip`` (a linear path from the noise to
     the output, f_w = g(e(y), z) + A z; None: on below ``NOISE_SKIP_BELOW`` simulations per latent
     dimension) of the generator, ``critic_hidden``, ``critic_layers`` of the critic — or build
@@ -206,7 +220,7 @@ class ImplicitVI(NeuralMethod):
 
     def __init__(self, model: Callable, *, observed: str | Sequence[str], model_args: tuple = (),
                  model_kwargs: Mapping | None = None, correction: str | None = "sir", num_candidates: int = 8,
-                 num_draws: int = 8, hidden: int = 128, layers: int = 4, noise_features: int | None = None,
+                 family: str = "energy_score", num_draws: int = 8, hidden: int = 128, layers: int = 4, noise_features: int | None = None,
                  noise_skip: bool | None = None, critic_hidden: int = 128, critic_layers: int = 4,
                  generator: Callable[[int, int, int], nn.Module] | None = None,
                  critic: Callable[[int, int], nn.Module] | None = None,
@@ -218,6 +232,12 @@ class ImplicitVI(NeuralMethod):
         self.correction = choice("correction", correction, ("sir", None))
         self.num_candidates = integer("num_candidates", num_candidates)
         self.num_draws = integer("num_draws", num_draws, minimum=2)  # the energy score needs two draws
+        self.family = choice("family", family, FAMILIES)
+        if self.family == "flow_matching":
+            for name, value in (("noise_features", noise_features), ("noise_skip", noise_skip)):
+                if value is not None:
+                    raise ValueError(f"{name}: a flow-matching generator's noise is the latent's own dimension "
+                                     f"and has no noise path; leave {name}=None with family='flow_matching'")
         if noise_skip is not None and not isinstance(noise_skip, bool):
             raise ValueError(f"noise_skip: expected True, False or None (on below {NOISE_SKIP_BELOW} simulations "
                              f"per latent dimension), got {noise_skip!r}")
@@ -232,15 +252,15 @@ class ImplicitVI(NeuralMethod):
                                                          "critic_layers": (critic_layers, 4)})
 
     def _posterior_config(self, x_shape, d: int) -> ImplicitVIConfig:
-        n = x_shape[0]
+        n, flow = x_shape[0], self.family == "flow_matching"
         return ImplicitVIConfig(
             **neural_config_fields(x_shape[1:], self.embedding),
             generator="mlp" if self.generator is None else "custom", critic="mlp" if self.critic is None else "custom",
             hidden=self.hidden, layers=self.layers,
-            noise_features=self.noise_features or max(2 * d, 8),
-            noise_skip=bool(self.noise_skip) if self.noise_skip is not None else n < NOISE_SKIP_BELOW * d,
+            noise_features=d if flow else self.noise_features or max(2 * d, 8),
+            noise_skip=False if flow else bool(self.noise_skip) if self.noise_skip is not None else n < NOISE_SKIP_BELOW * d,
             critic_hidden=self.critic_hidden, critic_layers=self.critic_layers, correction=self.correction,
-            num_candidates=self.num_candidates)
+            num_candidates=self.num_candidates, family=self.family)
 
     def fit(self, data, *, max_steps: int | None = None, time_budget: float | None = None, seed: int | None = None,
             progress: bool = True, checkpoint=None, init: ImplicitPosterior | None = None) -> ImplicitPosterior:
@@ -269,8 +289,17 @@ class ImplicitVI(NeuralMethod):
 
     def _fit_generator(self, post: ImplicitPosterior, x, u_s, loop: TrainConfig, seed: int, progress: bool,
                        checkpoint) -> dict:
-        """Stage 1: the energy score of ``num_draws`` generator draws per simulated pair."""
-        score = EnergyScoreLoss(post, self.num_draws)
+        """Stage 1: the energy score of ``num_draws`` generator draws per simulated pair, or the
+        generator's own regression loss (``generator.loss(context, u, g)``, flow matching)."""
+        if post.config.family == "flow_matching":
+            if not callable(getattr(post.generator, "loss", None)):
+                raise TypeError(f"generator: family='flow_matching' trains the generator by its own loss(context, "
+                                f"theta, generator) method, which {type(post.generator).__name__} does not have")
+
+            def score(x, u, g):
+                return post.generator.loss(post.context(x), u, g)
+        else:
+            score = EnergyScoreLoss(post, self.num_draws)
         val_g = torch.Generator(device=self.device)
 
         def step(idx, g):
