@@ -8,8 +8,9 @@ SimulationSet is drawn with ``ib.simulate``; every method and peer trains on exa
 simulations (training seed = simulation seed) and draws 10 000 samples per observation, scored
 with sbibm's own ``c2st`` (MLP classifier, 5-fold CV, z-scored).
 
-Methods: ``implicit_vi`` and ``npe`` at their defaults; ``sbi_npe`` = sbi's NPE-NSF at its
-defaults; ``sbi_npe_std`` = the same, trained on observations passed through our input
+Methods: ``implicit_vi`` and ``npe`` at their defaults; ``implicit_vi_fm`` = ImplicitVI with the
+flow-matching generator (``family="flow_matching"``), critic-corrected; ``sbi_npe`` = sbi's
+NPE-NSF at its defaults; ``sbi_fmpe`` = sbi's flow-matching posterior (FMPE) at its defaults; ``sbi_npe_std`` = the same, trained on observations passed through our input
 standardisation (``implicitbayes.nn.Standardize``: log space for positive features, the robust
 asinh step), run only on tasks where that differs from plain z-scoring — the fairness row that
 separates the method from the preprocessing.
@@ -46,7 +47,7 @@ from implicitbayes.nn import Standardize  # noqa: E402
 from provenance import (add_store_arguments, command_line, committed_code_state, key, locked_results, parse_range,  # noqa: E402
                         results_path, store, tensors_hash, versions)
 
-METHODS = ("implicit_vi", "npe", "sbi_npe", "sbi_npe_std")
+METHODS = ("implicit_vi", "implicit_vi_fm", "npe", "sbi_npe", "sbi_npe_std", "sbi_fmpe")
 PEER = "sbi_npe"
 TASKS = ("two_moons", "gaussian_linear", "slcp", "gaussian_mixture", "bernoulli_glm", "sir", "lotka_volterra_ode")
 CELLS = {"dev": ((1, 2, 3, 4, 5), (0,)), "heldout": ((6, 7, 8, 9, 10), (1, 2, 3))}
@@ -54,8 +55,9 @@ CELLS = {"dev": ((1, 2, 3, 4, 5), (0,)), "heldout": ((6, 7, 8, 9, 10), (1, 2, 3)
 
 # ----------------------------------------------------------------------------- methods
 def train_ours(method, task, data, seed):
-    cls = {"implicit_vi": ib.ImplicitVI, "npe": ib.NPE}[method]
-    post = cls(task.model, observed="x").fit(data, seed=seed, progress=False)
+    cls, options = {"implicit_vi": (ib.ImplicitVI, {}), "implicit_vi_fm": (ib.ImplicitVI, {"family": "flow_matching"}),
+                    "npe": (ib.NPE, {})}[method]
+    post = cls(task.model, observed="x", **options).fit(data, seed=seed, progress=False)
     return (lambda x, n: post.sample(n, x, seed=seed)["theta"]), {"class": cls.__name__, **post.config.to_json()}
 
 
@@ -66,16 +68,20 @@ def input_standardization(data) -> Standardize | None:
     return std if bool(std.use_log.any() or std.use_asinh.any()) else None
 
 
-def train_sbi(task, data, seed, standardize: Standardize | None = None):
-    from sbi.inference import NPE_C
+def train_sbi(task, data, seed, standardize: Standardize | None = None, method: str = "sbi_npe"):
+    from sbi.inference import FMPE, NPE_C
 
     x = data["x"].reshape(len(data), -1)
     transform = (lambda v: v) if standardize is None else (lambda v: standardize(v.reshape(-1, x.shape[1])))
     torch.manual_seed(seed)
-    inference = NPE_C(prior=task.prior, density_estimator="nsf", show_progress_bars=False)
+    if method == "sbi_fmpe":  # flow matching at sbi's defaults (an MLP vector field)
+        inference = FMPE(prior=task.prior, show_progress_bars=False)
+    else:
+        inference = NPE_C(prior=task.prior, density_estimator="nsf", show_progress_bars=False)
     estimator = inference.append_simulations(data["theta"], transform(x)).train()
     posterior = inference.build_posterior(estimator)
-    config = {"class": "sbi.NPE_C", "density_estimator": "nsf",
+    config = {"class": "sbi.FMPE" if method == "sbi_fmpe" else "sbi.NPE_C",
+              "density_estimator": "mlp vector field" if method == "sbi_fmpe" else "nsf",
               "input": "sbi z-score" if standardize is None else
               {"implicitbayes.Standardize": {"log": standardize.use_log.tolist(), "asinh": standardize.use_asinh.tolist()}}}
     return (lambda v, n: posterior.sample((n,), x=transform(v.reshape(1, -1)), show_progress_bars=False)), config
@@ -100,7 +106,7 @@ def sbibm_c2st():
 def setup_key(method: str, code: dict, vers: dict, num_samples: int) -> str:
     """What a row's numbers depend on besides task, budget, seed and observations."""
     parts = [method, code["simulators_tree"], vers["torch"], vers["sbibm"], num_samples]
-    if method != "sbi_npe":  # ours, and the fairness row (our Standardize)
+    if method not in ("sbi_npe", "sbi_fmpe"):  # ours, and the fairness row (our Standardize)
         parts.append(code["implicitbayes_tree"])
     if method.startswith("sbi"):
         parts.append(vers["sbi"])
@@ -173,8 +179,8 @@ def main() -> None:
                                          "config": "our standardisation is plain z-scoring here: same as sbi_npe"})
                             continue
                         sampler, config = train_sbi(task, data, seed, std)
-                    elif method == "sbi_npe":
-                        sampler, config = train_sbi(task, data, seed)
+                    elif method in ("sbi_npe", "sbi_fmpe"):
+                        sampler, config = train_sbi(task, data, seed, method=method)
                     else:
                         sampler, config = train_ours(method, task, data, seed)
                     train_s = time.perf_counter() - t0
