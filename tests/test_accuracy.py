@@ -137,20 +137,27 @@ def test_implicit_vi_makes_both_modes_of_a_bimodal_posterior(bimodal_data):
 # The flow-matching family, corrected and on its own (plain flow-matching posterior estimation).
 # Measured: correlated shift 0.046 / spread 0.116 corrected, 0.034 / 0.114 alone; bimodal W1 0.116 /
 # mode 0.046 corrected, 0.066 / 0.020 alone (the critic's correction costs here). ≈ 2 min a fit.
-@pytest.mark.slow
-@pytest.mark.parametrize("correction", ["default", None])
-def test_flow_matching_implicit_vi_matches_the_correlated_posterior(correlated_data, correction):
-    post = ib.ImplicitVI(correlated_model, observed="x", family="flow_matching").fit(correlated_data, seed=0,
+@pytest.fixture(scope="module")
+def fm_correlated(correlated_data):
+    return ib.ImplicitVI(correlated_model, observed="x", family="flow_matching").fit(correlated_data, seed=0,
                                                                                      progress=False)
-    gaussian_check(lambda x, n: post.sample(n, x, seed=1, correction=correction)["theta"])
+
+
+@pytest.fixture(scope="module")
+def fm_bimodal(bimodal_data):
+    return ib.ImplicitVI(bimodal_model, observed="x", family="flow_matching").fit(bimodal_data, seed=0, progress=False)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("correction", ["default", None])
-def test_flow_matching_implicit_vi_makes_both_modes_of_a_bimodal_posterior(bimodal_data, correction):
-    post = ib.ImplicitVI(bimodal_model, observed="x", family="flow_matching").fit(bimodal_data, seed=0,
-                                                                                  progress=False)
-    bimodal_check(lambda x, n: post.sample(n, x, seed=1, correction=correction)["theta"])
+def test_flow_matching_implicit_vi_matches_the_correlated_posterior(fm_correlated, correction):
+    gaussian_check(lambda x, n: fm_correlated.sample(n, x, seed=1, correction=correction)["theta"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("correction", ["default", None])
+def test_flow_matching_implicit_vi_makes_both_modes_of_a_bimodal_posterior(fm_bimodal, correction):
+    bimodal_check(lambda x, n: fm_bimodal.sample(n, x, seed=1, correction=correction)["theta"])
 
 
 class TooWide(nn.Module):
