@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from ..checks import choice, integer
-from ..nn import Critic, FlowMatchingGenerator, ImplicitGenerator
+from ..nn import Critic, FlowMatchingGenerator, ImplicitGenerator, ScoreGenerator
 from ..seeding import seeded
 from ..space import ParameterSpace
 from .method import NeuralMethod, network_builder
@@ -50,9 +50,12 @@ from .training import TrainConfig, resolve_training, split, train
 
 __all__ = ["ImplicitVI", "ImplicitPosterior", "ImplicitVIConfig", "NOISE_SKIP_BELOW", "FAMILIES"]
 
-# the generator families: the energy-score MLP (ImplicitGenerator) and the flow map of a learned
-# ODE trained by flow matching (FlowMatchingGenerator); implicitbayes.nn.generators has the math
-FAMILIES = ("energy_score", "flow_matching")
+# the generator families: the energy-score MLP (ImplicitGenerator), and two continuous-time ones
+# trained by their own regression losses, the flow map of an ODE learned by flow matching
+# (FlowMatchingGenerator) and a score-based diffusion sampled by its probability-flow ODE
+# (ScoreGenerator); implicitbayes.nn.generators has the math
+FAMILIES = ("energy_score", "flow_matching", "score")
+CONTINUOUS = {"flow_matching": FlowMatchingGenerator, "score": ScoreGenerator}
 
 # noise_skip=None turns the linear noise path on below this many simulations per latent
 # dimension: it pools the posterior's shape over every simulation, which pays where they are
@@ -92,9 +95,9 @@ class ImplicitPosterior(NeuralPosterior):
                  critic: Callable[[int, int], nn.Module] | None = None):
         super().__init__(space, observed, x_shapes, config, embedding)
         d, e = space.unconstrained_dim, self.context.out_features
-        if config.family == "flow_matching":
+        if config.family in CONTINUOUS:
             def default():
-                return FlowMatchingGenerator(e, d, config.hidden, config.layers)
+                return CONTINUOUS[config.family](e, d, config.hidden, config.layers)
         else:
             def default():
                 return ImplicitGenerator(e, d, config.noise_features, config.hidden, config.layers,
@@ -196,9 +199,11 @@ class ImplicitVI(NeuralMethod):
 
     Options: the sampler, ``correction`` ("sir" or None) and ``num_candidates`` K; the generator's
     ``family`` — ``"energy_score"`` (an MLP of (e(y), z) trained by the energy score of
-    ``num_draws`` m draws per observation) or ``"flow_matching"`` (the flow map of a learned ODE,
+    ``num_draws`` m draws per observation), ``"flow_matching"`` (the flow map of a learned ODE,
     :class:`~implicitbayes.nn.FlowMatchingGenerator`, trained by flow matching; with
-    ``correction=None`` it is plain flow-matching posterior estimation); the networks, ``hidden``, ``layers``,
+    ``correction=None`` it is plain flow-matching posterior estimation) or ``"score"`` (a
+    score-based diffusion sampled by its probability-flow ODE,
+    :class:`~implicitbayes.nn.ScoreGenerator`); the networks, ``hidden``, ``layers``,
     ``noise_features`` (None: max(2 dim θ, 8)) and ``noise_skip`` (a linear path from the noise to
     the output, f_w = g(e(y), z) + A z; None: on below ``NOISE_SKIP_BELOW`` simulations per latent
     dimension) of the generator, ``critic_hidden``, ``critic_layers`` of the critic — or build
@@ -233,11 +238,11 @@ class ImplicitVI(NeuralMethod):
         self.num_candidates = integer("num_candidates", num_candidates)
         self.num_draws = integer("num_draws", num_draws, minimum=2)  # the energy score needs two draws
         self.family = choice("family", family, FAMILIES)
-        if self.family == "flow_matching":
+        if self.family in CONTINUOUS:
             for name, value in (("noise_features", noise_features), ("noise_skip", noise_skip)):
                 if value is not None:
-                    raise ValueError(f"{name}: a flow-matching generator's noise is the latent's own dimension "
-                                     f"and has no noise path; leave {name}=None with family='flow_matching'")
+                    raise ValueError(f"{name}: a continuous-time generator's noise is the latent's own dimension "
+                                     f"and has no noise path; leave {name}=None with family={self.family!r}")
         if noise_skip is not None and not isinstance(noise_skip, bool):
             raise ValueError(f"noise_skip: expected True, False or None (on below {NOISE_SKIP_BELOW} simulations "
                              f"per latent dimension), got {noise_skip!r}")
@@ -252,7 +257,7 @@ class ImplicitVI(NeuralMethod):
                                                          "critic_layers": (critic_layers, 4)})
 
     def _posterior_config(self, x_shape, d: int) -> ImplicitVIConfig:
-        n, flow = x_shape[0], self.family == "flow_matching"
+        n, flow = x_shape[0], self.family in CONTINUOUS
         return ImplicitVIConfig(
             **neural_config_fields(x_shape[1:], self.embedding),
             generator="mlp" if self.generator is None else "custom", critic="mlp" if self.critic is None else "custom",
@@ -291,10 +296,11 @@ class ImplicitVI(NeuralMethod):
                        checkpoint) -> dict:
         """Stage 1: the energy score of ``num_draws`` generator draws per simulated pair, or the
         generator's own regression loss (``generator.loss(context, u, g)``, flow matching)."""
-        if post.config.family == "flow_matching":
+        if post.config.family in CONTINUOUS:
             if not callable(getattr(post.generator, "loss", None)):
-                raise TypeError(f"generator: family='flow_matching' trains the generator by its own loss(context, "
-                                f"theta, generator) method, which {type(post.generator).__name__} does not have")
+                raise TypeError(f"generator: family={post.config.family!r} trains the generator by its own "
+                                f"loss(context, theta, generator) method, which {type(post.generator).__name__} "
+                                "does not have")
 
             def score(x, u, g):
                 return post.generator.loss(post.context(x), u, g)

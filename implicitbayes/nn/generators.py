@@ -10,6 +10,8 @@ Two families, one interface ``forward(context (n, e), noise (n, m, k)) -> (n, m,
   2023, FMPE of Wildberger et al. 2023): f_w(e(y), z) = θ(1) for dθ/dt = v_w(θ, t, e(y)),
   θ(0) = z. Trained by regressing v_w on the straight path from noise to a simulated θ
   (:meth:`FlowMatchingGenerator.loss`); no density of q_w is evaluated, in training or after.
+* :class:`ScoreGenerator`, a score-based diffusion (Song et al. 2021) trained by denoising score
+  matching and sampled by its probability-flow ODE, again a deterministic map of z.
 
 The output is a point in the unconstrained space of the latents; a
 :class:`~implicitbayes.ParameterSpace` maps it onto each site's support (so a bounded prior
@@ -25,7 +27,7 @@ from torch import nn
 
 from ..space import ParameterSpace
 
-__all__ = ["ImplicitGenerator", "FlowMatchingGenerator"]
+__all__ = ["ImplicitGenerator", "FlowMatchingGenerator", "ScoreGenerator", "TimeConditionedMLP", "integrate_midpoint"]
 
 
 class ImplicitGenerator(nn.Module):
@@ -99,6 +101,54 @@ class ImplicitGenerator(nn.Module):
         return self.space.flatten(self.space.to_constrained(u.reshape(n * m, -1))).reshape(n, m, -1)
 
 
+def _positive(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    return value
+
+
+class TimeConditionedMLP(nn.Module):
+    """net(θ (..., d), t (...) or a number, context (..., e)) -> (..., d): an MLP of θ, e(y), t and
+    sinusoidal features of t (frequencies π, 2π, 4π, …) — the field of the continuous-time
+    generators."""
+
+    def __init__(self, context_features: int, theta_features: int, hidden: int = 128, layers: int = 4,
+                 time_features: int = 8, activation: type[nn.Module] = nn.SiLU):
+        super().__init__()
+        for name, value in (("hidden", hidden), ("layers", layers), ("time_features", time_features)):
+            _positive(name, value)
+        self.register_buffer("frequencies", math.pi * 2.0 ** torch.arange(time_features // 2, dtype=torch.float32))
+        width = theta_features + context_features + 1 + 2 * (time_features // 2)
+        dims = [width] + [hidden] * layers
+        self.body = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.act = activation()
+        self.out = nn.Linear(hidden, theta_features)
+
+    def forward(self, theta: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(t, dtype=theta.dtype, device=theta.device).expand(theta.shape[:-1])[..., None]
+        angles = t * self.frequencies
+        h = torch.cat([theta, context.expand(theta.shape[:-1] + context.shape[-1:]), t, angles.sin(), angles.cos()], -1)
+        for layer in self.body:
+            h = self.act(layer(h))
+        return self.out(h)
+
+
+def integrate_midpoint(field, theta: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
+    """θ at ``times[-1]`` for dθ/dt = field(θ, t) from θ at ``times[0]``: one explicit midpoint step
+    per interval of ``times`` (increasing or decreasing)."""
+    for a, b in zip(times[:-1].tolist(), times[1:].tolist()):
+        h = b - a
+        half = theta + 0.5 * h * field(theta, a)
+        theta = theta + h * field(half, a + 0.5 * h)
+    return theta
+
+
+def _check_noise(context: torch.Tensor, noise: torch.Tensor, features: int) -> torch.Tensor:
+    if noise.dim() != 3 or noise.shape[0] != context.shape[0] or noise.shape[-1] != features:
+        raise ValueError(f"noise: expected shape ({context.shape[0]}, m, {features}), got {tuple(noise.shape)}")
+    return context[:, None].expand(-1, noise.shape[1], -1)
+
+
 class FlowMatchingGenerator(nn.Module):
     r"""θ = f_w(e(y), z): the flow map of dθ/dt = v_w(θ, t, e(y)) from θ(0) = z ~ N(0, I) to t = 1.
 
@@ -113,50 +163,29 @@ class FlowMatchingGenerator(nn.Module):
 
     Args:
         context_features: size of e(y). theta_features: size of the unconstrained latent.
-        hidden, layers: the velocity MLP. steps: midpoint steps of the sampler.
-        time_features: sinusoidal features of t given to the MLP (frequencies π, 2π, 4π, …).
-        sigma_min: the path's width at t = 1.
+        hidden, layers, time_features: the field (:class:`TimeConditionedMLP`).
+        steps: midpoint steps of the sampler. sigma_min: the path's width at t = 1.
     """
 
     def __init__(self, context_features: int, theta_features: int, hidden: int = 128, layers: int = 4,
                  steps: int = 16, time_features: int = 8, sigma_min: float = 1e-4,
                  activation: type[nn.Module] = nn.SiLU):
         super().__init__()
-        for name, value in (("hidden", hidden), ("layers", layers), ("steps", steps), ("time_features", time_features)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        self.steps = _positive("steps", steps)
         if not 0 <= sigma_min < 1:
             raise ValueError(f"sigma_min: expected a number in [0, 1), got {sigma_min!r}")
         self.context_features, self.theta_features = context_features, theta_features
-        self.noise_features = theta_features
-        self.steps, self.sigma_min = steps, float(sigma_min)
-        self.register_buffer("frequencies", math.pi * 2.0 ** torch.arange(time_features // 2, dtype=torch.float32))
-        width = theta_features + context_features + 1 + 2 * (time_features // 2)
-        dims = [width] + [hidden] * layers
-        self.body = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
-        self.act = activation()
-        self.out = nn.Linear(hidden, theta_features)
+        self.noise_features, self.sigma_min = theta_features, float(sigma_min)
+        self.field = TimeConditionedMLP(context_features, theta_features, hidden, layers, time_features, activation)
 
     def velocity(self, theta: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
         """v_w(θ_t, t, e(y)) for ``theta (..., d)``, ``t (...)`` or a number, ``context (..., e)``."""
-        t = torch.as_tensor(t, dtype=theta.dtype, device=theta.device).expand(theta.shape[:-1])[..., None]
-        angles = t * self.frequencies
-        h = torch.cat([theta, context.expand(theta.shape[:-1] + context.shape[-1:]), t, angles.sin(), angles.cos()], -1)
-        for layer in self.body:
-            h = self.act(layer(h))
-        return self.out(h)
+        return self.field(theta, t, context)
 
     def forward(self, context: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Draws ``(n, m, d)`` for contexts ``(n, e)`` and noise ``(n, m, d)``: the ODE from t = 0 to 1."""
-        if noise.dim() != 3 or noise.shape[0] != context.shape[0] or noise.shape[-1] != self.noise_features:
-            raise ValueError(f"noise: expected shape ({context.shape[0]}, m, {self.noise_features}), got {tuple(noise.shape)}")
-        c = context[:, None].expand(-1, noise.shape[1], -1)
-        theta, h = noise, 1.0 / self.steps
-        for k in range(self.steps):
-            t = k * h
-            half = theta + 0.5 * h * self.velocity(theta, t, c)
-            theta = theta + h * self.velocity(half, t + 0.5 * h, c)
-        return theta
+        c = _check_noise(context, noise, self.noise_features)
+        return integrate_midpoint(lambda th, t: self.field(th, t, c), noise, torch.linspace(0, 1, self.steps + 1))
 
     def loss(self, context: torch.Tensor, theta: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """The flow-matching regression loss per row, ``(n,)``, for contexts ``(n, e)`` and simulated
@@ -165,4 +194,68 @@ class FlowMatchingGenerator(nn.Module):
         z = torch.randn(theta.shape, generator=generator, device=theta.device, dtype=theta.dtype)
         path = (1 - (1 - self.sigma_min) * t[:, None]) * z + t[:, None] * theta
         target = theta - (1 - self.sigma_min) * z
-        return ((self.velocity(path, t, context) - target) ** 2).sum(-1)
+        return ((self.field(path, t, context) - target) ** 2).sum(-1)
+
+
+class ScoreGenerator(nn.Module):
+    r"""θ = f_w(e(y), z): a score-based (diffusion) generator, sampled by its probability-flow ODE.
+
+    The variance-preserving diffusion (Song et al. 2021) noises θ as θ_t = α_t θ + σ_t ε with
+    α_t = exp(−½ ∫₀ᵗ β), σ_t² = 1 − α_t², β(t) = β_min + t (β_max − β_min). A network ε_w learns
+    the noise by denoising score matching,
+
+        E_{t ~ U(t_min, 1), (θ, y) ~ p, ε ~ N(0, I)} ‖ε_w(θ_t, t, e(y)) − ε‖²,
+
+    so that s_w = −ε_w / σ_t is the score ∇ log p_t(θ_t | y) of the noised posterior (NPSE,
+    Geffner et al. 2023 and Sharrock et al. 2024, in this form). Sampling runs the probability-flow
+    ODE dθ/dt = −½ β(t) (θ + s_w(θ, t, e(y))) from θ(1) = z ~ N(0, I) down to t_min, whose flow
+    carries N(0, I) to the posterior; ``steps`` midpoint steps on a grid that is quadratic in t (finer
+    near t_min, where the field changes fastest). The map is deterministic in z: an implicit
+    generator, with no density evaluated.
+
+    Args:
+        context_features, theta_features, hidden, layers, time_features: as
+            :class:`FlowMatchingGenerator`. steps: midpoint steps of the sampler.
+        beta_min, beta_max: the noise schedule. t_min: where sampling stops (and training starts).
+    """
+
+    def __init__(self, context_features: int, theta_features: int, hidden: int = 128, layers: int = 4,
+                 steps: int = 32, time_features: int = 8, beta_min: float = 0.1, beta_max: float = 20.0,
+                 t_min: float = 1e-3, activation: type[nn.Module] = nn.SiLU):
+        super().__init__()
+        self.steps = _positive("steps", steps)
+        if not 0 < beta_min < beta_max:
+            raise ValueError(f"beta_min, beta_max: expected 0 < beta_min < beta_max, got {beta_min!r}, {beta_max!r}")
+        if not 0 < t_min < 1:
+            raise ValueError(f"t_min: expected a number in (0, 1), got {t_min!r}")
+        self.context_features, self.theta_features = context_features, theta_features
+        self.noise_features = theta_features
+        self.beta_min, self.beta_max, self.t_min = float(beta_min), float(beta_max), float(t_min)
+        self.field = TimeConditionedMLP(context_features, theta_features, hidden, layers, time_features, activation)
+
+    def _beta(self, t):
+        return self.beta_min + t * (self.beta_max - self.beta_min)
+
+    def _alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        log_alpha = -0.5 * (self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t**2)
+        return log_alpha.exp(), (-torch.expm1(2 * log_alpha)).sqrt()
+
+    def forward(self, context: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Draws ``(n, m, d)`` for contexts ``(n, e)`` and noise ``(n, m, d)``: the ODE from t = 1 to t_min."""
+        c = _check_noise(context, noise, self.noise_features)
+
+        def field(theta, t):
+            _, sigma = self._alpha_sigma(torch.as_tensor(t, dtype=theta.dtype))
+            return -0.5 * self._beta(t) * (theta - self.field(theta, t, c) / sigma)
+
+        grid = torch.linspace(1.0, 0.0, self.steps + 1) ** 2
+        return integrate_midpoint(field, noise, self.t_min + (1 - self.t_min) * grid)
+
+    def loss(self, context: torch.Tensor, theta: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The denoising score-matching loss per row, ``(n,)`` (ε-prediction)."""
+        t = self.t_min + (1 - self.t_min) * torch.rand(theta.shape[0], generator=generator, device=theta.device,
+                                                         dtype=theta.dtype)
+        eps = torch.randn(theta.shape, generator=generator, device=theta.device, dtype=theta.dtype)
+        alpha, sigma = self._alpha_sigma(t)
+        noised = alpha[:, None] * theta + sigma[:, None] * eps
+        return ((self.field(noised, t, context) - eps) ** 2).sum(-1)
