@@ -10,7 +10,9 @@ with sbibm's own ``c2st`` (MLP classifier, 5-fold CV, z-scored).
 
 Methods: ``implicit_vi`` and ``npe`` at their defaults; ``implicit_vi_fm`` = ImplicitVI with the
 flow-matching generator (``family="flow_matching"``), critic-corrected; ``sbi_npe`` = sbi's
-NPE-NSF at its defaults; ``sbi_fmpe`` = sbi's flow-matching posterior (FMPE) at its defaults; ``sbi_npe_std`` = the same, trained on observations passed through our input
+NPE-NSF at its defaults; ``sbi_fmpe`` = sbi's flow-matching posterior (FMPE) at its defaults;
+``sbi_npse`` = sbi's score-based posterior (NPSE: VE SDE, MLP score network, sampled by the
+reverse SDE) at its defaults; ``sbi_npe_std`` = sbi's NPE-NSF trained on observations passed through our input
 standardisation (``implicitbayes.nn.Standardize``: log space for positive features, the robust
 asinh step), run only on tasks where that differs from plain z-scoring — the fairness row that
 separates the method from the preprocessing.
@@ -47,7 +49,9 @@ from implicitbayes.nn import Standardize  # noqa: E402
 from provenance import (add_store_arguments, command_line, committed_code_state, key, locked_results, parse_range,  # noqa: E402
                         results_path, store, tensors_hash, versions)
 
-METHODS = ("implicit_vi", "implicit_vi_fm", "npe", "sbi_npe", "sbi_npe_std", "sbi_fmpe")
+METHODS = ("implicit_vi", "implicit_vi_fm", "npe", "sbi_npe", "sbi_npe_std", "sbi_fmpe", "sbi_npse")
+SBI = {"sbi_npe": ("sbi.NPE_C", "nsf"), "sbi_fmpe": ("sbi.FMPE", "mlp vector field"),
+       "sbi_npse": ("sbi.NPSE", "mlp score network, VE SDE")}  # sbi's methods, each at its defaults
 PEER = "sbi_npe"
 TASKS = ("two_moons", "gaussian_linear", "slcp", "gaussian_mixture", "bernoulli_glm", "sir", "lotka_volterra_ode")
 CELLS = {"dev": ((1, 2, 3, 4, 5), (0,)), "heldout": ((6, 7, 8, 9, 10), (1, 2, 3))}
@@ -69,19 +73,21 @@ def input_standardization(data) -> Standardize | None:
 
 
 def train_sbi(task, data, seed, standardize: Standardize | None = None, method: str = "sbi_npe"):
-    from sbi.inference import FMPE, NPE_C
+    from sbi.inference import FMPE, NPE_C, NPSE
 
     x = data["x"].reshape(len(data), -1)
     transform = (lambda v: v) if standardize is None else (lambda v: standardize(v.reshape(-1, x.shape[1])))
     torch.manual_seed(seed)
     if method == "sbi_fmpe":  # flow matching at sbi's defaults (an MLP vector field)
         inference = FMPE(prior=task.prior, show_progress_bars=False)
+    elif method == "sbi_npse":  # score-based at sbi's defaults (VE SDE; sampled by the reverse SDE)
+        inference = NPSE(prior=task.prior, show_progress_bars=False)
     else:
         inference = NPE_C(prior=task.prior, density_estimator="nsf", show_progress_bars=False)
     estimator = inference.append_simulations(data["theta"], transform(x)).train()
     posterior = inference.build_posterior(estimator)
-    config = {"class": "sbi.FMPE" if method == "sbi_fmpe" else "sbi.NPE_C",
-              "density_estimator": "mlp vector field" if method == "sbi_fmpe" else "nsf",
+    name, estimator_kind = SBI["sbi_npe" if method == "sbi_npe_std" else method]
+    config = {"class": name, "density_estimator": estimator_kind,
               "input": "sbi z-score" if standardize is None else
               {"implicitbayes.Standardize": {"log": standardize.use_log.tolist(), "asinh": standardize.use_asinh.tolist()}}}
     return (lambda v, n: posterior.sample((n,), x=transform(v.reshape(1, -1)), show_progress_bars=False)), config
@@ -106,7 +112,7 @@ def sbibm_c2st():
 def setup_key(method: str, code: dict, vers: dict, num_samples: int) -> str:
     """What a row's numbers depend on besides task, budget, seed and observations."""
     parts = [method, code["simulators_tree"], vers["torch"], vers["sbibm"], num_samples]
-    if method not in ("sbi_npe", "sbi_fmpe"):  # ours, and the fairness row (our Standardize)
+    if method not in SBI:  # ours, and the fairness row (our Standardize)
         parts.append(code["implicitbayes_tree"])
     if method.startswith("sbi"):
         parts.append(vers["sbi"])
@@ -179,7 +185,7 @@ def main() -> None:
                                          "config": "our standardisation is plain z-scoring here: same as sbi_npe"})
                             continue
                         sampler, config = train_sbi(task, data, seed, std)
-                    elif method in ("sbi_npe", "sbi_fmpe"):
+                    elif method in SBI:
                         sampler, config = train_sbi(task, data, seed, method=method)
                     else:
                         sampler, config = train_ours(method, task, data, seed)
