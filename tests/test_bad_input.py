@@ -185,7 +185,7 @@ CASES = {
     "noise-skip": (lambda t: lambda: ib.ImplicitVI(gaussian_model, observed="x", noise_skip="no"),
                    ValueError, r"noise_skip: expected True, False or None .*, got 'no'"),
     "family": (lambda t: lambda: ib.ImplicitVI(gaussian_model, observed="x", family="flow-matching"),
-               ValueError, r"family: expected one of 'energy_score', 'flow_matching', 'score', got 'flow-matching'"),
+               ValueError, r"family: expected one of 'energy_score', 'flow_matching', 'score', 'consistency', got 'flow-matching'"),
     "family-noise": (lambda t: lambda: ib.ImplicitVI(gaussian_model, observed="x", family="flow_matching",
                                                      noise_features=4),
                      ValueError, r"noise_features: a continuous-time generator's noise is the latent's own dimension"),

@@ -1,22 +1,28 @@
 """The continuous-time generator blocks (flow matching; score-based diffusion sampled by its
-probability-flow ODE): each trained by its own regression loss alone on (y, θ) pairs draws a
-conditional Gaussian (KL < 0.05 at every test y) and both modes of a bimodal conditional in their
-proportions. Fixed seeds; the networks are small so that this runs in seconds."""
+probability-flow ODE; the one-step consistency model): each trained by its own loss alone on
+(y, θ) pairs draws a conditional Gaussian (KL < 0.05 at every test y) and both modes of a bimodal
+conditional in their proportions. Fixed seeds; the networks are small so that this runs in
+seconds — except consistency training, which needs several times more steps and is in the slow
+set."""
 
 import math
 
 import pytest
 import torch
 
-from implicitbayes.nn import FlowMatchingGenerator, ScoreGenerator
+from implicitbayes.nn import ConsistencyGenerator, FlowMatchingGenerator, ScoreGenerator
 
 FAMILIES = {"flow_matching": FlowMatchingGenerator, "score": ScoreGenerator}
+ALL = {**FAMILIES, "consistency": ConsistencyGenerator}
+CONSISTENCY_STEPS = 8000
 
 A = torch.tensor([1.0, -0.5])  # θ | y ~ N(A y, S S^T)
 S = torch.tensor([[0.5, 0.0], [0.3, 0.4]])
 
 
 def train(gen, y, theta, steps=3000, seed=0):
+    if isinstance(gen, ConsistencyGenerator):
+        gen.total_steps = steps  # the curriculum spans the run
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(gen.parameters(), lr=2e-3)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
@@ -45,12 +51,13 @@ def gaussian_kl(mean_q, cov_q, mean_p, cov_p):
     return 0.5 * (torch.trace(inv @ cov_q) + diff @ inv @ diff - d + torch.logdet(cov_p) - torch.logdet(cov_q))
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
+@pytest.fixture(scope="module", params=[*sorted(FAMILIES), pytest.param("consistency", marks=pytest.mark.slow)])
 def gaussian_fit(request):
     torch.manual_seed(0)
     y = torch.randn(8000, 1)
     theta = y * A + torch.randn(8000, 2) @ S.T
-    return train(FAMILIES[request.param](1, 2, hidden=64, layers=3), y, theta)
+    steps = CONSISTENCY_STEPS if request.param == "consistency" else 3000
+    return train(ALL[request.param](1, 2, hidden=64, layers=3), y, theta, steps=steps)
 
 
 @pytest.mark.parametrize("y_value", [-1.5, 0.0, 1.0])
@@ -60,15 +67,15 @@ def test_draws_a_conditional_gaussian(gaussian_fit, y_value):
     assert kl < 0.05, kl
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", sorted(ALL))
 def test_an_untrained_generator_is_far_from_it(family):
     """The same check on the untrained network fails: the tolerance is not trivially met."""
     torch.manual_seed(0)
-    x = draws(FAMILIES[family](1, 2, hidden=64, layers=3), 1.0).double()
+    x = draws(ALL[family](1, 2, hidden=64, layers=3), 1.0).double()
     assert gaussian_kl(x.mean(0), torch.cov(x.T), A.double(), (S @ S.T).double()) > 0.05
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", [*sorted(FAMILIES), pytest.param("consistency", marks=pytest.mark.slow)])
 def test_makes_both_modes_of_a_bimodal_conditional(family):
     """θ | y: ±(1 + |y|) with probabilities 0.3 / 0.7, sd 0.15 — a gap of 13 sd or more."""
     g = torch.Generator().manual_seed(0)
@@ -77,7 +84,8 @@ def test_makes_both_modes_of_a_bimodal_conditional(family):
     theta = sign * (1 + y.abs()) + 0.15 * torch.randn(8000, 1, generator=g)
     # denoising score matching converges more slowly on the modes' weights: at 3 000 steps the score
     # family gives the larger mode 0.668 at y = 0 (6 000 steps: 0.679; flow matching at 3 000: 0.70)
-    gen = train(FAMILIES[family](1, 1, hidden=64, layers=3), y, theta, steps=6000 if family == "score" else 3000)
+    steps = {"score": 6000, "consistency": CONSISTENCY_STEPS}.get(family, 3000)
+    gen = train(ALL[family](1, 1, hidden=64, layers=3), y, theta, steps=steps)
     for y_value in (0.0, 1.0):
         x = draws(gen, y_value)[:, 0]
         centre = 1 + abs(y_value)
@@ -107,10 +115,41 @@ def test_shapes_and_errors():
         ScoreGenerator(3, 2, t_min=0.0)
 
 
+def test_consistency_boundary_curriculum_and_multistep():
+    """f(x, σ_min) = x exactly (the boundary condition is in the parametrisation), the grid's
+    intervals double from 10 to 1280 over the curriculum and only training calls count, and
+    s-step sampling takes s · d noise coordinates."""
+    torch.manual_seed(0)
+    gen = ConsistencyGenerator(3, 2, hidden=8, layers=1, total_steps=80)
+    x, c = torch.randn(5, 2), torch.randn(5, 3)
+    assert torch.allclose(gen.consistency(x, torch.full((5,), gen.sigma_min), c), x, atol=1e-6)
+    grid = gen.grid(10)
+    assert grid[0] == pytest.approx(gen.sigma_min) and grid[-1] == pytest.approx(gen.sigma_max)
+    assert (grid.diff() > 0).all()
+    assert gen.intervals() == 10
+    with torch.no_grad():  # validation: not a training step
+        gen.loss(c, x)
+    assert int(gen.trained_steps) == 0
+    seen = []
+    for _ in range(80):
+        seen.append(gen.intervals())
+        gen.loss(c, x).mean().backward()
+    assert seen[0] == 10 and seen[-1] == 1280 and sorted(set(seen)) == [10, 20, 40, 80, 160, 320, 640, 1280]
+    assert gen.loss(c, x).shape == (5,)
+    two = ConsistencyGenerator(3, 2, hidden=8, layers=1, steps=2)
+    assert two.noise_features == 4 and two(c, torch.randn(5, 7, 4)).shape == (5, 7, 2)
+    with pytest.raises(ValueError, match=r"noise: expected shape \(5, m, 4\)"):
+        two(c, torch.randn(5, 7, 2))
+    with pytest.raises(ValueError, match="sigma_min, sigma_max"):
+        ConsistencyGenerator(3, 2, sigma_min=1.0, sigma_max=0.5)
+    with pytest.raises(ValueError, match="levels"):
+        ConsistencyGenerator(3, 2, levels=(20, 10))
+
+
 # ----------------------------------------------------------------------------- inside ImplicitVI
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", sorted(ALL))
 def test_implicit_vi_trains_a_continuous_time_family_saves_and_loads_it(tmp_path, family):
-    """family='flow_matching' or 'score': the generator is that block trained by its own loss, the
+    """family='flow_matching', 'score' or 'consistency': the generator is that block trained by its own loss, the
     critic corrects it as any generator, and the file round-trips (end-to-end accuracy:
     test_accuracy.py's slow tests)."""
     import implicitbayes as ib
@@ -119,7 +158,7 @@ def test_implicit_vi_trains_a_continuous_time_family_saves_and_loads_it(tmp_path
     data = ib.simulate(normal_model, 600, observed="x", seed=0, progress=False)
     post = ib.ImplicitVI(normal_model, observed="x", family=family, hidden=32, layers=2).fit(
         data, seed=0, progress=False, max_steps=150)
-    assert isinstance(post.generator, FAMILIES[family]) and post.config.family == family
+    assert isinstance(post.generator, ALL[family]) and post.config.family == family
     assert post.config.noise_features == 2 and not post.config.noise_skip
     x = torch.tensor([0.4, -0.3])
     draws = post.sample(500, x, seed=1)["theta"]

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from ..checks import choice, integer
-from ..nn import Critic, FlowMatchingGenerator, ImplicitGenerator, ScoreGenerator
+from ..nn import ConsistencyGenerator, Critic, FlowMatchingGenerator, ImplicitGenerator, ScoreGenerator
 from ..seeding import seeded
 from ..space import ParameterSpace
 from .method import NeuralMethod, network_builder
@@ -52,10 +52,11 @@ __all__ = ["ImplicitVI", "ImplicitPosterior", "ImplicitVIConfig", "NOISE_SKIP_BE
 
 # the generator families: the energy-score MLP (ImplicitGenerator), and two continuous-time ones
 # trained by their own regression losses, the flow map of an ODE learned by flow matching
-# (FlowMatchingGenerator) and a score-based diffusion sampled by its probability-flow ODE
-# (ScoreGenerator); implicitbayes.nn.generators has the math
-FAMILIES = ("energy_score", "flow_matching", "score")
-CONTINUOUS = {"flow_matching": FlowMatchingGenerator, "score": ScoreGenerator}
+# (FlowMatchingGenerator), a score-based diffusion sampled by its probability-flow ODE
+# (ScoreGenerator) and a one-step consistency model (ConsistencyGenerator); implicitbayes.nn.generators
+# has the math
+FAMILIES = ("energy_score", "flow_matching", "score", "consistency")
+CONTINUOUS = {"flow_matching": FlowMatchingGenerator, "score": ScoreGenerator, "consistency": ConsistencyGenerator}
 
 # noise_skip=None turns the linear noise path on below this many simulations per latent
 # dimension: it pools the posterior's shape over every simulation, which pays where they are
@@ -201,9 +202,11 @@ class ImplicitVI(NeuralMethod):
     ``family`` — ``"energy_score"`` (an MLP of (e(y), z) trained by the energy score of
     ``num_draws`` m draws per observation), ``"flow_matching"`` (the flow map of a learned ODE,
     :class:`~implicitbayes.nn.FlowMatchingGenerator`, trained by flow matching; with
-    ``correction=None`` it is plain flow-matching posterior estimation) or ``"score"`` (a
+    ``correction=None`` it is plain flow-matching posterior estimation), ``"score"`` (a
     score-based diffusion sampled by its probability-flow ODE,
-    :class:`~implicitbayes.nn.ScoreGenerator`); the networks, ``hidden``, ``layers``,
+    :class:`~implicitbayes.nn.ScoreGenerator`) or ``"consistency"`` (a one-step consistency model,
+    :class:`~implicitbayes.nn.ConsistencyGenerator`, by consistency training over
+    ``training.max_steps``, validated by the energy score of its draws); the networks, ``hidden``, ``layers``,
     ``noise_features`` (None: max(2 dim θ, 8)) and ``noise_skip`` (a linear path from the noise to
     the output, f_w = g(e(y), z) + A z; None: on below ``NOISE_SKIP_BELOW`` simulations per latent
     dimension) of the generator, ``critic_hidden``, ``critic_layers`` of the critic — or build
@@ -306,6 +309,11 @@ class ImplicitVI(NeuralMethod):
                 return post.generator.loss(post.context(x), u, g)
         else:
             score = EnergyScoreLoss(post, self.num_draws)
+        # the consistency loss falls as its grid refines, whatever the fit: its draws are validated by
+        # the energy score (a proper scoring rule of the draws, the same for every stage of the curriculum)
+        check = EnergyScoreLoss(post, self.num_draws) if post.config.family == "consistency" else score
+        if post.config.family == "consistency":
+            post.generator.total_steps = loop.max_steps
         val_g = torch.Generator(device=self.device)
 
         def step(idx, g):
@@ -313,7 +321,7 @@ class ImplicitVI(NeuralMethod):
 
         def validate(idx):
             val_g.manual_seed(seed + 1)
-            return float(sum(score(x[i], u_s[i], val_g).sum() for i in idx.split(2048)) / len(idx))
+            return float(sum(check(x[i], u_s[i], val_g).sum() for i in idx.split(2048)) / len(idx))
 
         return train({"context": post.context, "generator": post.generator}, step, validate, len(x), loop, seed=seed,
                      progress=progress, checkpoint=None if checkpoint is None else f"{checkpoint}.generator",
