@@ -8,8 +8,9 @@ SimulationSet is drawn with ``ib.simulate``; every method and peer trains on exa
 simulations (training seed = simulation seed) and draws 10 000 samples per observation, scored
 with sbibm's own ``c2st`` (MLP classifier, 5-fold CV, z-scored).
 
-Methods: ``implicit_vi`` and ``npe`` at their defaults; ``implicit_vi_fm`` = ImplicitVI with the
-flow-matching generator (``family="flow_matching"``), critic-corrected; ``sbi_npe`` = sbi's
+Methods: ``implicit_vi`` and ``npe`` at their defaults; ``implicit_vi_fm``, ``implicit_vi_score``,
+``implicit_vi_cm`` = ImplicitVI with the flow-matching, score-based or consistency generator
+(``family=``), critic-corrected; ``sbi_npe`` = sbi's
 NPE-NSF at its defaults; ``sbi_fmpe`` = sbi's flow-matching posterior (FMPE) at its defaults;
 ``sbi_npse`` = sbi's score-based posterior (NPSE: VE SDE, MLP score network, sampled by the
 reverse SDE) at its defaults; ``sbi_npe_std`` = sbi's NPE-NSF trained on observations passed through our input
@@ -49,7 +50,7 @@ from implicitbayes.nn import Standardize  # noqa: E402
 from provenance import (add_store_arguments, command_line, committed_code_state, key, locked_results, parse_range,  # noqa: E402
                         results_path, store, tensors_hash, versions)
 
-METHODS = ("implicit_vi", "implicit_vi_fm", "npe", "sbi_npe", "sbi_npe_std", "sbi_fmpe", "sbi_npse")
+METHODS = ("implicit_vi", "implicit_vi_fm", "implicit_vi_score", "implicit_vi_cm", "npe", "sbi_npe", "sbi_npe_std", "sbi_fmpe", "sbi_npse")
 SBI = {"sbi_npe": ("sbi.NPE_C", "nsf"), "sbi_fmpe": ("sbi.FMPE", "mlp vector field"),
        "sbi_npse": ("sbi.NPSE", "mlp score network, VE SDE")}  # sbi's methods, each at its defaults
 PEER = "sbi_npe"
@@ -60,7 +61,8 @@ CELLS = {"dev": ((1, 2, 3, 4, 5), (0,)), "heldout": ((6, 7, 8, 9, 10), (1, 2, 3)
 # ----------------------------------------------------------------------------- methods
 def train_ours(method, task, data, seed):
     cls, options = {"implicit_vi": (ib.ImplicitVI, {}), "implicit_vi_fm": (ib.ImplicitVI, {"family": "flow_matching"}),
-                    "npe": (ib.NPE, {})}[method]
+                    "implicit_vi_score": (ib.ImplicitVI, {"family": "score"}),
+                    "implicit_vi_cm": (ib.ImplicitVI, {"family": "consistency"}), "npe": (ib.NPE, {})}[method]
     post = cls(task.model, observed="x", **options).fit(data, seed=seed, progress=False)
     return (lambda x, n: post.sample(n, x, seed=seed)["theta"]), {"class": cls.__name__, **post.config.to_json()}
 
