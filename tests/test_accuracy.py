@@ -91,7 +91,8 @@ def bimodal_data():
     return ib.simulate(bimodal_model, 4000, observed="x", seed=0, progress=False)
 
 
-@pytest.mark.parametrize("residual", ["auto", False])
+# the flow alone (residual off) is a slow test: the default "auto" is the one CI guards
+@pytest.mark.parametrize("residual", ["auto", pytest.param(False, marks=pytest.mark.slow)])
 def test_npe_with_its_default_flow_matches_the_correlated_posterior(correlated_data, residual):
     # "auto" keeps the linear residual here (its residuals are Gaussian); off, the flow alone
     # must learn where the posterior sits
@@ -106,6 +107,7 @@ def test_implicit_vi_matches_the_correlated_posterior(correlated_data):
     gaussian_check(lambda x, n: post.sample(n, x, seed=1)["theta"])
 
 
+@pytest.mark.slow  # ≈ 50 s; NRE with NUTS stays in CI through test_nre_abc.py's analytic posterior
 def test_nre_with_nuts_matches_the_correlated_posterior(correlated_data):
     post = ib.NRE(correlated_model, observed="x").fit(correlated_data, seed=0, progress=False)
     gaussian_check(lambda x, n: post.sample(n, x, seed=1)["theta"], num_samples=2000)
@@ -124,6 +126,7 @@ def test_abc_matches_the_correlated_posterior():
     gaussian_check(sample)
 
 
+@pytest.mark.slow  # ≈ 90 s; ImplicitVI's bimodal check below stays in CI
 def test_npe_makes_both_modes_of_a_bimodal_posterior(bimodal_data):
     post = ib.NPE(bimodal_model, observed="x").fit(bimodal_data, seed=0, progress=False)
     bimodal_check(lambda x, n: post.sample(n, x, seed=1)["theta"])

@@ -97,6 +97,7 @@ def test_the_critic_sees_theta_in_the_generators_frame_at_y(implicit):
     assert ((shift - 0.3).abs() < 0.12).all(), shift
 
 
+@pytest.mark.slow  # ≈ 45 s
 def test_the_generators_linear_noise_path_keeps_its_draws_uncorrelated():
     # the exact posterior N(x/2, 0.05 I) has independent coordinates. With 10³ simulations the
     # MLP alone learns the draws' shape separately at each y and invents correlations; the linear

@@ -69,6 +69,7 @@ def _implicit_local_model():
         return pyro.sample("x", ib.Implicit(lambda t: t[:, None] + torch.randn(t.shape[0], 3), z, event_shape=(3,)))
 
 
+@pytest.mark.slow  # ≈ 50 s; LFVI's exact hierarchical check stays in CI
 def test_lfvi_with_an_implicit_local_latent():
     # mu ~ N(0, 1); z_n = mu + N(0, 1) is itself an ib.Implicit site; x_n = z_n + N(0, I_3).
     # Exact: x̄_n ~ N(mu, v), v = 1 + 1/3, so mu | x ~ N(Σx̄ / (v (1 + N/v)), 1 / (1 + N/v)).

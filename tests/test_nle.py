@@ -60,7 +60,8 @@ def posterior():
     return ib.NLE(trials_model, observed="x").fit(data, seed=0, progress=False)
 
 
-@pytest.mark.parametrize("n", [1, 10, 100])
+# N = 1 and 100 in CI, N = 10 with the slow tests (≈ 70 s each)
+@pytest.mark.parametrize("n", [1, pytest.param(10, marks=pytest.mark.slow), 100])
 def test_trained_on_single_trials_it_matches_the_posterior_of_n_trials(posterior, n):
     x = trials(n, seed=n)
     draws = posterior.sample(1000, {"x": x}, seed=1, model_kwargs={"num_trials": n})["theta"]
