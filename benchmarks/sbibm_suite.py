@@ -8,7 +8,8 @@ SimulationSet is drawn with ``ib.simulate``; every method and peer trains on exa
 simulations (training seed = simulation seed) and draws 10 000 samples per observation, scored
 with sbibm's own ``c2st`` (MLP classifier, 5-fold CV, z-scored).
 
-Methods: ``implicit_vi`` and ``npe`` at their defaults; ``implicit_vi_fm``, ``implicit_vi_score``,
+Methods: ``implicit_vi`` and ``npe`` at their defaults (``npe+batch_size=200+patience=30``: with
+those training-loop settings changed, a development-cell probe kept apart by its label); ``implicit_vi_fm``, ``implicit_vi_score``,
 ``implicit_vi_cm`` = ImplicitVI with the flow-matching, score-based or consistency generator
 (``family=``), critic-corrected; ``sbi_npe`` = sbi's
 NPE-NSF at its defaults; ``sbi_fmpe`` = sbi's flow-matching posterior (FMPE) at its defaults;
@@ -59,12 +60,34 @@ CELLS = {"dev": ((1, 2, 3, 4, 5), (0,)), "heldout": ((6, 7, 8, 9, 10), (1, 2, 3)
 
 
 # ----------------------------------------------------------------------------- methods
+def method_variant(method: str) -> tuple[str, dict]:
+    """``"npe+batch_size=200+patience=30"`` → ``("npe", {"batch_size": 200, "patience": 30})``:
+    one of our methods with some training-loop settings changed (a development-cell probe; the
+    label keeps its rows apart from the default's)."""
+    base, *changes = method.split("+")
+    training = {}
+    for change in changes:
+        field, sep, value = change.partition("=")
+        if not sep:
+            raise SystemExit(f"method {method!r}: expected +field=value after the method name, got {change!r}")
+        try:
+            training[field] = json.loads(value)
+        except json.JSONDecodeError:
+            training[field] = value
+    if training and (base not in METHODS or base in SBI or base == "sbi_npe_std"):
+        raise SystemExit(f"method {method!r}: training changes apply to our methods only")
+    return base, training
+
+
 def train_ours(method, task, data, seed):
-    cls, options = {"implicit_vi": (ib.ImplicitVI, {}), "implicit_vi_fm": (ib.ImplicitVI, {"family": "flow_matching"}),
+    method, training = method_variant(method)
+    options = {"training": training} if training else {}
+    cls, family = {"implicit_vi": (ib.ImplicitVI, {}), "implicit_vi_fm": (ib.ImplicitVI, {"family": "flow_matching"}),
                     "implicit_vi_score": (ib.ImplicitVI, {"family": "score"}),
                     "implicit_vi_cm": (ib.ImplicitVI, {"family": "consistency"}), "npe": (ib.NPE, {})}[method]
-    post = cls(task.model, observed="x", **options).fit(data, seed=seed, progress=False)
-    return (lambda x, n: post.sample(n, x, seed=seed)["theta"]), {"class": cls.__name__, **post.config.to_json()}
+    post = cls(task.model, observed="x", **family, **options).fit(data, seed=seed, progress=False)
+    config = {"class": cls.__name__, **post.config.to_json(), **({"training": training} if training else {})}
+    return (lambda x, n: post.sample(n, x, seed=seed)["theta"]), config
 
 
 def input_standardization(data) -> Standardize | None:
@@ -152,7 +175,7 @@ def main() -> None:
         return
 
     methods = args.methods.split(",")
-    unknown = [m for m in methods if m not in METHODS] + [t for t in args.tasks.split(",") if t not in TASKS]
+    unknown = [m for m in methods if method_variant(m)[0] not in METHODS] + [t for t in args.tasks.split(",") if t not in TASKS]
     if unknown:
         raise SystemExit(f"unknown methods or tasks {unknown}; choose from {METHODS} and {TASKS}")
     obs, seeds = CELLS[args.cells]
