@@ -9,6 +9,7 @@ benchmark measures accuracy (C2ST).
 """
 
 import copy
+import math
 
 import pyro
 import pytest
@@ -453,3 +454,32 @@ def test_implicit_vi_and_nre_take_network_build_callables(tmp_path):
     theta = {"theta": torch.zeros(4, 2)}
     back = ib.load(tmp_path / "nre.safetensors", classifier=crit)
     assert torch.equal(back.log_ratio(theta, x), nre.log_ratio(theta, x))
+
+
+def test_auto_batch_size_takes_small_steps_on_small_sets_and_45_per_epoch_on_large_ones():
+    """``TrainConfig(batch_size="auto")``: 50 rows per step up to 2 250 training rows, rows // 45
+    above (≈ 45 steps per epoch), 200 at most; the loop uses it for its minibatches and for one
+    epoch between validations, and reports it. The rate and the step budget are those of batches
+    of 50, scaled: at 200 the rate doubles (√4) and the steps are a quarter (same epochs)."""
+    from implicitbayes.infer.training import TrainConfig, auto_batch_size, scaled_to_batch, train
+
+    assert [auto_batch_size(n) for n in (10, 900, 2249, 2700, 9000, 10**6)] == [50, 50, 50, 60, 200, 200]
+    config = TrainConfig(batch_size="auto", lr=5e-4, max_steps=30_000)
+    assert scaled_to_batch(config, 900) == (50, config)
+    batch, scaled = scaled_to_batch(config, 9000)
+    assert batch == 200 and scaled.lr == pytest.approx(1e-3) and scaled.max_steps == 7500
+    assert scaled_to_batch(TrainConfig(batch_size=64, lr=1e-3), 9000) == (64, TrainConfig(batch_size=64, lr=1e-3))
+    for rows, batch in ((1000, 50), (10_000, 200)):
+        net, seen = torch.nn.Linear(1, 1), []
+
+        def step(idx, g):
+            seen.append(len(idx))
+            return {"mse": (net(torch.ones(len(idx), 1)) ** 2).mean()}
+
+        summary = train({"net": net}, step, lambda idx: 1.0, rows, TrainConfig(batch_size="auto", max_steps=4000, patience=2),
+                        seed=0, progress=False)
+        assert set(seen) == {batch} and summary["batch_size"] == batch
+        epoch = max(10, math.ceil(int(rows * 0.9) / batch))  # validation every epoch: stops after 3 of them
+        assert summary["steps"] == 3 * epoch, (rows, summary["steps"])
+    with pytest.raises(ValueError, match="batch_size: expected a positive integer or 'auto', got 'big'"):
+        TrainConfig(batch_size="big")

@@ -34,9 +34,11 @@ _CKPT_VERSION = 1
 class TrainConfig:
     """The training loop's settings. Every method has its own defaults (``NPE.TRAINING``, …);
     pass ``training=TrainConfig(...)`` to replace them, or a mapping of fields to change some
-    (``training={"lr": 1e-4}``)."""
+    (``training={"lr": 1e-4}``). ``batch_size="auto"`` sizes the batch to the training rows
+    (:func:`auto_batch_size`) and reads ``lr`` and ``max_steps`` as settings for batches of 50,
+    scaled to the batch chosen (:func:`scaled_to_batch`)."""
 
-    batch_size: int = 256
+    batch_size: int | str = 256  # or "auto": auto_batch_size(training rows), lr and max_steps scaled to it
     lr: float = 1e-3
     max_steps: int = 20_000
     validation_fraction: float = 0.1
@@ -51,7 +53,11 @@ class TrainConfig:
     time_budget: float | None = None  # seconds
 
     def __post_init__(self):
-        integer("batch_size", self.batch_size)
+        if self.batch_size != "auto":
+            try:
+                integer("batch_size", self.batch_size)
+            except ValueError:
+                raise ValueError(f"batch_size: expected a positive integer or 'auto', got {self.batch_size!r}") from None
         integer("max_steps", self.max_steps)
         integer("patience", self.patience)
         integer("plateau", self.plateau, none=True)
@@ -70,6 +76,29 @@ class TrainConfig:
         integer("max_steps", max_steps, none=True)
         number("time_budget", time_budget, none=True, what="a positive number of seconds")
         return replace(self, max_steps=max_steps or self.max_steps, time_budget=time_budget)
+
+
+AUTO_BATCH = (50, 200, 45)  # smallest, largest, steps per epoch aimed at in between
+
+
+def auto_batch_size(rows: int) -> int:
+    """``batch_size="auto"``: 50 rows per step up to 2 250 training rows, then about 45 steps per
+    epoch (rows // 45), at most 200 — sbi's batch at 10⁴ simulations. Small sets keep many
+    small steps per epoch; large ones stop paying per-step overhead for steps that small."""
+    low, high, steps = AUTO_BATCH
+    return max(low, min(high, rows // steps))
+
+
+def scaled_to_batch(config: TrainConfig, rows: int) -> tuple[int, TrainConfig]:
+    """The batch size a run on ``rows`` training rows uses, and its settings. With
+    ``batch_size="auto"`` the learning rate and ``max_steps`` are read as settings for batches
+    of 50 and scaled to the batch B chosen: the rate by √(B/50) (the square-root rule for Adam,
+    Malladi et al. 2022), the steps by 50/B, so that the cosine decay spans the same epochs."""
+    if config.batch_size != "auto":
+        return config.batch_size, config
+    batch = auto_batch_size(rows)
+    ratio = batch / AUTO_BATCH[0]
+    return batch, replace(config, lr=config.lr * math.sqrt(ratio), max_steps=max(1, math.ceil(config.max_steps / ratio)))
 
 
 def resolve_training(default: TrainConfig, training: "TrainConfig | Mapping[str, Any] | None",
@@ -154,7 +183,8 @@ def train(
     """
     g = torch.Generator().manual_seed(seed)
     train_idx, val_idx = split(num_rows, config.validation_fraction, g)
-    every = config.validate_every or max(10, math.ceil(len(train_idx) / config.batch_size))
+    batch_size, config = scaled_to_batch(config, len(train_idx))
+    every = config.validate_every or max(10, math.ceil(len(train_idx) / batch_size))
     groups = parameters if parameters is not None else [p for m in modules.values() for p in m.parameters()]
     optimizer = torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -210,7 +240,7 @@ def train(
         for s in range(start, config.max_steps):
             for m in modules.values():
                 m.train()
-            batch = train_idx[torch.randint(0, len(train_idx), (min(config.batch_size, len(train_idx)),), generator=g)]
+            batch = train_idx[torch.randint(0, len(train_idx), (min(batch_size, len(train_idx)),), generator=g)]
             losses = step(batch, g)
             loss = next(iter(losses.values()))
             if not torch.isfinite(loss):
@@ -267,5 +297,5 @@ def train(
         swap_average()  # end on the averaged weights
     for m in modules.values():
         m.eval()
-    return {"steps": s + 1, "best_validation": best, "stopped": stopped, "seconds": time.perf_counter() - t0,
+    return {"steps": s + 1, "batch_size": batch_size, "best_validation": best, "stopped": stopped, "seconds": time.perf_counter() - t0,
             "lr_scale": scale, "history": history}
