@@ -267,8 +267,8 @@ def cell_table(rows: list[dict], title: str, note: str) -> list[str]:
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     counts: dict = {}
     order = {t: i for i, t in enumerate(TASKS)}
-    for (task, budget, method), s in sorted(summary.items(), key=lambda kv: (order.get(kv[0][0], 99), kv[0][1],
-                                                                            METHODS.index(kv[0][2]))):
+    for (task, budget, method), s in sorted(summary.items(), key=lambda kv: (
+            order.get(kv[0][0], 99), kv[0][1], METHODS.index(method_variant(kv[0][2])[0]), kv[0][2])):
         peer = summary.get((task, budget, PEER))
         common = sorted(set(s["c2st"]) & set(peer["c2st"])) if peer else []
         if method == PEER or not common:
