@@ -26,8 +26,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import implicitbayes as ib  # noqa: E402
 import simulators  # noqa: E402
-from provenance import (add_store_arguments, command_line, committed_code_state, key, locked_results, parse_range,  # noqa: E402
-                        results_path, store, tensors_hash, versions)
+from provenance import (add_store_arguments, run_and_tabulate, command_line, committed_code_state, key, parse_range,  # noqa: E402
+                        store, tensors_hash, versions)
 
 SITES = ("mu", "sigma", "log_theta")
 TARGET = (0.80, 0.97)
@@ -44,11 +44,7 @@ def main() -> None:
     ap.add_argument("--num-samples", type=int, default=4000)
     add_store_arguments(ap)
     args = ap.parse_args()
-    path = results_path(args, "lfvi_coverage")
-    if not args.table:
-        run(args, path)
-    with locked_results(path) as results:
-        write_table(results, path.with_suffix(".md"))
+    run_and_tabulate(args, "lfvi_coverage", run, write_table)
 
 
 def run(args, path: Path) -> None:

@@ -111,6 +111,16 @@ def results_path(args, name: str) -> Path:
     return out / f"{name}.json"
 
 
+def run_and_tabulate(args, name: str, run, write_table) -> None:
+    """A resumable benchmark's main: ``run(args, path)`` unless ``--table``, then the markdown
+    rewritten from every row of ``<--out>/<name>.json`` by ``write_table(results, md_path)``."""
+    path = results_path(args, name)
+    if not args.table:
+        run(args, path)
+    with locked_results(path) as results:
+        write_table(results, path.with_suffix(".md"))
+
+
 def committed_code_state(args, *scripts: str) -> dict:
     """:func:`code_state`, refusing uncommitted changes unless ``--allow-dirty``."""
     code = code_state(*scripts)

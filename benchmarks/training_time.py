@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import implicitbayes as ib  # noqa: E402
 import simulators  # noqa: E402
-from provenance import (add_store_arguments, command_line, committed_code_state, locked_results, parse_range,  # noqa: E402
-                        results_path, store, tensors_hash, versions)
+from provenance import (add_store_arguments, run_and_tabulate, command_line, committed_code_state, parse_range,  # noqa: E402
+                        store, tensors_hash, versions)
 from sbibm_suite import PEER, SBI, TASKS, method_variant, setup_key, train_ours, train_sbi  # noqa: E402
 
 
@@ -49,11 +49,7 @@ def main() -> None:
     p.add_argument("--seeds", default="1")
     add_store_arguments(p)
     args = p.parse_args()
-    path = results_path(args, "training_time")
-    if not args.table:
-        run(args, path)
-    with locked_results(path) as results:
-        write_table(results, path.with_suffix(".md"))
+    run_and_tabulate(args, "training_time", run, write_table)
 
 
 def run(args, path: Path) -> None:
