@@ -207,6 +207,8 @@ CASES = {
                     r"at least 30"),
     "loop-ema": (lambda t: lambda: ib.LFVI(gaussian_model, observed="x", training={"ema": 1.0}), ValueError,
                  r"ema: expected a decay in \(0, 1\) or None, got 1.0"),
+    "lfvi-prior-steps": (lambda t: lambda: ib.LFVI(gaussian_model, observed="x", prior_steps=-1), ValueError,
+                         r"prior_steps: expected a non-negative integer, got -1"),
     "num-samples": (lambda t: lambda: _posterior().sample(0, torch.zeros(2)), ValueError,
                     r"num_samples: expected a positive integer, got 0"),
     "device-unknown": (lambda t: _simulate(gaussian_model, device="tpu9"), ValueError, r"device: 'tpu9' is not a device"),

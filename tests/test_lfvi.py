@@ -61,6 +61,24 @@ def test_lfvi_save_load_guide_and_wrong_observation(fitted, tmp_path):
         back.sample(5, X + 1)
 
 
+@pytest.mark.parametrize("prior_steps", [500, 0])
+def test_lfvi_starts_q_beta_at_the_prior_tails_included(prior_steps):
+    # τ ~ HalfNormal(1): in the standardised log τ an untrained flow (a standard normal) puts its
+    # 99.9 % quantile near τ ≈ 16 against the prior's 3.3, and every particle drawn is simulated
+    # (σ ≈ 40 overflowed the Lotka–Volterra population's rates). Started at the prior, q's median
+    # and extreme quantiles of τ are the prior's (one ELBO step at a negligible rate follows).
+    post = ib.LFVI(TASK.model, observed="x", num_particles=8, pilot_simulations=64, prior_steps=prior_steps,
+                   training={"lr": 1e-9}).fit(observation=X, max_steps=1, seed=0, progress=False)
+    tau = post.sample(100_000, seed=1)["tau"]
+    prior = torch.distributions.HalfNormal(1.0).sample((100_000,))
+    levels = torch.tensor([0.5, 0.99, 0.999])
+    ratio = tau.quantile(levels) / prior.quantile(levels)
+    if prior_steps:
+        assert ((ratio - 1).abs() < 0.15).all(), ratio
+    else:  # the defect the start guards against
+        assert ratio[-1] > 2, ratio
+
+
 def _implicit_local_model():
     groups = pyro.plate("groups", 4)
     mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
