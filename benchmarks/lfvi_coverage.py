@@ -84,20 +84,24 @@ def run(args, path: Path) -> None:
 
 
 def write_table(results: dict, path: Path) -> None:
-    by_options: dict = {}
+    by_state: dict = {}  # one section per options and code state, in the order first run
     for r in results["runs"]:
-        by_options.setdefault(r["options"], []).append(r)
+        by_state.setdefault((r["options"], r["setup"]), []).append(r)
+    latest = {options: setup for options, setup in by_state}  # the last state run with those options
     lines = ["# LFVI on lotka_volterra_population: coverage of 90 % intervals over datasets from the prior", "",
              "Produced by `benchmarks/lfvi_coverage.py` (its docstring gives the protocol); the commands:", "",
              *[f"    {c}" for c in sorted({r["command"] for r in results["runs"]})], "",
              f"Target: {TARGET[0]:.0%}–{TARGET[1]:.0%} for each group. ± is one binomial sd over the intervals "
              "counted (coordinates of different datasets are independent; those of one dataset are not, so it "
              "understates the spread).", ""]
-    for options, every in by_options.items():
+    for (options, setup), every in reversed(list(by_state.items())):
         every = sorted(every, key=lambda r: r["dataset"])
         rows = [r for r in every if not r.get("failed")]
         failed = [r for r in every if r.get("failed")]
-        lines += [f"## Options: {options or 'defaults'} ({len(every)} datasets, {len(failed)} fits failed)", ""]
+        commit = every[0]["code"]["commit"][:7]
+        superseded = "" if latest[options] == setup else ", superseded by the code state above"
+        lines += [f"## Options: {options or 'defaults'}, code at {commit} ({len(every)} datasets, {len(failed)} fits "
+                  f"failed{superseded})", ""]
         if failed:
             lines += ["Failed fits (counted in no coverage; the target is not met while any fit fails):", "",
                       *[f"- dataset {r['dataset']}: {r['failed']}" for r in failed], ""]
