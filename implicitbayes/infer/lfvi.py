@@ -422,6 +422,10 @@ class LFVI(Method):
         space, standardize = post.global_space, post.global_standardize
         draws = prior.sample(self.prior_steps * batch)
         b_p = standardize(space.to_unconstrained({k: v.to(self.device) for k, v in draws.items()}))
+        # a float32 sampler can return a point of the support's boundary (σ = 0.0 from a HalfNormal,
+        # once in ~10⁵ draws; probability zero in exact arithmetic): it has no unconstrained value
+        # and is left out of this start, which only needs a Monte Carlo sample of the prior
+        b_p = b_p[torch.isfinite(b_p).all(1)]
         log_scale = standardize.scale.log().sum()
         generator = torch.Generator(device=self.device).manual_seed(fresh_seed())
         optimizer = torch.optim.Adam(post.q_global.parameters(), lr=1e-3)
