@@ -64,7 +64,7 @@ def run(args, path: Path) -> None:
                 "versions": vers, "data_hash": tensors_hash(truth["x"]), "command": command}
         try:
             post = ib.LFVI(task.model, observed="x", **options).fit(observation=truth["x"][0], seed=i, progress=False)
-        except ib.SimulationError as e:  # a fit that drove the simulator out of range: a result too
+        except (ib.SimulationError, ib.TrainingError) as e:  # a fit that failed: a result too
             message = str(e).splitlines()[0]
             store(path, identity, {**base, "failed": message, "inside": None,
                                    "train_seconds": time.perf_counter() - t0, "simulations": None})
