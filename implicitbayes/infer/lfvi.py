@@ -36,8 +36,7 @@ q(β) therefore starts at the prior (a few hundred steps of KL(p ‖ q) + KL(q �
 runs) rather than at a standard normal in the standardised coordinates, and an affine
 autoregressive layer comes before its spline flow so that its tails scale with its spread (a
 spline's tails are the identity). Without them, on ``lotka_volterra_population`` q drew
-σ ≈ 40 where the prior has none and the rates exp(log θ) overflowed in 6 of 16 fits
-(``benchmarks/results/lfvi_coverage.md``).
+σ ≈ 40 where the prior has none, the rates exp(log θ) overflowed and the fit stopped.
 
 The default budget (8 000 steps of 64 global particles) is the one that met the accuracy targets
 in ``benchmarks/results/lfvi_hierarchical.md``.
@@ -258,15 +257,15 @@ class LFVI(Method):
     Options: the objective's ``num_particles`` S draws of β per step and ``groups_per_step`` M
     (None: all N); the networks, ``flow`` (a name in ``implicitbayes.nn.FLOWS``) / ``transforms`` /
     ``flow_hidden`` / ``affine_first`` of q(β) (an affine autoregressive layer before the flow, so
-    that q's tails scale with its spread: a spline's tails are the identity), ``hidden`` / ``layers`` of the local generator, ``critic_hidden`` /
-    ``critic_layers`` of the critic — or build callables in their place: ``flow(features, 0)``
+    that q's tails scale with its spread: a spline's tails are the identity), ``hidden`` /
+    ``layers`` of the local generator, ``critic_hidden`` / ``critic_layers`` of the critic — or build callables in their place: ``flow(features, 0)``
     (an unconditional zuko-style flow), ``generator(context_features, theta_features)`` (a module
     ``(context (n, e), noise (n, m, k)) -> (n, m, d)`` with a ``noise_features`` attribute, e.g.
     ``partial(ib.nn.ImplicitGenerator, noise_features=8)``) and ``critic(theta_features,
     context_features)``, passed again to ``ib.load`` — the critic's learning rate being
     ``critic_lr_scale`` times the others'; ``pilot_simulations`` from the prior that standardise the coordinates;
-    ``prior_steps`` of maximum likelihood that start q(β) at the prior (0: at the standard normal
-    of the standardised coordinates);
+    ``prior_steps`` on KL(p ‖ q) + KL(q ‖ p) of the global sites that start q(β) at the prior, no
+    simulations (0: q starts at the standard normal of the standardised coordinates);
     ``training`` (a :class:`~implicitbayes.TrainConfig` or a mapping of fields changing
     ``LFVI.TRAINING``: 8 000 steps, no held-out rows — LFVI validates on the observation's ELBO);
     ``device``.
