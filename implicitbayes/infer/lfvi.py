@@ -370,8 +370,8 @@ class LFVI(Method):
             simulator = _GroupSimulator(self, post, ginfo, local, obs, outer_dim, n_groups)
             self._fit_standardizers(post, data, seed, latent_names, obs, n_groups, simulator)
             prior = _GlobalPrior(self.model, self.model_args, self.model_kwargs, ginfo, outer_dim)
-            self._start_at_prior(post, prior)
             objective = LFVIObjective(post, prior)
+            self._start_at_prior(post, prior, objective)
             feats_obs = post.features(x_flat.reshape((n_groups,) + x_group_shape))
 
             def step(_, g):
@@ -408,12 +408,13 @@ class LFVI(Method):
             post.training_summary = summary
         return post.attach_model(self.model, self.model_args, self.model_kwargs)
 
-    def _start_at_prior(self, post: LFVIPosterior, prior: _GlobalPrior, batch: int = 256, particles: int = 64) -> None:
+    def _start_at_prior(self, post: LFVIPosterior, prior: _GlobalPrior, objective: "LFVIObjective",
+                        batch: int = 256, particles: int = 64) -> None:
         """q(β) starts at the prior: ``prior_steps`` Adam steps on KL(p ‖ q) + KL(q ‖ p) of the
         global sites, the first by maximum likelihood on ``batch`` fresh prior draws (it spreads q
         over the prior's mass), the second on ``particles`` of q's own draws (it pulls in q's
-        tails where the prior has none). No simulator runs. An untrained flow is a standard normal in the pilot-standardised
-        coordinates, whose tails the prior may not have (log σ of σ ~ HalfNormal has a light right
+        tails where the prior has none). No simulator runs. An untrained flow is a standard normal
+        in the pilot-standardised coordinates, whose tails the prior may not have (log σ of σ ~ HalfNormal has a light right
         tail: a 4.7-sd normal draw is σ ≈ 16 where the prior puts none), and the simulator is run
         at every particle drawn — so do the ELBO's first steps."""
         if not self.prior_steps:
@@ -425,14 +426,11 @@ class LFVI(Method):
         # once in ~10⁵ draws; probability zero in exact arithmetic): it has no unconstrained value
         # and is left out of this start, which only needs a Monte Carlo sample of the prior
         b_p = b_p[torch.isfinite(b_p).all(1)]
-        log_scale = standardize.scale.log().sum()
         generator = torch.Generator(device=self.device).manual_seed(fresh_seed())
         optimizer = torch.optim.Adam(post.q_global.parameters(), lr=1e-3)
         for chunk in b_p.split(batch):
             b_q, log_q = post.draw_global(particles, generator)
-            b_u = standardize.inverse(b_q)
-            log_p = prior(space.to_constrained(b_u)) + space.log_abs_det_jacobian(b_u) + log_scale
-            loss = (log_q - log_p).mean() - post.q_global().log_prob(chunk).mean()
+            loss = -objective.global_term(b_q, log_q).mean() - post.q_global().log_prob(chunk).mean()
             if not torch.isfinite(loss):
                 raise TrainingError(f"LFVI: starting q(β) at the prior, the KL became {loss.item()}; check the "
                                     "global sites' priors for extreme values, or pass prior_steps=0")
@@ -502,14 +500,19 @@ class LFVIObjective:
         """log p(β) − log q(β) ``(S,)`` and r(x_n, z_n, β) ``(S, M)`` for standardised β ``(S, dg)``,
         z ``(S, M, dl)`` and group features ``(M, dx)``, with the critic's ``critic_params``."""
         post = self.post
-        b_u = post.global_standardize.inverse(b_s)
-        log_p = self.log_prior(post.global_space.to_constrained(b_u)) + post.global_space.log_abs_det_jacobian(b_u)
-        log_q = log_q_s - self.log_scale
+        glob_term = self.global_term(b_s, log_q_s)
         s = b_s.shape[0]
         theta = torch.cat([z_s, b_s[:, None].expand(-1, z_s.shape[1], -1)], -1)
         r = functional_call(post.critic, critic_params, (feats[None].expand(s, -1, -1).reshape(-1, feats.shape[-1]),
                                                           theta.reshape(-1, theta.shape[-1]))).reshape(s, -1)
-        return log_p - log_q, r
+        return glob_term, r
+
+    def global_term(self, b_s, log_q_s) -> torch.Tensor:
+        """log p(β) − log q(β) ``(S,)`` at standardised β ``(S, dg)`` with q's density ``log_q_s`` there."""
+        post = self.post
+        b_u = post.global_standardize.inverse(b_s)
+        log_p = self.log_prior(post.global_space.to_constrained(b_u)) + post.global_space.log_abs_det_jacobian(b_u)
+        return log_p - (log_q_s - self.log_scale)
 
     def __call__(self, b_s, log_q_s, model_pairs, reference_pairs, f_data, z_data, n_groups: int) -> dict:
         """``model_pairs`` / ``reference_pairs``: (features ``(S, M, dx)``, standardised z ``(S, M, dl)``);
