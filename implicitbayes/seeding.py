@@ -15,7 +15,8 @@ __all__ = ["seeded", "resolve_seed", "fresh_seed"]
 
 def fresh_seed(generator: torch.Generator | None = None) -> int:
     """A new seed in [0, 2⁶²) from ``generator`` (or torch's global generator)."""
-    return int(torch.randint(0, 2**62, (), generator=generator))
+    device = generator.device if generator is not None else None  # a CUDA generator draws on its device
+    return int(torch.randint(0, 2**62, (), generator=generator, device=device))
 
 
 def resolve_seed(seed: int | None) -> int:

@@ -38,7 +38,7 @@ COV = torch.linalg.inv(torch.eye(3) + A.T @ A / NOISE**2)
 
 
 def correlated_simulator(theta):
-    return theta @ A.T + NOISE * torch.randn_like(theta)
+    return theta @ A.to(theta.device).T + NOISE * torch.randn_like(theta)  # runs on any device
 
 
 def correlated_model():

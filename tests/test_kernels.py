@@ -1,5 +1,7 @@
 """Kernels compiled ahead of time and kept on disk (implicitbayes.kernels)."""
 
+import os
+import signal
 import warnings
 
 import pytest
@@ -54,3 +56,38 @@ def test_a_kernel_that_cannot_be_built_runs_eagerly_and_says_so_once(cache, monk
         warnings.simplefilter("error")
         kernel.get((x, y), {"scale": 2.0})  # decided once per process: no second warning
     assert not kernel.built(x.device, x.dtype, {"scale": 2.0})
+
+
+def _crashes_when_built(x, y, *, scale: float):
+    """Segfaults in any process but the test's own (the build process), as a broken compiler would."""
+    if os.environ.get("IB_TEST_PARENT_PID") not in (None, str(os.getpid())):
+        os.kill(os.getpid(), signal.SIGSEGV)
+    return x * scale + y.sin(), (x - y).abs()
+
+
+def test_a_build_that_crashes_its_process_leaves_the_caller_running_eagerly(cache, monkeypatch):
+    monkeypatch.setenv("IB_TEST_PARENT_PID", str(os.getpid()))
+    kernel = AOTKernel(_crashes_when_built, name="crash", sources=(_crashes_when_built,))
+    x, y = torch.randn(4), torch.randn(4)
+    with pytest.warns(UserWarning, match="crash: the compiled kernel is unavailable.*crashed with signal 11"):
+        fn = kernel.get((x, y), {"scale": 2.0})
+    torch.testing.assert_close(fn(x, y)[0], x * 2.0 + y.sin())
+    assert not kernel.built(x.device, x.dtype, {"scale": 2.0}) and not list(cache.glob("*.tmp.pt2"))
+    # a later process does not pay for the failed build again (it took two minutes on one GPU)
+    monkeypatch.setattr(AOTKernel, "_build_in_child", lambda *a: pytest.fail("built again"))
+    with pytest.warns(UserWarning, match="build failed on this machine before.*crashed with signal 11.*delete"):
+        AOTKernel(_crashes_when_built, name="crash", sources=(_crashes_when_built,)).get((x, y), {"scale": 2.0})
+
+
+def test_a_package_that_disagrees_with_the_eager_kernel_is_removed_and_refused(cache):
+    # the package built for scale 3 put where scale 2's belongs: a wrong kernel on disk
+    kernel = AOTKernel(_affine, name="affine", sources=(_affine,))
+    x, y = torch.randn(5), torch.randn(5)
+    kernel.get((x, y), {"scale": 3.0})
+    right, wrong = kernel.path(x.device, x.dtype, {"scale": 2.0}), kernel.path(x.device, x.dtype, {"scale": 3.0})
+    right.write_bytes(wrong.read_bytes())
+    fresh = AOTKernel(_affine, name="affine", sources=(_affine,))
+    with pytest.warns(UserWarning, match="affine: the compiled kernel is unavailable.*disagrees with the eager kernel"):
+        fn = fresh.get((x, y), {"scale": 2.0})
+    torch.testing.assert_close(fn(x, y)[0], x * 2.0 + y.sin())
+    assert not right.exists() and wrong.exists()

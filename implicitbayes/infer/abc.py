@@ -27,7 +27,7 @@ import torch
 
 from ..checks import choice, integer, number
 from ..seeding import fresh_seed, resolve_seed, seeded
-from ..simulate import model_sites, plate_layout, simulate, simulate_at
+from ..simulate import device_context, model_sites, plate_layout, simulate, simulate_at
 from ..space import ParameterSpace
 from .data import join_observed, observed_values
 from .method import Method
@@ -120,7 +120,7 @@ class ABC(Method):
         sites, outer_dim = model_sites(self.model, self.observed, self.model_args, self.model_kwargs)
         info = {s.name: s for s in sites}
         data = {k: plate_layout(v, outer_dim, info[k].batch_ndim) for k, v in values.items()}
-        with pyro.plate("_ib_simulations", u.shape[0], dim=outer_dim):
+        with device_context(u.device), pyro.plate("_ib_simulations", u.shape[0], dim=outer_dim):
             trace = poutine.trace(poutine.block(poutine.condition(self.model, data=data),
                                                 hide=list(self.observed))).get_trace(*self.model_args, **self.model_kwargs)
         total = torch.zeros(u.shape[0], dtype=u.dtype, device=u.device)

@@ -60,7 +60,7 @@ from ..checks import choice, flag, integer, number
 from ..errors import IntractableLikelihoodError, TrainingError
 from ..nn import FLOWS, Critic, ImplicitGenerator, Standardize, build_flow
 from ..seeding import fresh_seed, resolve_seed, seeded
-from ..simulate import _OUTER_PLATE, SiteInfo, model_sites, plate_layout, run_given
+from ..simulate import _OUTER_PLATE, SiteInfo, device_context, model_sites, plate_layout, run_given
 from ..space import ParameterSpace, SiteSpace
 from .data import observed_values
 from .method import Method, network_builder
@@ -204,9 +204,10 @@ class _GlobalPrior:
     (conditioned on β, or not) and stopped (``poutine.escape``) at its first local site, so no
     simulator is called."""
 
-    def __init__(self, model, model_args, model_kwargs, global_info: Mapping[str, SiteInfo], outer_dim: int):
+    def __init__(self, model, model_args, model_kwargs, global_info: Mapping[str, SiteInfo], outer_dim: int,
+                 device: torch.device):
         self.model, self.args, self.kwargs = model, model_args, model_kwargs
-        self.info, self.outer_dim = dict(global_info), outer_dim
+        self.info, self.outer_dim, self.device = dict(global_info), outer_dim, device
 
     def _globals(self, n: int, data: Mapping[str, torch.Tensor]) -> dict:
         """The trace nodes of the global sites for ``n`` copies of the model under the outer plate."""
@@ -215,7 +216,7 @@ class _GlobalPrior:
             and not msg["is_observed"]))
         tracer = poutine.trace(escape)
         try:
-            with pyro.plate(_OUTER_PLATE, n, dim=self.outer_dim):
+            with device_context(self.device), pyro.plate(_OUTER_PLATE, n, dim=self.outer_dim):
                 tracer.get_trace(*self.args, **self.kwargs)
         except NonlocalExit:
             pass
@@ -369,20 +370,20 @@ class LFVI(Method):
             ginfo = {s.name: s for s in glob}
             simulator = _GroupSimulator(self, post, ginfo, local, obs, outer_dim, n_groups)
             self._fit_standardizers(post, data, seed, latent_names, obs, n_groups, simulator)
-            prior = _GlobalPrior(self.model, self.model_args, self.model_kwargs, ginfo, outer_dim)
+            prior = _GlobalPrior(self.model, self.model_args, self.model_kwargs, ginfo, outer_dim, self.device)
             objective = LFVIObjective(post, prior)
             self._start_at_prior(post, prior, objective)
             feats_obs = post.features(x_flat.reshape((n_groups,) + x_group_shape))
 
             def step(_, g):
                 b_s, log_q_s = post.draw_global(s_particles, g)
-                idx = torch.randperm(n_groups, generator=g)[:m].to(self.device)
+                idx = torch.randperm(n_groups, generator=g, device=g.device)[:m].to(self.device)
                 with torch.no_grad():
                     z_u, x_sim = simulator(b_s.detach(), fresh_seed(g))
                     z_model = post.local_standardize(z_u[:, idx].reshape(s_particles * m, -1)).reshape(s_particles, m, -1)
                     f_model = post.features(x_sim[:, idx].reshape((s_particles, m) + x_group_shape))
                     # the reference class: x simulated at another particle β', z ~ q(z | x, β)
-                    shift = int(torch.randint(1, s_particles, (), generator=g))
+                    shift = int(torch.randint(1, s_particles, (), generator=g, device=g.device))
                     f_ref = f_model.roll(shift, 0)
                     z_ref = post.draw_local(f_ref, b_s.detach(), g)
                 f_data = feats_obs[idx]

@@ -28,7 +28,7 @@ from pyro.infer.autoguide.initialization import init_to_value
 
 from ..checks import integer
 from ..seeding import seeded
-from ..simulate import model_sites, plate_layout
+from ..simulate import device_context, model_sites, plate_layout
 
 __all__ = ["run_nuts", "MCMCDiagnostics", "SampledByNUTS", "RHAT_WARN", "PriorDraws", "batched_log_joint",
            "without_observed", "resampled_inits"]
@@ -147,7 +147,7 @@ def run_nuts(model: Callable, names: Sequence[str], num_samples: int, *, num_cha
     chains, warmup = integer("num_chains", num_chains), integer("warmup_steps", warmup_steps)
     per_chain = -(-integer("num_samples", num_samples) // chains)
     runs, divergences = [], []
-    with seeded(seed, device):
+    with seeded(seed, device), device_context(device):
         starts = inits(chains) if inits is not None else None
         for c in range(chains):
             kernel = pyro.infer.NUTS(model) if starts is None else \

@@ -56,7 +56,7 @@ from ..checks import integer, number
 from ..errors import StoreMismatchError
 from ..io import atomic_write_text
 from ..seeding import resolve_seed, seeded
-from ..simulate import _OUTER_PLATE, model_sites, plate_layout, simulate
+from ..simulate import _OUTER_PLATE, device_context, model_sites, plate_layout, simulate
 from .data import observed_values
 from .mcmc import PriorDraws, batched_log_joint, without_observed
 from .posterior import Posterior, load
@@ -85,11 +85,23 @@ class _Fixed(pyro.poutine.messenger.Messenger):
 
 class Region:
     """A set of latent values: ``contains(latents {site: (m, *shape)}) -> bool (m,)``, with a
-    description (``kind``, ``threshold``) and its prior mass, estimated when it is made."""
+    description (``kind``, ``threshold``) and its prior mass, estimated when it is made.
+    ``device``: where the test runs (the posterior's; the model too, if the test runs it); the
+    latents come from wherever the prior is drawn (the simulations' device) and the answer goes
+    back there."""
 
-    def __init__(self, contains: Callable[[Mapping[str, torch.Tensor]], torch.Tensor], kind: str, threshold: float):
-        self.contains, self.kind, self.threshold = contains, kind, float(threshold)
+    def __init__(self, contains: Callable[[Mapping[str, torch.Tensor]], torch.Tensor], kind: str, threshold: float,
+                 device: torch.device | None = None):
+        self._contains, self.kind, self.threshold = contains, kind, float(threshold)
+        self.device = None if device is None else torch.device(device)
         self.prior_mass: float | None = None
+
+    def contains(self, latents: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        where = next(iter(latents.values())).device
+        if self.device is None or self.device == where:
+            return self._contains(latents)
+        with device_context(self.device):
+            return self._contains({k: v.to(self.device) for k, v in latents.items()}).to(where)
 
     def estimate_mass(self, prior: PriorDraws, draws: int = MASS_DRAWS) -> float:
         inside = 0
@@ -145,7 +157,8 @@ class TruncatedPrior:
 # ----------------------------------------------------------------------------- regions
 def _density_region(log_density: Callable[[Mapping[str, torch.Tensor]], torch.Tensor],
                     draws: Mapping[str, torch.Tensor], quantile: float, kind: str) -> Region:
-    with torch.no_grad():
+    device = next(iter(draws.values())).device
+    with torch.no_grad(), device_context(device):
         values = torch.cat([log_density({k: v[i] for k, v in draws.items()})
                             for i in torch.arange(len(next(iter(draws.values())))).split(4096)])
     finite = values[torch.isfinite(values)]
@@ -154,7 +167,7 @@ def _density_region(log_density: Callable[[Mapping[str, torch.Tensor]], torch.Te
     def contains(latents):
         return log_density(latents) >= threshold
 
-    return Region(contains, kind, threshold)
+    return Region(contains, kind, threshold, device)
 
 
 def region_of(posterior: Posterior, observation: Any, prior: PriorDraws, *, quantile: float = QUANTILE,
@@ -208,7 +221,7 @@ def _cover_region(posterior, observation, quantile: float, seed: int) -> Region:
         z = posterior.theta_standardize(space.to_unconstrained(latents))
         return torch.cat([torch.cdist(z[i], centres).min(1).values for i in torch.arange(len(z)).split(4096)]) <= radius
 
-    return Region(contains, "union of balls around the posterior's draws", radius)
+    return Region(contains, "union of balls around the posterior's draws", radius, posterior.device)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -225,7 +238,9 @@ def sequential(method, *, observation: Any, num_simulations: int, rounds: int = 
     ``method`` is a configured method (``ib.NPE(model, observed="x")``; NLE, NRE and ImplicitVI
     too). ``num_simulations`` are split evenly over the rounds (the first takes the remainder).
     The returned posterior samples at ``observation`` by default (``.sample(n)``) and records
-    each round in ``.rounds`` (simulations, the region's prior mass, seconds). ``store``: a
+    each round in ``.rounds`` (simulations, the region's prior mass, seconds). The rounds simulate
+    on the CPU, as ``ib.simulate`` does by default (the simulator is the user's code), and train
+    on the method's ``device``. ``store``: a
     directory that makes the run resumable (module docstring). ``quantile``: the posterior mass a
     region may leave out."""
     from .abc import ABC
