@@ -134,7 +134,7 @@ class NRE(NeuralMethod):
 
             def loss(idx, g):  # joint pairs against pairs with θ shuffled within the batch (marginals)
                 c = post.context(x[idx])
-                shuffled = u_s[idx][torch.randperm(len(idx), generator=g)]
+                shuffled = u_s[idx][torch.randperm(len(idx), generator=g, device=g.device)]
                 return critic_loss((c, u_s[idx]), (c, shuffled))
 
             def step(idx, g):

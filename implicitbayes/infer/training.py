@@ -23,6 +23,7 @@ from torch import nn
 from ..checks import decay, flag, integer, number
 from ..errors import FormatError, TrainingError
 from ..io import load_tensors, save_tensors, unlink_stale_temporaries
+from ..seeding import fresh_seed
 
 __all__ = ["TrainConfig", "train", "resolve_training"]
 
@@ -169,7 +170,8 @@ def train(
 ) -> dict:
     """Train ``modules`` on row indices ``0..num_rows-1``; returns a summary dict.
 
-    ``step`` receives a tensor of training row indices and the loop's generator; ``validate``
+    ``step`` receives a tensor of training row indices (on the CPU) and the loop's generator, on
+    the modules' device (it draws there: give ``device=generator.device`` to ``torch.randperm``); ``validate``
     receives the validation row indices. ``parameters`` may be Adam parameter groups; a group's
     ``lr_scale`` multiplies the scheduled learning rate. The best weights (by validation) are restored at the
     end. ``checkpoint`` is a file path: if it exists the run resumes from it (same settings
@@ -188,6 +190,10 @@ def train(
     groups = parameters if parameters is not None else [p for m in modules.values() for p in m.parameters()]
     optimizer = torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    # the steps draw their noise where the modules are: a CUDA draw cannot take the loop's CPU
+    # generator, so on a GPU they get a generator of that device seeded from it (on the CPU, the same one)
+    device = params[0].device if params else torch.device("cpu")
+    g_step = g if device.type == "cpu" else torch.Generator(device).manual_seed(fresh_seed(g))
 
     def learning_rate(step: int) -> float:  # closed-form cosine decay to 1 %: resumes exactly
         if not config.lr_decay:
@@ -206,6 +212,8 @@ def train(
         try:
             _restore(tensors, meta, modules, optimizer)
             g.set_state(tensors["loop.generator"])
+            if g_step is not g:
+                g_step.set_state(tensors["loop.device_generator"])
             best_state = {k: v for k, v in tensors.items() if k.startswith("best.")}
             start, best, bad, history = meta["step"], meta["best"], meta["bad"], meta["history"]
             scale = meta.get("lr_scale", 1.0)
@@ -241,7 +249,7 @@ def train(
             for m in modules.values():
                 m.train()
             batch = train_idx[torch.randint(0, len(train_idx), (min(batch_size, len(train_idx)),), generator=g)]
-            losses = step(batch, g)
+            losses = step(batch, g_step)
             loss = next(iter(losses.values()))
             if not torch.isfinite(loss):
                 restore_best()
@@ -280,6 +288,8 @@ def train(
                     tensors.update(best_state or {})
                     tensors.update({f"ema.{i}": a for i, a in enumerate(average)})
                     tensors["loop.generator"] = g.get_state()
+                    if g_step is not g:
+                        tensors["loop.device_generator"] = g_step.get_state()
                     save_tensors(ckpt, tensors, kind=_CKPT_KIND, version=_CKPT_VERSION,
                                  meta={"step": s + 1, "best": best, "bad": bad, "history": history, "lr_scale": scale,
                                        "num_rows": num_rows, "seed": seed, "desc": desc})
