@@ -96,11 +96,11 @@ class AOTKernel:
         fn = self._loaded.get(str(path))
         if fn is None:
             try:
-                failed = _failed_note(path)
-                if not path.is_file() and failed.is_file():
-                    raise RuntimeError(f"its build failed on this machine before ({failed.read_text().strip()}); "
-                                       f"delete {failed} to try again")
                 if not path.is_file():
+                    failed = _failed_note(path)
+                    if failed.is_file():
+                        raise RuntimeError(f"its build failed on this machine before ({failed.read_text().strip()}); "
+                                           f"delete {failed} to try again")
                     self._build(path, example, constants)
                 fn = self._load(path, device)
                 self._check(fn, example, constants, path)
