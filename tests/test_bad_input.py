@@ -178,6 +178,8 @@ CASES = {
                      ValueError, r"plateau: expected a positive integer or None, got 0"),
     "training-unknown": (lambda t: lambda: ib.NPE(gaussian_model, observed="x", training={"learning_rate": 1e-4}),
                          ValueError, r"training: unknown loop settings \['learning_rate'\]; TrainConfig has \[.*'lr'"),
+    "loop-compile": (lambda t: lambda: ib.NPE(gaussian_model, observed="x", training={"compile": "yes"}),
+                     ValueError, r"compile: expected True, False or 'auto', got 'yes'"),
     "training-type": (lambda t: lambda: ib.NPE(gaussian_model, observed="x", training=5), TypeError,
                       r"training: expected an ib.TrainConfig, a mapping of its fields or None, got int"),
     "correction": (lambda t: lambda: ib.ImplicitVI(gaussian_model, observed="x", correction="SIR"),

@@ -34,7 +34,7 @@ import torch
 from ..checks import choice, flag, integer, number
 from ..distributions import Implicit, implicit_of
 from ..handlers import learned_likelihood
-from ..nn import FLOWS, LinearResidual, Standardize, build_flow
+from ..nn import FLOWS, LinearResidual, Standardize, build_flow, flow_log_prob
 from ..seeding import resolve_seed, seeded
 from ..simulate import model_sites, trace_given
 from ..space import ParameterSpace
@@ -103,6 +103,14 @@ class NLEPosterior(SampledByNUTS, Posterior):
         if self.residual is None:
             return q
         return torch.distributions.TransformedDistribution(q, [self.residual.transform(c)])
+
+    def standardized_log_prob(self, s: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """log q(s | η) of standardised, flattened draws ``s`` given parameters ``(n, param_features)``:
+        ``distribution(params).log_prob(s)``, to the bit, in a form a compiled training step
+        traces as one graph (``flow_log_prob``)."""
+        c = self.param_standardize(params)
+        outer = () if self.residual is None else (self.residual.transform(c),)
+        return flow_log_prob(self.flow, s, c, outer)
 
     def log_likelihood(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """log q(x | η) for draws ``x (n, *trial_shape)`` and parameters ``(n, param_features)``:
@@ -287,7 +295,7 @@ class NLE(NeuralMethod):
                 return float(sum(nll(c[i], s[i]).sum() for i in idx.split(4096)) / len(idx))
 
             post.training_summary = train({"posterior": post}, step, validate, len(x), loop, seed=seed,
-                                          progress=progress, checkpoint=checkpoint, desc="NLE")
+                                          progress=progress, checkpoint=checkpoint, desc="NLE", compilable=True)
             post.training_summary["draws"] = len(x)
             if residual is not None:
                 post.training_summary["linear_residual"] = residual

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..checks import choice, flag, integer, number
-from ..nn import FLOWS, LinearResidual, build_flow, draw, short_softmax
+from ..nn import FLOWS, LinearResidual, build_flow, draw, flow_log_prob, short_softmax
 from ..seeding import fresh_seed, resolve_seed, seeded
 from ..space import ParameterSpace
 from .data import join_observed
@@ -79,6 +79,13 @@ class NPEPosterior(NeuralPosterior):
         if self.residual is None:
             return q
         return torch.distributions.TransformedDistribution(q, [self.residual.transform(s.flatten(1))])
+
+    def standardized_log_prob(self, u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """log q(u | x) of standardised latents ``u (n, d)``: ``distribution(x).log_prob(u)``, to
+        the bit, in a form a compiled training step traces as one graph (``flow_log_prob``)."""
+        s = self.context.standardize(x)
+        outer = () if self.residual is None else (self.residual.transform(s.flatten(1)),)
+        return flow_log_prob(self.flow, u, self.context.embedding(s), outer)
 
     def regressors(self, x: torch.Tensor) -> torch.Tensor:
         """The linear residual's regressors: the standardised observation, flattened, ``(n, prod(x_shape))``."""
@@ -235,7 +242,7 @@ class NPE(NeuralMethod):
                 return float(sum(nll(x[i], u_s[i]).sum() for i in idx.split(4096)) / len(idx))
 
             post.training_summary = train({"posterior": post}, step, validate, len(x), loop, seed=seed,
-                                          progress=progress, checkpoint=checkpoint, desc="NPE")
+                                          progress=progress, checkpoint=checkpoint, desc="NPE", compilable=True)
             if residual is not None:
                 post.training_summary["linear_residual"] = residual
         return post.attach_model(self.model, self.model_args, self.model_kwargs)

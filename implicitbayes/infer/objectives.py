@@ -23,14 +23,15 @@ __all__ = ["NPELoss", "RatioCriticLoss", "EnergyScoreLoss"]
 
 
 class NPELoss:
-    """−log q(u | x) per row, for a posterior with ``distribution(x)`` (NPE's flow)."""
+    """−log q(u | x) per row, for a posterior with ``standardized_log_prob(u, x)`` (NPE's flow; NLE's, with
+    the draw and the parameters in each other's roles)."""
 
     def __init__(self, posterior):
         self.posterior = posterior
 
     def __call__(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """``x (n, *x_shape)``, standardised ``u (n, d)`` → ``(n,)``."""
-        return -self.posterior.distribution(x).log_prob(u)
+        return -self.posterior.standardized_log_prob(u, x)
 
 
 class RatioCriticLoss:

@@ -15,7 +15,8 @@ lazy transforms (``zuko.lazy.LazyTransform``, whose ``forward(c)`` returns a
 
 :func:`build_flow` assembles any of ``FLOWS``; :class:`FlowDistribution` makes the distribution
 of a flow at a context a Pyro distribution (``sample``, ``rsample``, ``log_prob``, ``support``).
-:func:`short_softmax` speeds up drawing from spline flows on CPU.
+:func:`short_softmax` speeds up drawing from spline flows on CPU; :func:`flow_log_prob` is the
+density a training step evaluates, in a form ``torch.compile`` traces as one graph.
 """
 
 from __future__ import annotations
@@ -31,14 +32,15 @@ from torch import nn
 from torch.distributions import Transform, constraints
 from torch.overrides import TorchFunctionMode
 from zuko.distributions import DiagNormal
-from zuko.lazy import Flow, LazyInverse, LazyTransform, UnconditionalDistribution
+from torch.distributions.utils import _sum_rightmost
+from zuko.lazy import Flow, LazyComposedTransform, LazyInverse, LazyTransform, UnconditionalDistribution
 from zuko.nn import MaskedLinear
 from zuko.transforms import AutoregressiveTransform, ComposedTransform, LULinearTransform, PermutationTransform
 from zuko.utils import broadcast, unpack
 
 from ..checks import flag, number
 
-__all__ = ["FLOWS", "build_flow", "ActNorm", "LULinear", "FlowDistribution", "short_softmax", "draw"]
+__all__ = ["FLOWS", "build_flow", "ActNorm", "LULinear", "FlowDistribution", "short_softmax", "draw", "flow_log_prob"]
 
 FLOWS = ("maf", "iaf", "nsf", "nice", "realnvp", "glow")
 
@@ -71,6 +73,44 @@ class short_softmax(TorchFunctionMode):
                 e = torch.exp(a - a.amax(-1, keepdim=True))
                 return e / e.sum(-1, keepdim=True)
         return func(*args, **kwargs)
+
+
+def flow_log_prob(flow: nn.Module, value: torch.Tensor, context: torch.Tensor,
+                  outer: Sequence[Transform] = ()) -> torch.Tensor:
+    """``TransformedDistribution(flow(context), outer).log_prob(value)`` (``flow(context)`` alone
+    without ``outer``): the same operations in the same order, so the same numbers to the bit,
+    without building zuko's composed transform — whose construction ``torch.compile`` cannot trace,
+    so that a compiled training step would break into a graph per layer. A flow that is not a zuko
+    ``Flow`` of lazy transforms is evaluated as ``flow(context)``."""
+    if outer:  # as TransformedDistribution.log_prob: back through the outer transforms, then the flow
+        if any(t.domain.event_dim != 1 or t.codomain.event_dim != 1 for t in outer):
+            return torch.distributions.TransformedDistribution(flow(context), list(outer)).log_prob(value)
+        y, log_prob = value, 0.0
+        for t in reversed(outer):
+            x = t.inv(y)
+            log_prob = log_prob - t.log_abs_det_jacobian(x, y)
+            y = x
+        return log_prob + flow_log_prob(flow, y, context)
+    lazy = getattr(flow, "transform", None)
+    if not isinstance(flow, Flow) or not isinstance(lazy, LazyComposedTransform):
+        return flow(context).log_prob(value)
+    transforms = [t(context) for t in lazy.transforms]
+    event_dim = 0  # as ComposedTransform: its domain's and codomain's event dimensions
+    for t in reversed(transforms):
+        event_dim = t.domain.event_dim + max(event_dim - t.codomain.event_dim, 0)
+    codomain_dim = event_dim + sum(t.codomain.event_dim - t.domain.event_dim for t in transforms)
+    z, acc = value, 0
+    for t in transforms:  # as ComposedTransform.call_and_ladj
+        z, ladj = t.call_and_ladj(z)
+        acc = acc + _sum_rightmost(ladj, event_dim - t.domain.event_dim)
+        event_dim += t.codomain.event_dim - t.domain.event_dim
+    base = flow.base(context)  # as Flow.forward and NormalizingFlow
+    if context is not None:
+        base = base.expand(context.shape[:-1])
+    reinterpreted = codomain_dim - len(base.event_shape)
+    if reinterpreted > 0:
+        base = torch.distributions.Independent(base, reinterpreted)
+    return base.log_prob(z) + _sum_rightmost(acc, max(-reinterpreted, 0))
 
 
 def draw(q: torch.distributions.Distribution, sample_shape=torch.Size()) -> torch.Tensor:

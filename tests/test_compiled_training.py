@@ -1,0 +1,101 @@
+"""The compiled training step (``TrainConfig.compile``): NPE's and NLE's maximum-likelihood step
+run by ``torch.compile`` trains as the eager step does; ``"auto"`` leaves short runs eager and
+bit for bit unchanged; a compiled step that fails or whose gradients are wrong is dropped with a
+warning; an interrupted compiled run resumes exactly."""
+
+import pytest
+import torch
+
+import implicitbayes as ib
+from implicitbayes.infer import training
+from tests.models import gaussian_model
+
+X = torch.tensor([0.3, -0.2])
+
+
+@pytest.fixture(scope="module")
+def data():
+    return ib.simulate(gaussian_model, 500, observed="x", seed=0, progress=False)
+
+
+def fit(data, method=ib.NPE, checkpoint=None, **loop):
+    # a small flow: its compile takes seconds
+    m = method(gaussian_model, observed="x", transforms=1, hidden_features=(16,),
+               training={"validate_every": 25, **loop})
+    return m.fit(data, seed=3, max_steps=100, progress=False, checkpoint=checkpoint)
+
+
+def draws(post):
+    return post.sample(200, X, seed=0)["theta"]
+
+
+@pytest.fixture(scope="module")
+def eager(data):
+    return fit(data, compile=False)
+
+
+@pytest.mark.parametrize("method", [ib.NPE, ib.NLE])
+def test_the_compiled_step_trains_as_the_eager_one(data, method):
+    a, b = fit(data, method, compile=False), fit(data, method, compile=True)
+    assert not a.training_summary["compiled"] and b.training_summary["compiled"]
+    # float rounding differs between the two (fused kernels), so the runs agree closely, not exactly
+    va = torch.tensor([h["validation"] for h in a.training_summary["history"]])
+    vb = torch.tensor([h["validation"] for h in b.training_summary["history"]])
+    assert len(va) == len(vb) == 4 and (va - vb).abs().max() < 1e-3, (va, vb)
+
+
+def test_auto_leaves_a_short_run_eager_and_unchanged(data, eager):
+    post = fit(data)  # "auto": 100 steps of a tiny flow are far from repaying a compile
+    assert not post.training_summary["compiled"]
+    assert torch.equal(draws(post), draws(eager))
+
+
+def _patched_compile(monkeypatch, make):
+    def compile(self):
+        self.compiled = make(self.step)
+    monkeypatch.setattr(training._Step, "compile", compile)
+
+
+def test_a_compiled_step_with_wrong_gradients_is_dropped(data, eager, monkeypatch):
+    # the loss of the eager step with its gradient 1.5× too large: what a miscompiled backward gives
+    _patched_compile(monkeypatch, lambda step: lambda batch, g: {
+        k: v + 0.5 * (v - v.detach()) for k, v in step(batch, g).items()})
+    with pytest.warns(RuntimeWarning, match="gradients differ from the eager step's"):
+        post = fit(data, compile=True)
+    assert not post.training_summary["compiled"]
+    assert torch.equal(draws(post), draws(eager))
+
+
+def test_a_compiled_step_that_fails_is_dropped(data, eager, monkeypatch):
+    def failing(step):
+        def run(batch, g):
+            raise RuntimeError("no C++ compiler found")
+        return run
+    _patched_compile(monkeypatch, failing)
+    with pytest.warns(RuntimeWarning, match="failed .RuntimeError: no C.. compiler found"):
+        post = fit(data, compile=True)
+    assert not post.training_summary["compiled"]
+    assert torch.equal(draws(post), draws(eager))
+
+
+def test_auto_compiles_a_long_run_and_an_interrupted_one_resumes_exactly(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(training, "COMPILE_PAYS_OFF", 0.0)  # every run counts as long
+    a = fit(data)
+    assert a.training_summary["compiled"]  # decided after the first epoch (25 steps)
+
+    ckpt, real_step, calls = tmp_path / "run.ckpt", torch.optim.Adam.step, {"n": 0}
+
+    def interrupting_step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 60:
+            raise KeyboardInterrupt  # after the checkpoint written at step 50
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", interrupting_step)
+    with pytest.raises(KeyboardInterrupt):
+        fit(data, checkpoint=ckpt)
+    monkeypatch.setattr(torch.optim.Adam, "step", real_step)
+    monkeypatch.setattr(training, "COMPILE_PAYS_OFF", float("inf"))  # the checkpoint's decision stands
+    c = fit(data, checkpoint=ckpt)
+    assert c.training_summary["compiled"]
+    assert torch.equal(draws(a), draws(c))
