@@ -6,7 +6,8 @@ it (``ib.simulate(task.model, budget, observed="x", seed=seed)``), and every met
 it with the training seed the grid uses, by the grid's own training functions — so each fit here
 is the computation of the grid's row for that cell, and its C2ST is that row's (the table joins
 it where the grid has it from the same code). Only seconds are measured here; time a comparison
-alone on the machine (one process), as the table's numbers assume.
+alone on the machine (one process), as the table's numbers assume. Each run starts with an empty
+Inductor cache, so a compiled training step (``TrainConfig.compile``) is timed with its compile.
 
 Rows accumulate in ``benchmarks/results/training_time.json`` (a row with the same task, budget,
 method and seed and an unchanged setup is skipped); ``training_time.md`` is rewritten from all
@@ -53,6 +54,12 @@ def main() -> None:
 
 
 def run(args, path: Path) -> None:
+    import os
+    import tempfile
+
+    # every run compiles from a cold cache, as a user's first fit does: Inductor's on-disk cache
+    # would otherwise hold the kernels of an earlier run and hide the compile's cost
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="implicitbayes-inductor-")
     methods = args.methods.split(",")
     bad = [m for m in methods if method_variant(m)[0] not in (*SBI, "npe", "implicit_vi")]
     bad += [t for t in args.tasks.split(",") if t not in TASKS]
@@ -107,8 +114,8 @@ def write_table(results: dict, path: Path) -> None:
              f"Commits: {', '.join(sorted({r['code']['commit'][:10] for r in runs}))}. Each fit is the grid's fit "
              "for that cell (same simulations, seeds and code); *C2ST* is the grid's held-out value for it "
              "(observations 6–10) where the grid has it, — where not.", "",
-             f"| task | simulations | seed | method | train (s) | {PEER} train (s) → ratio | C2ST | {PEER} C2ST |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             f"| task | simulations | seed | method | commit | train (s) | {PEER} train (s) → ratio | C2ST | {PEER} C2ST |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     order = {t: i for i, t in enumerate(TASKS)}
     ratios: dict = {}
     for r in sorted(runs, key=lambda r: (order.get(r["task"], 99), r["budget"], r["seed"], r["method"])):
@@ -122,7 +129,8 @@ def write_table(results: dict, path: Path) -> None:
         c2st = grid_c2st(r["task"], r["budget"], r["method"], r["seed"], r)
         peer_c2st = grid_c2st(r["task"], r["budget"], PEER, r["seed"], peer) if peer else None
         fmt = lambda v, spec: "—" if v is None else format(v, spec)  # noqa: E731
-        lines.append(f"| {r['task']} | {r['budget']} | {r['seed']} | {r['method']} | {r['train_seconds']:.1f} | "
+        lines.append(f"| {r['task']} | {r['budget']} | {r['seed']} | {r['method']} | {r['code']['commit'][:10]} | "
+                     f"{r['train_seconds']:.1f} | "
                      f"{fmt(peer and peer['train_seconds'], '.1f')} → {fmt(ratio, '.2f')} | {fmt(c2st, '.3f')} | "
                      f"{fmt(peer_c2st, '.3f')} |")
     lines += ["", *[f"{m}: time over {PEER} {min(v):.2f}–{max(v):.2f} (median {statistics.median(v):.2f}) on "
