@@ -9,9 +9,10 @@ it where the grid has it from the same code). Only seconds are measured here; ti
 alone on the machine (one process), as the table's numbers assume. Each run starts with an empty
 Inductor cache, so a compiled training step (``TrainConfig.compile``) is timed with its compile.
 
-Rows accumulate in ``benchmarks/results/training_time.json`` (a row with the same task, budget,
-method and seed and an unchanged setup is skipped); ``training_time.md`` is rewritten from all
-rows, with each method's time over sbi's on the same simulations.
+Rows accumulate in ``benchmarks/results/training_time.json``; a cell (task, budget, seed) is
+skipped when one earlier run timed every method asked for at an unchanged setup, and otherwise
+every method is timed again, so that each ratio in ``training_time.md`` (rewritten from all
+rows) is of two fits on the same simulations in the same run.
 
     OMP_NUM_THREADS=1 python benchmarks/training_time.py --tasks two_moons,sir --seeds 1
 """
@@ -69,14 +70,21 @@ def run(args, path: Path) -> None:
                                       "benchmarks/provenance.py"), versions()
     torch.set_num_threads(1)
     existing = json.loads(path.read_text())["runs"] if path.exists() else []
-    done = {(*identity(r), r["setup"]) for r in existing if not r["code"]["dirty"]}
+    # a cell is done when one earlier run timed all the methods asked for, each at its current setup:
+    # a ratio is only ever of two fits timed in the same run
+    timed: dict = {}
+    for r in existing:
+        if not r["code"]["dirty"] and "run" in r:
+            timed.setdefault((r["task"], r["budget"], r["seed"], r["run"]), set()).add((r["method"], r["setup"]))
     command = command_line("benchmarks/training_time.py")
+    run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
     for seed in parse_range(args.seeds):
         for name in args.tasks.split(","):
             keys = {m: setup_key(m, code, vers, 0) for m in methods}
-            todo = [m for m in methods if (name, args.budget, m, seed, keys[m]) not in done]
-            if not todo:
+            want = {(m, keys[m]) for m in methods}
+            if any(k[:3] == (name, args.budget, seed) and want <= v for k, v in timed.items()):
                 continue
+            todo = methods
             task = simulators.get(name)
             data = ib.simulate(task.model, args.budget, observed="x", seed=seed, progress=False)
             for method in todo:
@@ -87,7 +95,7 @@ def run(args, path: Path) -> None:
                     _, config = train_ours(method, task, data, seed)
                 seconds = time.perf_counter() - t0
                 store(path, identity, {"task": name, "budget": args.budget, "method": method, "seed": seed,
-                                       "setup": keys[method], "code": code, "versions": vers,
+                                       "run": run_id, "setup": keys[method], "code": code, "versions": vers,
                                        "data_hash": tensors_hash(data["theta"], data["x"]), "command": command,
                                        "config": config, "train_seconds": seconds})
                 print(f"{name:18s} {args.budget:>6d} seed {seed} {method:20s} train {seconds:7.1f} s", flush=True)
@@ -122,7 +130,8 @@ def write_table(results: dict, path: Path) -> None:
         if r["method"] == PEER:
             continue
         peer = next((q for q in runs if identity(q)[:2] == identity(r)[:2] and q["method"] == PEER
-                     and q["seed"] == r["seed"] and q["data_hash"] == r["data_hash"]), None)
+                     and q["seed"] == r["seed"] and q["data_hash"] == r["data_hash"]
+                     and q.get("run") == r.get("run")), None)  # timed in the same run
         ratio = r["train_seconds"] / peer["train_seconds"] if peer else None
         if ratio is not None:
             ratios.setdefault(r["method"], []).append(ratio)
