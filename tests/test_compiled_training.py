@@ -99,3 +99,10 @@ def test_auto_compiles_a_long_run_and_an_interrupted_one_resumes_exactly(data, t
     c = fit(data, checkpoint=ckpt)
     assert c.training_summary["compiled"]
     assert torch.equal(draws(a), draws(c))
+
+
+def test_compile_on_a_step_that_draws_is_refused_with_a_warning(data):
+    with pytest.warns(RuntimeWarning, match="compile=True is not used: this step draws random numbers"):
+        post = ib.NRE(gaussian_model, observed="x", training={"compile": True}).fit(data, seed=0, max_steps=5,
+                                                                                   progress=False)
+    assert not post.training_summary["compiled"]

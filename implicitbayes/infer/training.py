@@ -112,6 +112,12 @@ class _Step:
 
     def __init__(self, step: Callable, setting: bool | str, compilable: bool, device: torch.device, desc: str):
         self.step, self.desc = step, desc
+        if setting is True and not compilable:
+            import warnings
+
+            warnings.warn(f"{desc}: compile=True is not used: this step draws random numbers, which a compiled "
+                          "graph cannot take from the loop's generator; only NPE's and NLE's steps are compiled",
+                          RuntimeWarning, stacklevel=3)
         self.setting = setting if compilable else False
         if self.setting == "auto" and device.type != "cpu":
             self.setting = False  # compiled training is verified on the CPU only
