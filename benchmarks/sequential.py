@@ -46,11 +46,15 @@ QUANTILE = 1e-4
 # The peers as the issue names them: TSNPE is NPE-C with a neural spline flow (sbi's default is MAF),
 # SNLE is NLE-A with sbi's default MAF (as in sbibm's SNLE rows).
 SBI_ESTIMATOR = {"sbi_tsnpe": "nsf", "sbi_snle": "maf"}
+# NLE draws with the vectorized slice sampler (20 chains from resampled starts): slcp's posterior
+# has four modes, and NUTS's default two chains, one after another, can hold at most two of them.
+OPTIONS = {"nle_seq": {"sampler": "slice"}}
 
 
 def ours(method: str, task, x_o, budget: int, rounds: int, seed: int):
     cls = {"npe_seq": ib.NPE, "nle_seq": ib.NLE, "implicit_vi_seq": ib.ImplicitVI}[method]
-    post = ib.sequential(cls(task.model, observed="x"), observation={"x": x_o}, num_simulations=budget,
+    options = OPTIONS.get(method, {})
+    post = ib.sequential(cls(task.model, observed="x", **options), observation={"x": x_o}, num_simulations=budget,
                          rounds=rounds, seed=seed, progress=False, quantile=QUANTILE)
     info = {"config": {"class": cls.__name__, **post.config.to_json()},
             "rounds": [{k: r[k] for k in ("simulations", "prior_mass", "seconds")} for r in post.rounds]}
@@ -90,7 +94,8 @@ def sbi_run(method: str, task, x_o, budget: int, rounds: int, seed: int):
 
 def setup_key(method: str, code: dict, vers: dict, rounds: int, num_samples: int) -> str:
     parts = [method, code["simulators_tree"], vers["torch"], vers["sbibm"], rounds, num_samples, QUANTILE]
-    parts += [vers["sbi"], SBI_ESTIMATOR[method]] if method.startswith("sbi") else [code["implicitbayes_tree"]]
+    parts += [vers["sbi"], SBI_ESTIMATOR[method]] if method.startswith("sbi") else [code["implicitbayes_tree"],
+                                                                                   sorted(OPTIONS.get(method, {}).items())]
     return key(*parts)
 
 

@@ -389,8 +389,9 @@ def _cmd_run(args) -> int:
             post = ib.sequential(method, observation={observed[0]: x_obs}, num_simulations=args.simulations,
                                  rounds=args.rounds, seed=args.seed, store=out / "sequential", progress=not args.quiet)
             for r, info in enumerate(post.rounds, 1):
-                print(f"  round {r}: {info['simulations']} simulations, region prior mass {info['prior_mass']:.3g}, "
-                      f"{info['seconds']:.0f} s")
+                where = ("from the prior" if info["proposal"] == "prior" else "at draws of the posterior"
+                         if info["prior_mass"] is None else f"region prior mass {info['prior_mass']:.3g}")
+                print(f"  round {r}: {info['simulations']} simulations {where}, {info['seconds']:.0f} s")
         else:
             print(f"training {METHODS[args.method]} (checkpoints in {out}; Ctrl-C and re-run to resume)")
             if args.method in ("implicit-vi", "npe", "nre", "nle"):

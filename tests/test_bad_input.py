@@ -255,6 +255,10 @@ CASES = {
                       r"the posterior's region \(empty\) has numerically zero prior mass: none of 20000 prior draws"),
     "nle-obs-draw-shape": (lambda t: lambda: _nle_posterior().sample(10, torch.zeros(3)), ValueError,
                            r"observed: site 'x' has shape \(3,\); its draws have shape \(2,\)"),
+    "mcmc-sampler": (lambda t: lambda: ib.NLE(gaussian_model, observed="x", sampler="hmc"), ValueError,
+                     r"sampler: expected one of 'nuts', 'slice', got 'hmc'"),
+    "mcmc-sampler-draw": (lambda t: lambda: _nle_posterior().sample(10, torch.zeros(2), sampler="Slice"), ValueError,
+                          r"sampler: expected one of 'nuts', 'slice', got 'Slice'"),
 }
 
 

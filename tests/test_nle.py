@@ -73,6 +73,16 @@ def test_trained_on_single_trials_it_matches_the_posterior_of_n_trials(posterior
     assert float(torch.as_tensor(report["theta"]["r_hat"]).max()) < 1.05 and report["divergences"] == [0, 0]
 
 
+def test_slice_sampling_matches_the_posterior_with_chains_advanced_together(posterior):
+    """The vectorized slice sampler on the same learned posterior, held to the same tolerances."""
+    x = trials(1, seed=1)
+    draws = posterior.sample(1000, {"x": x}, seed=1, sampler="slice")["theta"]
+    errors = gaussian_errors(draws, *exact(x))
+    assert errors["shift"] < SHIFT and errors["spread"] < SPREAD, errors
+    assert posterior.chains["theta"].shape == (20, 50, 2)  # the slice sampler's default chains
+    assert float(torch.as_tensor(posterior.diagnostics()["theta"]["r_hat"]).max()) < 1.05
+
+
 def test_the_learned_likelihood_is_the_simulator_density(posterior):
     """log q(x | θ) against log N(x; θ, 0.5² I) on fresh draws: their mean difference is the KL
     (≥ 0) between the two, small for a good fit (a 0.1-sd error of the mean alone costs 0.01

@@ -1,4 +1,4 @@
-"""NRE with NUTS through the ratio handler, and ABC (rejection, SMC), on a 2-D Gaussian model
+"""NRE with NUTS (and slice sampling) through the ratio handler, and ABC (rejection, SMC), on a 2-D Gaussian model
 with a known posterior: θ ~ N(0, I), x | θ ~ N(θ, 0.5² I) ⇒ θ | x ~ N(0.8 x, 0.2 I)."""
 
 import math
@@ -56,6 +56,9 @@ def test_nre_with_nuts_matches_the_posterior(data):
     check(draws)
     assert post.chains["theta"].shape == (2, 500, 2)
     assert post.diagnostics()["theta"]["r_hat"].max() < 1.05
+    slice_draws = post.sample(1000, X, seed=1, sampler="slice")["theta"]  # the same posterior, another kernel
+    check(slice_draws)
+    assert post.chains["theta"].shape == (20, 50, 2) and post.diagnostics()["theta"]["r_hat"].max() < 1.05
 
 
 def test_rejection_abc(data):

@@ -1,4 +1,5 @@
-"""ib.sequential: rounds from the prior truncated to the posterior's region (TSNPE).
+"""ib.sequential: rounds from the prior truncated to the posterior's region (TSNPE), or at draws
+of the posterior for NLE (SNLE).
 
 - On gaussian_linear (θ ~ N(0, 0.1 I₁₀), x ~ N(θ, 0.1 I₁₀), so p(θ | x) = N(x/2, 0.05 I)) the
   sequential NPE posterior meets the accuracy checks of tests/test_accuracy.py, averaged over two
@@ -10,7 +11,9 @@
   parameter, and leaves out less than 0.2 % of fresh posterior draws (10⁻⁴ by construction, plus
   the noise of 20 000 draws); the same check with regions that leave out a large part of the mass
   cuts the true parameter several times (the check has teeth).
-- The truncated prior is a Pyro model ``ib.simulate`` runs: its draws are the prior's, restricted.
+- The truncated prior is a Pyro model ``ib.simulate`` runs: its draws are the prior's, restricted;
+  the posterior proposal simulates at the draws it is given. Sequential NLE with posterior
+  proposals matches the posterior of an observation in the prior's tail.
 - A killed run resumes from its store to the same result; bad input is named.
 """
 
@@ -23,7 +26,7 @@ import torch
 import implicitbayes as ib
 import simulators
 from exact import average, gaussian_errors
-from implicitbayes.infer.sequential import PriorDraws, Region, TruncatedPrior, region_of
+from implicitbayes.infer.sequential import PosteriorProposal, PriorDraws, Region, TruncatedPrior, region_of
 from tests.models import normal_model as model
 from tests.processes import kill_9_when
 
@@ -92,6 +95,29 @@ def test_the_truncated_prior_is_the_prior_restricted_to_the_region():
     assert ((data["x"] - theta).std(0) - 0.5).abs().max() < 0.03  # simulated at the truncated draws
 
 
+def test_the_posterior_proposal_simulates_at_the_posterior_draws_it_is_given():
+    pool = {"theta": torch.tensor([[2.0, -1.0], [-3.0, 0.5], [0.25, 4.0]])}
+    data = ib.simulate(PosteriorProposal(model, ["x"], pool), 3000, observed="x", seed=0, progress=False)
+    theta = data["theta"]
+    rows = (theta[:, None, :] == pool["theta"][None]).all(-1)
+    assert rows.any(1).all()  # every latent is one of the draws
+    assert (rows.float().mean(0) - 1 / 3).abs().max() < 0.03  # drawn uniformly, with replacement
+    assert ((data["x"] - theta).std(0) - 0.5).abs().max() < 0.03  # simulated at them
+
+
+def test_sequential_nle_with_posterior_proposals_matches_the_posterior():
+    """SNLE: later rounds simulate at draws of the current posterior (no correction: the learned
+    likelihood does not depend on where θ was drawn). p(θ | x) = N(0.8 x, 0.2 I) for x far in the
+    prior's tail; tolerances as above."""
+    x = torch.tensor([2.0, -1.5])
+    nle = ib.NLE(model, observed="x", sampler="slice", training={"patience": 10})
+    post = ib.sequential(nle, observation={"x": x}, num_simulations=1500, rounds=3, seed=0, progress=False)
+    assert [r["proposal"] for r in post.rounds] == ["prior", "posterior", "posterior"]
+    assert post.rounds[1]["prior_mass"] is None and post.rounds[1]["region"] is None
+    errors = gaussian_errors(post.sample(2000, seed=1)["theta"], 0.8 * x, 0.2 * torch.eye(2))
+    assert errors["shift"] < 0.25 and errors["spread"] < 0.3, errors
+
+
 SEQUENTIAL = """
 import pyro, pyro.distributions as dist, torch, implicitbayes as ib
 from tests.models import normal_model as model
@@ -130,6 +156,11 @@ def test_bad_input_is_named(tmp_path):
         ib.sequential(npe, observation={"x": torch.zeros(3)}, num_simulations=100)
     with pytest.raises(ValueError, match=r"observed: expected the sites \['x'\], got \['y'\]"):
         ib.sequential(npe, observation={"y": torch.zeros(2)}, num_simulations=100)
+    with pytest.raises(ValueError, match=r"proposal: expected one of 'auto', 'truncated', 'posterior', got 'prior'"):
+        ib.sequential(npe, observation=x, num_simulations=100, proposal="prior")
+    with pytest.raises(ValueError, match=r"proposal: 'posterior' needs a method that learns the likelihood \(ib.NLE\) "
+                                         r"or a likelihood ratio \(ib.NRE\), .*; NPE learns the posterior itself"):
+        ib.sequential(npe, observation=x, num_simulations=100, proposal="posterior")
     nowhere = Region(lambda latents: torch.zeros(len(latents["theta"]), dtype=torch.bool), "empty", math.inf)
     with pytest.raises(ValueError, match=r"region \(empty\) has numerically zero prior mass: none of 20000 prior draws"):
         TruncatedPrior(model, ["x"], nowhere)

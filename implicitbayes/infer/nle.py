@@ -38,7 +38,7 @@ from ..nn import FLOWS, LinearResidual, Standardize, build_flow, flow_log_prob
 from ..seeding import resolve_seed, seeded
 from ..simulate import model_sites, trace_given
 from ..space import ParameterSpace
-from .mcmc import MCMCDiagnostics, PriorDraws, SampledByNUTS, batched_log_joint, without_observed
+from .mcmc import MCMCDiagnostics, PriorDraws, SampledByNUTS, batched_log_joint, mcmc_options, without_observed
 from .method import NeuralMethod
 from .npe import NPE, linear_residual_option, linear_residual_wanted
 from .objectives import NPELoss
@@ -63,6 +63,7 @@ class NLEConfig(PosteriorConfig):
     linear_residual: bool  # the flow models x's residual from its least-squares regression on η
     num_chains: int
     warmup: int
+    sampler: str = "nuts"  # the MCMC kernel: "nuts" (Pyro's) or "slice" (vectorized over chains)
 
 
 def _param_rows(fn: Implicit) -> torch.Tensor:
@@ -169,8 +170,11 @@ class NLEPosterior(SampledByNUTS, Posterior):
 
     def sample(self, num_samples: int, observed: Any = None, *, seed: int | None = None,
                num_chains: int | None = None, warmup_steps: int | None = None, model_args: tuple | None = None,
-               model_kwargs: Mapping | None = None) -> dict[str, torch.Tensor]:
-        """NUTS on the model with the learned likelihood at ``observed``. ``model_args`` /
+               model_kwargs: Mapping | None = None, sampler: str | None = None) -> dict[str, torch.Tensor]:
+        """MCMC on the model with the learned likelihood at ``observed``: ``sampler`` "nuts" (Pyro's
+        NUTS, ``num_chains`` chains one after another) or "slice" (vectorized slice sampling, all
+        chains at once: 20, or one per 100 draws when that is more, unless ``num_chains`` is
+        given); the fit's choice by default. ``model_args`` /
         ``model_kwargs`` replace the fit's for this run (e.g. ``{"num_trials": 10}`` for ten
         i.i.d. trials of a site inside a plate); the observation must have the site's shape under
         them. ``self.diagnostics()`` reports R-hat, effective sizes and divergences."""
@@ -189,8 +193,9 @@ class NLEPosterior(SampledByNUTS, Posterior):
         joint = batched_log_joint(self.condition(self.model, values), prior)
         prior_only = batched_log_joint(without_observed(self.model, self.observed), prior)
         return self._nuts(self.condition(self.model, values), num_samples, resolve_seed(seed), num_chains,
-                          warmup_steps, what="NLE", model_args=args, model_kwargs=kwargs,
-                          log_likelihood=lambda latents: joint(latents) - prior_only(latents), prior=prior)
+                          warmup_steps, what="NLE", model_args=args, model_kwargs=kwargs, sampler=sampler,
+                          log_likelihood=lambda latents: joint(latents) - prior_only(latents), prior=prior,
+                          log_joint=joint)
 
     @torch.no_grad()
     def sample_batch(self, num_samples: int, observations: Any, *, seed: int | None = None) -> dict[str, torch.Tensor]:
@@ -209,8 +214,11 @@ class NLE(NeuralMethod):
     The model has one observed site, an ``ib.Implicit`` (possibly inside plates or
     ``.to_event``). Options: the flow of x given the simulator's parameters — ``flow`` (a name in
     ``implicitbayes.nn.FLOWS``), ``transforms``, ``hidden_features``, ``affine_first``,
-    ``spline_init`` as for :class:`~implicitbayes.NPE` (same defaults); ``num_chains`` and
-    ``warmup`` for NUTS; ``training`` (a :class:`~implicitbayes.TrainConfig` or a mapping of
+    ``spline_init`` as for :class:`~implicitbayes.NPE` (same defaults); ``sampler`` — "nuts"
+    (Pyro's NUTS, ``num_chains`` 2 run one after another, ``warmup`` 300) or "slice" (vectorized
+    slice sampling, :func:`~implicitbayes.infer.mcmc.slice_sample`: 20 chains advanced together,
+    ``warmup`` 100 sweeps; the sampler for multimodal posteriors of a few parameters, and several
+    times faster) — with ``num_chains`` and ``warmup`` defaulting to the sampler's; ``training`` (a :class:`~implicitbayes.TrainConfig` or a mapping of
     fields changing ``NLE.TRAINING``, NPE's loop); ``device``.
     """
 
@@ -221,7 +229,7 @@ class NLE(NeuralMethod):
                  model_kwargs: Mapping | None = None, flow: str = "nsf", transforms: int = 5,
                  hidden_features: Sequence[int] = (50, 50), affine_first: bool | None = None,
                  spline_init: float | str | None = "auto", linear_residual: bool | str = "auto",
-                 num_chains: int = 2, warmup: int = 300,
+                 sampler: str = "nuts", num_chains: int | None = None, warmup: int | None = None,
                  training: TrainConfig | Mapping | None = None, device: str | torch.device | None = None):
         super().__init__(model, observed=observed, model_args=model_args, model_kwargs=model_kwargs,
                          training=training, device=device)
@@ -238,7 +246,7 @@ class NLE(NeuralMethod):
             raise ValueError(f"spline_init: only flow='nsf' has spline conditioners, got flow={flow!r}")
         self.spline_init = None if spline_init is None else float(spline_init)
         self.linear_residual = linear_residual_option(linear_residual)
-        self.num_chains, self.warmup = integer("num_chains", num_chains), integer("warmup", warmup)
+        self.sampler, self.num_chains, self.warmup = mcmc_options(sampler, num_chains, warmup)
 
     def _draws(self, data, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
         """The simulations as single draws of the implicit site: ``(x (N, *trial_shape),
@@ -272,7 +280,7 @@ class NLE(NeuralMethod):
                            affine_first=self.affine_first, spline_init=self.spline_init,
                            linear_residual=linear_residual_wanted(self.linear_residual, len(x), params.shape[1],
                                                                   "simulator parameters"),
-                           num_chains=self.num_chains, warmup=self.warmup)
+                           num_chains=self.num_chains, warmup=self.warmup, sampler=self.sampler)
         with seeded(seed, self.device):
             post = NLEPosterior(prep.space, prep.observed, prep.x_shapes, config).to(self.device)
             post.x_standardize.fit(x)

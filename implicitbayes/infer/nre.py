@@ -24,7 +24,7 @@ from ..nn import Critic
 from ..seeding import seeded
 from ..space import ParameterSpace
 from .data import split_observed
-from .mcmc import MCMCDiagnostics, SampledByNUTS
+from .mcmc import MCMCDiagnostics, PriorDraws, SampledByNUTS, batched_log_joint, mcmc_options, without_observed
 from .method import NeuralMethod, network_builder
 from .objectives import RatioCriticLoss
 from .posterior import NeuralConfig, NeuralPosterior, build_network, neural_config_fields, register_posterior
@@ -42,6 +42,7 @@ class NREConfig(NeuralConfig):
     layers: int
     num_chains: int
     warmup: int
+    sampler: str = "nuts"  # the MCMC kernel: "nuts" (Pyro's) or "slice" (vectorized over chains)
 
 
 @register_posterior
@@ -70,13 +71,15 @@ class NREPosterior(SampledByNUTS, NeuralPosterior):
         return self.classifier(self.context(x).expand(u.shape[0], -1), self.theta_standardize(u))
 
     def sample(self, num_samples: int, observed: Any = None, *, seed: int | None = None, num_chains: int | None = None,
-               warmup_steps: int | None = None) -> dict[str, torch.Tensor]:
-        """NUTS on the model with the learned likelihood (``num_chains`` chains one after another,
-        ``warmup_steps`` each; defaults from the fit); ``self.chains`` keeps the draws by chain and
+               warmup_steps: int | None = None, sampler: str | None = None) -> dict[str, torch.Tensor]:
+        """MCMC on the model with the learned likelihood: ``sampler`` "nuts" (``num_chains``
+        chains one after another) or "slice" (all chains at once), ``warmup_steps`` each;
+        defaults from the fit. ``self.chains`` keeps the draws by chain and
         ``self.diagnostics()`` their R-hat, effective sizes and divergences."""
-        return super().sample(num_samples, observed, seed=seed, num_chains=num_chains, warmup_steps=warmup_steps)
+        return super().sample(num_samples, observed, seed=seed, num_chains=num_chains, warmup_steps=warmup_steps,
+                              sampler=sampler)
 
-    def _draw(self, x, num_samples, seed, num_chains=None, warmup_steps=None):
+    def _draw(self, x, num_samples, seed, num_chains=None, warmup_steps=None, sampler=None):
         self._require_model()
         values = {k: v[0] for k, v in split_observed(x, self.observed, self.x_shapes).items()}
 
@@ -84,8 +87,11 @@ class NREPosterior(SampledByNUTS, NeuralPosterior):
             return self.log_ratio({k: v[None] for k, v in latents.items()}, observed_now)[0]
 
         conditioned = replace_likelihood(self.model, log_ratio, values, self.space.names)
-        return self._nuts(conditioned, num_samples, seed, num_chains, warmup_steps, what="NRE",
-                          log_likelihood=lambda latents: self._log_ratio(latents, x).cpu())
+        prior = PriorDraws(self.model, self.observed, self.model_args, self.model_kwargs)
+        prior_only = batched_log_joint(without_observed(self.model, self.observed), prior)
+        return self._nuts(conditioned, num_samples, seed, num_chains, warmup_steps, what="NRE", prior=prior,
+                          log_likelihood=lambda latents: self._log_ratio(latents, x).cpu(), sampler=sampler,
+                          log_joint=lambda latents: prior_only(latents) + self._log_ratio(latents, x).cpu())
 
 
 class NRE(NeuralMethod):
@@ -95,7 +101,8 @@ class NRE(NeuralMethod):
     ``classifier(theta_features, context_features)`` returning a module ``(context, θ) -> r``
     in its place (e.g. ``partial(ib.nn.Critic, kind="projection")``; pass it again to
     ``ib.load``), ``embedding`` of the observation,
-    ``num_chains`` and ``warmup`` for MCMC, ``training`` (a :class:`~implicitbayes.TrainConfig`
+    ``sampler`` ("nuts" or "slice", as for :class:`~implicitbayes.NLE`) with its ``num_chains``
+    and ``warmup``, ``training`` (a :class:`~implicitbayes.TrainConfig`
     or a mapping of fields changing ``NRE.TRAINING``), ``device``.
     """
 
@@ -103,13 +110,13 @@ class NRE(NeuralMethod):
 
     def __init__(self, model: Callable, *, observed: str | Sequence[str], model_args: tuple = (),
                  model_kwargs: Mapping | None = None, hidden: int = 128, layers: int = 3,
-                 classifier: Callable[[int, int], nn.Module] | None = None, num_chains: int = 2,
-                 warmup: int = 300, embedding: nn.Module | None = None, training: TrainConfig | Mapping | None = None,
+                 classifier: Callable[[int, int], nn.Module] | None = None, sampler: str = "nuts",
+                 num_chains: int | None = None, warmup: int | None = None, embedding: nn.Module | None = None, training: TrainConfig | Mapping | None = None,
                  device: str | torch.device | None = None):
         super().__init__(model, observed=observed, model_args=model_args, model_kwargs=model_kwargs,
                          embedding=embedding, training=training, device=device)
         self.hidden, self.layers = integer("hidden", hidden), integer("layers", layers)
-        self.num_chains, self.warmup = integer("num_chains", num_chains), integer("warmup", warmup)
+        self.sampler, self.num_chains, self.warmup = mcmc_options(sampler, num_chains, warmup)
         self.classifier = network_builder("classifier", classifier, {"hidden": (hidden, 128), "layers": (layers, 3)})
 
     def fit(self, data, *, max_steps: int | None = None, time_budget: float | None = None, seed: int | None = None,
@@ -119,7 +126,8 @@ class NRE(NeuralMethod):
         prep, seed, loop = self._begin(data, max_steps, time_budget, seed)
         config = init.config if init is not None else NREConfig(**neural_config_fields(prep.x.shape[1:], self.embedding),
                            classifier="mlp" if self.classifier is None else "custom", hidden=self.hidden,
-                           layers=self.layers, num_chains=self.num_chains, warmup=self.warmup)
+                           layers=self.layers, num_chains=self.num_chains, warmup=self.warmup,
+                           sampler=self.sampler)
         with seeded(seed, self.device):
             post = NREPosterior(prep.space, prep.observed, prep.x_shapes, config, self.embedding, self.model,
                                 self.classifier)

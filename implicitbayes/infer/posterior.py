@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import pyro
@@ -43,7 +43,8 @@ class PosteriorConfig:
     @classmethod
     def from_json(cls, values: Mapping[str, Any]) -> "PosteriorConfig":
         names = {f.name for f in fields(cls)}
-        missing, unknown = sorted(names - set(values)), sorted(set(values) - names)
+        optional = {f.name for f in fields(cls) if f.default is not MISSING}  # added later, with a default
+        missing, unknown = sorted(names - optional - set(values)), sorted(set(values) - names)
         if missing or unknown:
             raise FormatError(f"{cls.__name__}: the saved configuration lacks {missing} / has unknown {unknown}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})

@@ -1,5 +1,5 @@
 r"""Sequential rounds focused on one observation: truncated-prior rounds (TSNPE; Deistler,
-Goncalves & Macke 2022).
+Goncalves & Macke 2022), and for the likelihood-based methods rounds at the posterior's draws.
 
 Round 1 simulates from the prior p(θ). After round r the current posterior q_r(θ | x_o) defines a
 region R_r holding all but a fraction ε of its mass (its highest-density region, or for an
@@ -20,7 +20,10 @@ result by at most that mass, hence ε = 10⁻⁴.
 Regions. For NPE, the flow's own density: R = {θ : log q(θ | x_o) ≥ τ}, τ the ε-quantile of
 log q over 20 000 of its draws (in the unconstrained coordinates the flow lives in). For NLE and
 NRE, the unnormalised posterior log p(θ) + log q(x_o | θ) (NLE) or log p(θ) + r(θ, x_o) (NRE)
-with τ its minimum over 2 000 NUTS draws. ImplicitVI has no density; its region is built from
+with τ its minimum over 2 000 MCMC draws — vectorized slice sampling from 20 chains started at
+draws resampled in proportion to the learned likelihood, whatever sampler the posterior itself
+uses: a region must hold every mode, and it is drawn each round, where Pyro's NUTS (one chain
+after another) took minutes to tens of minutes on slcp. ImplicitVI has no density; its region is built from
 what it has, its (critic-corrected) draws: R = {θ : min_j ‖s(θ) − s(θ_j)‖ ≤ ρ}, the union of balls
 of radius ρ around M = 4 000 draws θ_j in standardised unconstrained coordinates s, with ρ the
 (1 − ε)-quantile of the distance from 4 000 further draws to their nearest θ_j, times
@@ -28,6 +31,19 @@ of radius ρ around M = 4 000 draws θ_j in standardised unconstrained coordinat
 quantile is taken over draws independent of the centres), so R holds q's mass as the HPD region
 does, and the argument above applies unchanged: nothing in it needs a density, only that R holds
 the posterior's mass. The margin widens the balls against the error of q in its tails.
+
+Posterior proposals (SNLE, Papamakarios et al. 2019; SNRE, Hermans et al. 2020). NLE learns
+q(x | η(θ)), a conditional density of x given θ, and NRE the ratio p(x | θ) / p̃(x): neither
+depends on where the simulated θ were drawn (only on where they reach), so their rounds may
+simulate at draws of the current posterior itself, with no region and no correction —
+``proposal="posterior"``, the default ("auto") for NLE and NRE. This puts every later simulation
+where the posterior is, rather than anywhere in a region sized to hold all but 10⁻⁴ of its mass
+(on slcp those regions keep 6–16 % of the prior), which is why SNLE reaches what truncated
+rounds do not. A round simulates at ``POOL_FACTOR`` × its budget draws of the posterior
+(vectorized slice sampling, as for the regions), picked with replacement
+(:class:`PosteriorProposal`, a Pyro model like the truncated prior). NPE and ImplicitVI learn the
+posterior itself, which a proposal other than the prior (restricted) would bias: they always run
+truncated.
 
 The truncated prior is a Pyro model (:class:`TruncatedPrior`) that ``ib.simulate`` runs like any
 other — chunked, seeded, on executors, into a store: inside each chunk it draws candidates from
@@ -44,6 +60,7 @@ import inspect
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -52,7 +69,7 @@ import pyro
 import pyro.poutine.runtime as pyro_runtime
 import torch
 
-from ..checks import integer, number
+from ..checks import choice, integer, number
 from ..errors import StoreMismatchError
 from ..io import atomic_write_text
 from ..seeding import resolve_seed, seeded
@@ -61,14 +78,16 @@ from .data import observed_values
 from .mcmc import PriorDraws, batched_log_joint, without_observed
 from .posterior import Posterior, load
 
-__all__ = ["sequential", "TruncatedPrior", "Region", "region_of", "PriorDraws"]
+__all__ = ["sequential", "TruncatedPrior", "PosteriorProposal", "Region", "region_of", "PriorDraws"]
 
 QUANTILE = 1e-4  # posterior mass a region may leave out (TSNPE's ε)
 DENSITY_DRAWS = 20_000  # draws of a flow posterior that set its region's threshold
-MCMC_DRAWS = 2_000  # NUTS draws of an NLE / NRE posterior that set its region's threshold
+MCMC_DRAWS = 2_000  # slice-sampling draws of an NLE / NRE posterior that set its region's threshold
 COVER_DRAWS = 4_000  # ImplicitVI: ball centres, and as many more draws to set the radius
 COVER_MARGIN = 1.5  # ImplicitVI: the radius is widened by this factor
 MASS_DRAWS = 20_000  # prior draws that estimate a region's prior mass
+POOL_FACTOR = 2  # posterior proposal: MCMC draws per simulation of the round, drawn from with replacement
+PROPOSALS = ("auto", "truncated", "posterior")
 
 
 class _Fixed(pyro.poutine.messenger.Messenger):
@@ -116,7 +135,40 @@ class Region:
         return self.prior_mass
 
 
-class TruncatedPrior:
+class _GivenLatents:
+    """The model with its latents drawn by ``self.draw(n)`` instead of from its prior — a Pyro
+    model ``ib.simulate`` runs like the original (``self.prior`` is the model's PriorDraws)."""
+
+    model: Callable
+    prior: PriorDraws
+
+    def draw(self, n: int) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def __call__(self, *args, **kwargs):
+        frames = [f for f in pyro_runtime.get_plates() if f.name == _OUTER_PLATE]
+        n = frames[0].size if frames else 1
+        values = self.draw(n)
+        info = self.prior.info
+        laid = {k: plate_layout(v, frames[0].dim, info[k].batch_ndim) if frames else v[0] for k, v in values.items()}
+        with _Fixed(laid):
+            return self.model(*args, **kwargs)
+
+
+class PosteriorProposal(_GivenLatents):
+    """The model with its latents drawn (with replacement) from ``draws`` (``{site: (m, *shape)}``,
+    draws of the current posterior) — the proposal of SNLE and SNRE."""
+
+    def __init__(self, model: Callable, observed, draws: Mapping[str, torch.Tensor], model_args=(), model_kwargs=None):
+        self.model, self.draws = model, {k: v.detach().cpu() for k, v in draws.items()}
+        self.prior = PriorDraws(model, observed, model_args, model_kwargs)
+
+    def draw(self, n: int) -> dict[str, torch.Tensor]:
+        pick = torch.randint(len(next(iter(self.draws.values()))), (n,))
+        return {k: v[pick] for k, v in self.draws.items()}
+
+
+class TruncatedPrior(_GivenLatents):
     """The model with its latents drawn from the prior truncated to ``region`` — a Pyro model
     ``ib.simulate`` runs like the original (by rejection from the prior inside each run)."""
 
@@ -143,15 +195,6 @@ class TruncatedPrior:
                 raise ValueError(f"truncated prior: {count} of {tried} prior draws fell in the region, far fewer than "
                                  f"its estimated prior mass {mass:.3g} promises; the region is too small to sample")
         return {k: torch.cat([d[k] for d in kept])[:n] for k in kept[0]}
-
-    def __call__(self, *args, **kwargs):
-        frames = [f for f in pyro_runtime.get_plates() if f.name == _OUTER_PLATE]
-        n = frames[0].size if frames else 1
-        values = self.draw(n)
-        info = self.prior.info
-        laid = {k: plate_layout(v, frames[0].dim, info[k].batch_ndim) if frames else v[0] for k, v in values.items()}
-        with _Fixed(laid):
-            return self.model(*args, **kwargs)
 
 
 # ----------------------------------------------------------------------------- regions
@@ -190,7 +233,7 @@ def region_of(posterior: Posterior, observation: Any, prior: PriorDraws, *, quan
         draws = posterior.sample(DENSITY_DRAWS, observation, seed=seed)
         region = _density_region(log_q, draws, quantile, "highest-density region of the flow")
     elif isinstance(posterior, (NLEPosterior, NREPosterior)):
-        draws = posterior.sample(MCMC_DRAWS, observation, seed=seed)
+        draws = mcmc_draws(posterior, MCMC_DRAWS, observation, seed)
         if isinstance(posterior, NLEPosterior):
             log_joint = batched_log_joint(posterior.condition(prior.model, posterior._observation(observation)), prior)
         else:
@@ -207,6 +250,13 @@ def region_of(posterior: Posterior, observation: Any, prior: PriorDraws, *, quan
     with seeded(seed + 1, torch.device("cpu")):  # the mass sets the rejection batches: it must repeat
         region.estimate_mass(prior)
     return region
+
+
+def mcmc_draws(posterior: Posterior, n: int, observation: Any, seed: int) -> dict[str, torch.Tensor]:
+    """``n`` draws of an NLE or NRE posterior by vectorized slice sampling (module docstring)."""
+    with warnings.catch_warnings():  # chains in separate modes have a large R-hat by design
+        warnings.filterwarnings("ignore", message=r".*split R-hat", category=RuntimeWarning)
+        return posterior.sample(n, observation, seed=seed, sampler="slice")
 
 
 def _cover_region(posterior, observation, quantile: float, seed: int) -> Region:
@@ -231,7 +281,7 @@ def _round_seeds(seed: int, r: int) -> tuple[int, int, int]:
 
 
 def sequential(method, *, observation: Any, num_simulations: int, rounds: int = 5, seed: int | None = None,
-               store=None, progress: bool = True, quantile: float = QUANTILE) -> Posterior:
+               store=None, progress: bool = True, quantile: float = QUANTILE, proposal: str = "auto") -> Posterior:
     """A posterior focused on ``observation``, trained on ``rounds`` rounds of simulations from
     the prior truncated to the previous round's posterior region (module docstring).
 
@@ -242,9 +292,13 @@ def sequential(method, *, observation: Any, num_simulations: int, rounds: int = 
     on the CPU, as ``ib.simulate`` does by default (the simulator is the user's code), and train
     on the method's ``device``. ``store``: a
     directory that makes the run resumable (module docstring). ``quantile``: the posterior mass a
-    region may leave out."""
+    region may leave out. ``proposal``: where later rounds simulate — "truncated" (the prior
+    truncated to the posterior's region), "posterior" (at draws of the current posterior; NLE and
+    NRE only), or "auto", the latter for NLE and NRE and the former otherwise (module docstring)."""
     from .abc import ABC
     from .lfvi import LFVI
+    from .nle import NLE
+    from .nre import NRE
 
     if isinstance(method, ABC):
         raise TypeError("method: ABC does not run in rounds here; its own sequential scheme is SMC-ABC: "
@@ -258,23 +312,33 @@ def sequential(method, *, observation: Any, num_simulations: int, rounds: int = 
         raise ValueError(f"num_simulations: {num_simulations} simulations cannot be split over {rounds} rounds; "
                          "give at least one per round")
     number("quantile", quantile, low=0.0, high=1.0, what="a fraction in (0, 1)")
+    learns_likelihood = isinstance(method, (NLE, NRE))
+    proposal = choice("proposal", proposal, PROPOSALS)
+    if proposal == "auto":
+        proposal = "posterior" if learns_likelihood else "truncated"
+    if proposal == "posterior" and not learns_likelihood:
+        raise ValueError(f"proposal: 'posterior' needs a method that learns the likelihood (ib.NLE) or a likelihood "
+                         f"ratio (ib.NRE), which any proposal leaves unbiased; {type(method).__name__} learns the "
+                         "posterior itself and runs with proposal='truncated'")
     seed = resolve_seed(seed)
     sites, _ = model_sites(method.model, method.observed, method.model_args, method.model_kwargs)
     shapes = {s.name: s.shape for s in sites if s.observed}
     values = observed_values(observation, method.observed, shapes, torch.device("cpu"), torch.get_default_dtype())
     budgets = [num_simulations // rounds + (num_simulations % rounds if r == 0 else 0) for r in range(rounds)]
-    directory = _open_store(store, method, values, num_simulations, rounds, seed, quantile)
+    directory = _open_store(store, method, values, num_simulations, rounds, seed, quantile, proposal)
     prior = PriorDraws(method.model, method.observed, method.model_args, method.model_kwargs)
 
     data, posterior, record = None, None, []
     for r in range(rounds):
         t0 = time.perf_counter()
         sim_seed, fit_seed, region_seed = _round_seeds(seed, r)
-        region = None
-        if posterior is not None:
+        region, model, before = None, method.model, posterior
+        if posterior is not None and proposal == "truncated":
             region = region_of(posterior, values, prior, quantile=quantile, seed=region_seed)
-        model = method.model if region is None else TruncatedPrior(method.model, method.observed, region,
-                                                                    method.model_args, method.model_kwargs)
+            model = TruncatedPrior(method.model, method.observed, region, method.model_args, method.model_kwargs)
+        elif posterior is not None:
+            draws = mcmc_draws(posterior, max(POOL_FACTOR * budgets[r], MCMC_DRAWS), values, region_seed)
+            model = PosteriorProposal(method.model, method.observed, draws, method.model_args, method.model_kwargs)
         part = simulate(model, budgets[r], observed=method.observed, model_args=method.model_args,
                         model_kwargs=method.model_kwargs, seed=sim_seed, progress=progress,
                         store=None if directory is None else directory / f"round-{r + 1}")
@@ -288,7 +352,8 @@ def sequential(method, *, observation: Any, num_simulations: int, rounds: int = 
             if saved is not None:
                 posterior.save(saved)
         record.append({"round": r + 1, "simulations": len(part), "total_simulations": len(data),
-                       "prior_mass": 1.0 if region is None else region.prior_mass,
+                       "proposal": "prior" if before is None else proposal,
+                       "prior_mass": 1.0 if before is None else None if region is None else region.prior_mass,
                        "region": None if region is None else {"kind": region.kind, "threshold": region.threshold},
                        "seconds": time.perf_counter() - t0})
     posterior.rounds = record
@@ -300,13 +365,14 @@ def _fit_parameters(method) -> set[str]:
     return set(inspect.signature(method.fit).parameters)
 
 
-def _open_store(store, method, values, num_simulations, rounds, seed, quantile) -> Path | None:
+def _open_store(store, method, values, num_simulations, rounds, seed, quantile, proposal) -> Path | None:
     if store is None:
         return None
     directory = Path(store)
     digest = hashlib.sha256(b"".join(v.numpy().tobytes() for v in values.values())).hexdigest()[:16]
     manifest = {"kind": "implicitbayes.Sequential", "version": 1, "method": type(method).__name__,
                 "num_simulations": num_simulations, "rounds": rounds, "seed": seed, "quantile": quantile,
+                "proposal": proposal,
                 "observation": digest}
     path = directory / "sequential.json"
     if path.exists():
