@@ -200,6 +200,10 @@ def _warn_if_unhealthy(record: MCMCDiagnostics, what: str) -> None:
 
 # ----------------------------------------------------------------------------- vectorized slice sampling
 SLICE_DRAWS_PER_CHAIN = 100  # more draws than chains × this get more chains (unless num_chains is given)
+# The slice sampler's chains take their shares of the modes from the resampled starts, so these are
+# resampled from more prior draws than NUTS's two chains need (slcp, 10⁴ draws: C2ST 0.672-0.685;
+# 10⁵: 0.649-0.655, the same learned posterior)
+SLICE_INIT_CANDIDATES = 100_000
 SLICE_STEPS_OUT = 20  # stepping-out steps per side and coordinate at most
 SLICE_SHRINKS = 60  # shrinkage steps per coordinate at most (the bracket halves about each time)
 
@@ -354,7 +358,7 @@ class SampledByNUTS:
                 if num_chains is None:  # chains are nearly free when advanced together: keep them short
                     chains = max(chains, -(-num_samples // SLICE_DRAWS_PER_CHAIN))
                 with seeded(seed, self.device):
-                    starts = inits(chains) if inits is not None else None
+                    starts = inits(chains, SLICE_INIT_CANDIDATES) if inits is not None else None
                 if starts is None:
                     with seeded(seed, self.device):
                         draws = prior(chains)
