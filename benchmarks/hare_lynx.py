@@ -35,7 +35,7 @@ CONFIGS = {
     "implicit_vi_8_rounds": ["--rounds", "8"],
     "implicit_vi_amortized": ["--rounds", "1"],
     "npe_amortized": ["--method", "npe", "--rounds", "1"],
-    "nle": ["--method", "nle", "--method-option", "sampler=slice"],
+    "nle": ["--method", "nle", "--method-option", "sampler=slice", "--method-option", "flow=maf"],
 }
 MEAN_TOLERANCE, SD_TOLERANCE, SECONDS, SIMULATIONS = 0.3, 0.25, 600, 20_000
 
