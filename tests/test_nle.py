@@ -60,27 +60,19 @@ def posterior():
     return ib.NLE(trials_model, observed="x").fit(data, seed=0, progress=False)
 
 
-# N = 1 and 100 in CI, N = 10 with the slow tests (≈ 70 s each)
-@pytest.mark.parametrize("n", [1, pytest.param(10, marks=pytest.mark.slow), 100])
-def test_trained_on_single_trials_it_matches_the_posterior_of_n_trials(posterior, n):
+# N = 1 (NUTS) and 100 (the vectorized slice sampler, 20 chains) in CI, N = 10 with the slow
+# tests (NUTS, ≈ 70 s each)
+@pytest.mark.parametrize("n, sampler, chains", [(1, "nuts", 2), pytest.param(10, "nuts", 2, marks=pytest.mark.slow),
+                                                (100, "slice", 20)])
+def test_trained_on_single_trials_it_matches_the_posterior_of_n_trials(posterior, n, sampler, chains):
     x = trials(n, seed=n)
-    draws = posterior.sample(1000, {"x": x}, seed=1, model_kwargs={"num_trials": n})["theta"]
+    draws = posterior.sample(1000, {"x": x}, seed=1, model_kwargs={"num_trials": n}, sampler=sampler)["theta"]
     assert draws.shape == (1000, 2)
     errors = gaussian_errors(draws, *exact(x))
     assert errors["shift"] < SHIFT_AT[n] and errors["spread"] < SPREAD, errors
     report = posterior.diagnostics()
-    assert posterior.chains["theta"].shape == (2, 500, 2)
-    assert float(torch.as_tensor(report["theta"]["r_hat"]).max()) < 1.05 and report["divergences"] == [0, 0]
-
-
-def test_slice_sampling_matches_the_posterior_with_chains_advanced_together(posterior):
-    """The vectorized slice sampler on the same learned posterior, held to the same tolerances."""
-    x = trials(1, seed=1)
-    draws = posterior.sample(1000, {"x": x}, seed=1, sampler="slice")["theta"]
-    errors = gaussian_errors(draws, *exact(x))
-    assert errors["shift"] < SHIFT and errors["spread"] < SPREAD, errors
-    assert posterior.chains["theta"].shape == (20, 50, 2)  # the slice sampler's default chains
-    assert float(torch.as_tensor(posterior.diagnostics()["theta"]["r_hat"]).max()) < 1.05
+    assert posterior.chains["theta"].shape == (chains, 1000 // chains, 2)
+    assert float(torch.as_tensor(report["theta"]["r_hat"]).max()) < 1.05 and report["divergences"] == [0] * chains
 
 
 def test_the_learned_likelihood_is_the_simulator_density(posterior):

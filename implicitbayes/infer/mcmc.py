@@ -200,9 +200,10 @@ def _warn_if_unhealthy(record: MCMCDiagnostics, what: str) -> None:
 
 # ----------------------------------------------------------------------------- vectorized slice sampling
 SLICE_DRAWS_PER_CHAIN = 100  # more draws than chains × this get more chains (unless num_chains is given)
-# The slice sampler's chains take their shares of the modes from the resampled starts, so these are
-# resampled from more prior draws than NUTS's two chains need (slcp, 10⁴ draws: C2ST 0.672-0.685;
-# 10⁵: 0.649-0.655, the same learned posterior)
+# The slice sampler's chains take their shares of the modes from the resampled starts (no chain
+# crosses between far modes), so these are resampled from more prior draws than NUTS's two chains
+# need: a narrow posterior gets few distinct candidates from 10⁴ prior draws, and its modes' shares
+# come out of those few
 SLICE_INIT_CANDIDATES = 100_000
 SLICE_STEPS_OUT = 20  # stepping-out steps per side and coordinate at most
 SLICE_SHRINKS = 60  # shrinkage steps per coordinate at most (the bracket halves about each time)
