@@ -12,9 +12,11 @@ gradient and no step size, works in the unconstrained coordinates with the trans
 log-Jacobian added, and adapts each coordinate's bracket width during warm-up. On slcp's
 four-mode posterior 20 chains cover the modes where NUTS's two cannot, in a fraction of the time
 (``benchmarks/results/sequential.md``); NUTS remains the kernel for many parameters, where
-coordinate-wise updates mix slowly. Each chain starts at a point resampled from ``INIT_CANDIDATES`` prior
-draws weighted by the learned likelihood (sampling-importance-resampling, sbi's "resample"
-initialisation): a multimodal posterior gets chains in its modes in proportion to their mass,
+coordinate-wise updates mix slowly.
+
+Each chain starts at a point resampled from ``INIT_CANDIDATES`` prior draws (the slice sampler:
+``SLICE_INIT_CANDIDATES``) weighted by the learned likelihood (sampling-importance-resampling,
+sbi's "resample" initialisation): a multimodal posterior gets chains in its modes in proportion to their mass,
 where Pyro's default start (uniform in (−2, 2) unconstrained) leaves chains stranded in whatever
 basin is nearest. Their health is reported, not hidden: split R-hat and effective sample
 size per site and the number of divergent transitions per chain are kept on the posterior
@@ -124,14 +126,13 @@ def resampled_inits(prior: PriorDraws, log_weight: Callable[[Mapping[str, torch.
     return [{k: v[i] for k, v in draws.items()} for i in pick.tolist()]
 
 
-
-
 def mcmc_options(sampler: str, num_chains: int | None, warmup: int | None) -> tuple[str, int, int]:
     """A method's MCMC options checked, with the sampler's defaults for the chains and warm-up
     left as None."""
     sampler = choice("sampler", sampler, SAMPLERS)
     chains = integer("num_chains", num_chains, none=True) or DEFAULT_CHAINS[sampler]
     return sampler, chains, integer("warmup", warmup, none=True) or DEFAULT_WARMUP[sampler]
+
 
 class MCMCDiagnostics:
     """What the last NUTS run of a posterior left: the draws by chain and their diagnostics."""
@@ -217,7 +218,8 @@ def _slice_sweep(u: torch.Tensor, lp: torch.Tensor, log_density: Callable[[torch
                  widths: torch.Tensor, tune: bool) -> None:
     """One sweep of coordinate-wise slice sampling with stepping out and shrinkage (Neal 2003,
     §4), every chain (row of ``u``) at once; ``u`` and ``lp`` are updated in place. ``tune``:
-    move each width towards the mean bracket the stepping out found (running average)."""
+    move each width halfway towards half the mean bracket the stepping out found (so that it
+    settles near the slice's own width)."""
     chains, dim = u.shape
     for j in torch.randperm(dim).tolist():
         log_y = lp - torch.empty_like(lp).exponential_()

@@ -6,7 +6,8 @@ the simulations:
 
     max_φ  E_{p(θ) p(x | θ)} [ log q_φ(x | η(θ)) ],
 
-which minimises E_η KL(p(x | η) ‖ q_φ(x | η)). Sampling runs Pyro's NUTS on the user's own model
+which minimises E_η KL(p(x | η) ‖ q_φ(x | η)). Sampling runs Pyro's NUTS (or, with
+``sampler="slice"``, vectorized slice sampling, :mod:`~implicitbayes.infer.mcmc`) on the user's own model
 with q_φ in place of the implicit site's missing log-density (an effect handler,
 :class:`~implicitbayes.handlers.LearnedLikelihood`), so the posterior is p(θ) Π_i q_φ(x_i | η_i(θ))
 up to its normaliser.
@@ -209,7 +210,7 @@ class NLEPosterior(SampledByNUTS, Posterior):
 
 
 class NLE(NeuralMethod):
-    """Neural likelihood estimation; sampling by NUTS on the model (module docstring).
+    """Neural likelihood estimation; sampling by MCMC (NUTS or slice) on the model (module docstring).
 
     The model has one observed site, an ``ib.Implicit`` (possibly inside plates or
     ``.to_event``). Options: the flow of x given the simulator's parameters — ``flow`` (a name in
@@ -218,7 +219,8 @@ class NLE(NeuralMethod):
     (Pyro's NUTS, ``num_chains`` 2 run one after another, ``warmup`` 300) or "slice" (vectorized
     slice sampling, :func:`~implicitbayes.infer.mcmc.slice_sample`: 20 chains advanced together,
     ``warmup`` 100 sweeps; the sampler for multimodal posteriors of a few parameters, and several
-    times faster) — with ``num_chains`` and ``warmup`` defaulting to the sampler's; ``training`` (a :class:`~implicitbayes.TrainConfig` or a mapping of
+    times faster) — with ``num_chains`` and ``warmup`` defaulting to the sampler's; ``training``
+    (a :class:`~implicitbayes.TrainConfig` or a mapping of
     fields changing ``NLE.TRAINING``, NPE's loop); ``device``.
     """
 

@@ -95,7 +95,7 @@ class NREPosterior(SampledByNUTS, NeuralPosterior):
 
 
 class NRE(NeuralMethod):
-    """Neural ratio estimation; sampling by NUTS on the model (module docstring).
+    """Neural ratio estimation; sampling by MCMC (NUTS or slice) on the model (module docstring).
 
     Options: ``hidden``, ``layers`` of the classifier, or a build callable
     ``classifier(theta_features, context_features)`` returning a module ``(context, θ) -> r``
@@ -111,7 +111,8 @@ class NRE(NeuralMethod):
     def __init__(self, model: Callable, *, observed: str | Sequence[str], model_args: tuple = (),
                  model_kwargs: Mapping | None = None, hidden: int = 128, layers: int = 3,
                  classifier: Callable[[int, int], nn.Module] | None = None, sampler: str = "nuts",
-                 num_chains: int | None = None, warmup: int | None = None, embedding: nn.Module | None = None, training: TrainConfig | Mapping | None = None,
+                 num_chains: int | None = None, warmup: int | None = None, embedding: nn.Module | None = None,
+                 training: TrainConfig | Mapping | None = None,
                  device: str | torch.device | None = None):
         super().__init__(model, observed=observed, model_args=model_args, model_kwargs=model_kwargs,
                          embedding=embedding, training=training, device=device)
