@@ -17,12 +17,12 @@ from pathlib import Path
 __all__ = ["main"]
 
 
-def _options(pairs: list[str]) -> dict:
+def _options(pairs: list[str], flag: str = "--option") -> dict:
     out = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ValueError(f"--option: expected KEY=VALUE, got {pair!r}")
+            raise ValueError(f"{flag}: expected KEY=VALUE, got {pair!r}")
         try:
             out[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -248,6 +248,10 @@ def _resolve_run(args):
             raise ValueError(f"--observed: {args.simulator} observes {observed}, not {args.observed!r}")
         shape = tuple(task.x_shape)
         defaults = {**RUN_DEFAULTS, **getattr(task, "run_defaults", {})}
+        # the task's method options go with its own method only
+        default_options = defaults.pop("method_options", {})
+        if args.method not in (None, defaults["method"]):
+            default_options = {}
     else:
         if sim_options:
             raise ValueError("--option: simulator options apply to registered simulators; a model given as "
@@ -259,7 +263,7 @@ def _resolve_run(args):
                              "has no stored observations; pass its data with --data (CSV or .npy)")
         task, model = None, _load_model(args.simulator)
         site, shape = _model_site(model, args.simulator, args.observed)
-        observed, defaults = [site], dict(RUN_DEFAULTS)
+        observed, defaults, default_options = [site], dict(RUN_DEFAULTS), {}
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -287,6 +291,7 @@ def _resolve_run(args):
         where, _, name = args.simulator.rpartition(":")
         slug = f"{Path(where).stem}-{name}" if where else args.simulator
         args.out = f"results/{slug}-{args.method}"
+    args.method_options = {**default_options, **_options(args.method_option, "--method-option")}
     return task, model, observed, x_obs, truth, label
 
 
@@ -358,7 +363,7 @@ def _cmd_run(args) -> int:
     t_start = time.perf_counter()
     device = resolve_device(args.device)
     task, model, observed, x_obs, truth, label = _resolve_run(args)
-    sim_options, method_options = _options(args.option), _options(args.method_option)
+    sim_options, method_options = _options(args.option), args.method_options
     out = Path(args.out)
     config = {"simulator": args.simulator, "simulator_options": sim_options, "method": args.method,
               "method_options": method_options, "simulations": args.simulations, "rounds": args.rounds,

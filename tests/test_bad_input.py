@@ -237,6 +237,8 @@ CASES = {
                        r"^2: .*holds 3 numbers \(shape \(3,\)\), but the observed site 'x' has shape \(2,\)"),
     "cli-data-nan": (_cli_run("tests/models.py:normal_model", data=[0.0, float("nan")]), SystemExit,
                      r"^2: .*contains NaN or inf"),
+    "cli-option": (_cli_run("gaussian_linear", "--method-option", "flow"), SystemExit,
+                   r"^2: .*--method-option: expected KEY=VALUE, got 'flow'"),
     "nle-not-implicit": (lambda t: lambda: ib.NLE(_normal_observed_model, observed="x").fit(
         ib.simulate(_normal_observed_model, 50, observed="x", seed=0, progress=False), max_steps=2, progress=False),
         TypeError, r"observed: site 'x' is a Normal, not an ib.Implicit"),

@@ -201,6 +201,22 @@ def test_a_simulator_sets_its_own_run_defaults_and_the_command_line_overrides_th
     assert (args.method, args.simulations, args.rounds) == ("implicit-vi", 10_000, 1)
 
 
+def test_a_simulators_method_options_go_with_its_own_method_only(monkeypatch):
+    from implicitbayes.cli import _parser, _resolve_run
+    from simulators.hare_lynx import HareLynx
+
+    monkeypatch.setattr(HareLynx, "run_defaults", {"method": "nle", "method_options": {"sampler": "slice", "flow": "maf"}})
+    for argv, method, options in [
+            ([], "nle", {"sampler": "slice", "flow": "maf"}),
+            (["--method-option", "flow=nsf"], "nle", {"sampler": "slice", "flow": "nsf"}),  # the command line wins
+            (["--method", "nle", "--method-option", "warmup=50"], "nle", {"sampler": "slice", "flow": "maf", "warmup": 50}),
+            (["--method", "npe"], "npe", {})]:
+        args = _parser().parse_args(["run", "hare_lynx", *argv])
+        _resolve_run(args)
+        assert (args.method, args.method_options) == (method, options), argv
+    assert HareLynx.run_defaults["method_options"] == {"sampler": "slice", "flow": "maf"}  # not consumed
+
+
 def test_run_on_real_data_in_rounds_compares_with_the_reference(tmp_path, capsys):
     import json
 
