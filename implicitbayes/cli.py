@@ -327,9 +327,10 @@ def _misspecification_line(post, obs: dict, simulations, method: str, seed: int)
     """The summary's line on ``ib.diagnostics.misspecification`` of the observation against the
     run's simulations from the prior predictive (amortized: all of them; rounds: round 1's)."""
     import implicitbayes as ib
+    from implicitbayes.diagnostics.misspecification import has_summary_space
 
-    if not hasattr(post, "context"):
-        return f"misspecification check: not available for {method} (its posterior has no summary network)"
+    if not has_summary_space(post):
+        return f"misspecification check: not available for {method} (its posterior has no summary space)"
     if simulations is None:
         return "misspecification check: not available (no simulations from the prior predictive in this run)"
     if not isinstance(simulations, ib.SimulationSet):

@@ -63,6 +63,36 @@ def test_result_and_bad_input(fitted):
         ib.diagnostics.misspecification(post, {"x": fresh["x"][0]}, fresh, num_reference=2000, num_null=1000)
     with pytest.raises(TypeError, match="expected an ib.SimulationSet"):
         ib.diagnostics.misspecification(post, {"x": fresh["x"][0]}, {"x": fresh["x"]})
-    nle = ib.NLE(trials_model, observed="x").fit(fresh, max_steps=2, progress=False)
-    with pytest.raises(TypeError, match="NLEPosterior has no summary network"):
-        ib.diagnostics.misspecification(nle, {"x": fresh["x"][0]}, fresh)
+    with pytest.raises(ValueError, match=r"observed: site 'x' must have shape \(10, 2\), got \(5, 2\)"):
+        ib.diagnostics.misspecification(post, {"x": fresh["x"][0, :5]}, fresh)
+    abc = ib.ABC(trials_model, observed="x", num_particles=50, num_simulations=500).fit(
+        observation={"x": fresh["x"][0]}, seed=0, progress=False)
+    with pytest.raises(TypeError, match="ABCPosterior has no summary space"):
+        ib.diagnostics.misspecification(abc, {"x": fresh["x"][0]}, fresh)
+
+
+def test_nle_compares_in_its_standardised_data():
+    """NLE's network reads θ, not the data; its standardisation of the data is the summary space."""
+    fresh = ib.simulate(trials_model, 2200, observed="x", seed=1, progress=False)
+    nle = ib.NLE(trials_model, observed="x").fit(fresh, max_steps=2, progress=False)  # the standardisation is fitted
+    data = ib.simulate(trials_model, 100, observed="x", seed=2, progress=False)["x"]
+    p = torch.tensor([ib.diagnostics.misspecification(nle, {"x": x}, fresh)["p_value"] for x in data])
+    assert scipy.stats.kstest(p.numpy(), "uniform").pvalue > 0.01, p
+    shifted = data[:20] + torch.tensor([0.0, 5.0])
+    assert all(ib.diagnostics.misspecification(nle, {"x": x}, fresh)["p_value"] < 0.01 for x in shifted)
+
+
+def plate_model(num_trials=TRIALS):
+    theta = pyro.sample("theta", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+    with pyro.plate("trials", num_trials):
+        return pyro.sample("x", ib.Implicit(lambda t: t + 0.5 * torch.randn_like(t), theta, event_shape=(2,),
+                                            param_event_dims=1))
+
+
+def test_nle_observation_of_another_plate_size_than_the_simulations_is_refused():
+    """NLE takes any number of trials (the plate), but the test compares like with like."""
+    sims = ib.simulate(plate_model, 100, observed="x", seed=0, progress=False)
+    nle = ib.NLE(plate_model, observed="x").fit(sims, max_steps=2, progress=False)
+    with pytest.raises(ValueError, match=r"observation: shape \(3, 2\), but the simulations' observed values have "
+                                         r"shape \(10, 2\)"):
+        ib.diagnostics.misspecification(nle, {"x": torch.zeros(3, 2)}, sims, num_reference=50, num_null=50)

@@ -5,7 +5,8 @@ observation unlike all of them (the model is misspecified for it) gets a confide
 meaningless posterior. Following Schmitt et al. (2023, "Detecting model misspecification in
 amortized Bayesian inference with neural networks"), we compare the observation with the
 simulations in the posterior's own summary space e(y) (its standardisation and embedding
-network — its learned summaries where it has an embedding, else the standardised data) by the
+network — its learned summaries where it has an embedding, else the standardised data; for NLE,
+which learns the likelihood and reads no data, its standardisation of the data) by the
 maximum mean discrepancy with a Gaussian kernel:
 
     T(o) = MMD²(δ_{e(o)}, {e(y_i)}) = 1 − 2/R Σ_i k(e(o), e(y_i)) + 1/R² Σ_ij k(e(y_i), e(y_j)),
@@ -47,6 +48,27 @@ def nearest_neighbour_bandwidth(points: torch.Tensor) -> torch.Tensor:
     return d.min(1).values.median().clamp_min(1e-12)
 
 
+def has_summary_space(posterior) -> bool:
+    """Whether :func:`misspecification` can compare data in ``posterior``'s summary space."""
+    return getattr(posterior, "context", None) is not None or getattr(posterior, "x_standardize", None) is not None
+
+
+def _summary_space(posterior, observation):
+    """(the map of observed rows ``(n, *x_shape)`` to summaries ``(n, k)``, the observation's row
+    ``(1, *x_shape)``): the posterior's context network where it has one; for NLE, whose network
+    reads θ and not the data, its standardisation of the data, trial by trial, flattened."""
+    if not has_summary_space(posterior):
+        raise TypeError(f"posterior: a {type(posterior).__name__} has no summary space e(y) to compare data in; "
+                        "the misspecification test works for the posteriors of ImplicitVI, NPE, NRE and NLE")
+    context = getattr(posterior, "context", None)
+    if context is not None:
+        return context, posterior._observation(observation)
+    standardize = posterior.x_standardize
+    trial = tuple(posterior.config.trial_shape)
+    row = posterior._observation(observation)[posterior.config.site][None]
+    return (lambda x: standardize(x.reshape((-1,) + trial)).reshape(len(x), -1)), row
+
+
 @torch.no_grad()
 def misspecification(posterior, observation: Any, data: SimulationSet, *, num_reference: int = 1000,
                      num_null: int = 1000, bandwidth: float | None = None, seed: int = 0) -> dict:
@@ -58,10 +80,7 @@ def misspecification(posterior, observation: Any, data: SimulationSet, *, num_re
     "num_reference", "num_null"}``. ``num_reference`` + ``num_null`` simulations are drawn without
     replacement from ``data`` (seeded by ``seed``); the kernel bandwidth is the median
     nearest-neighbour distance of the reference summaries unless given."""
-    context = getattr(posterior, "context", None)
-    if context is None:
-        raise TypeError(f"posterior: a {type(posterior).__name__} has no summary network e(y) to compare data in; "
-                        "the misspecification test works for the posteriors of ImplicitVI, NPE and NRE")
+    summarise, observation_row = _summary_space(posterior, observation)
     if not isinstance(data, SimulationSet):
         raise TypeError(f"data: expected an ib.SimulationSet of the model's simulations, got {type(data).__name__}")
     integer("num_reference", num_reference, minimum=2)
@@ -79,9 +98,12 @@ def misspecification(posterior, observation: Any, data: SimulationSet, *, num_re
     rows = torch.randperm(len(data), generator=g)[:num_reference + num_null]
     device = posterior.device
     x = join_observed({s: data[s][rows].to(device) for s in posterior.observed}, posterior.observed)
-    summaries = torch.cat([context(chunk.to(torch.get_default_dtype())) for chunk in x.split(4096)])
+    if tuple(x.shape[1:]) != tuple(observation_row.shape[1:]):
+        raise ValueError(f"observation: shape {tuple(observation_row.shape[1:])}, but the simulations' observed "
+                         f"values have shape {tuple(x.shape[1:])}")
+    summaries = torch.cat([summarise(chunk.to(torch.get_default_dtype())) for chunk in x.split(4096)])
     reference, null_points = summaries[:num_reference], summaries[num_reference:]
-    observed = context(posterior._observation(observation).to(device))  # (1, k)
+    observed = summarise(observation_row.to(device, torch.get_default_dtype()))  # (1, k)
     bw = nearest_neighbour_bandwidth(reference) if bandwidth is None else torch.as_tensor(float(bandwidth), device=device)
     if not torch.isfinite(bw) or bw <= 0:
         raise ValueError(f"bandwidth: expected a positive number, got {float(bw)}")
