@@ -8,7 +8,7 @@ The target (a run meets it or not): with at most 2·10⁴ simulations, every mea
 reference sd and every sd within 25 % of the reference's, in at most 10 minutes on 2 CPU cores.
 
     python benchmarks/hare_lynx.py                      # the default run, seed 0
-    python benchmarks/hare_lynx.py --configs default,npe,implicit_vi_8_rounds,implicit_vi_amortized,npe_amortized
+    python benchmarks/hare_lynx.py --configs default,nle_4_rounds,implicit_vi,npe --seeds 0
     python benchmarks/hare_lynx.py --table
 """
 
@@ -31,11 +31,12 @@ from provenance import (add_store_arguments, command_line, committed_code_state,
 # the command line of each configuration after `implicitbayes run hare_lynx`
 CONFIGS = {
     "default": [],
-    "npe": ["--method", "npe"],
-    "implicit_vi_8_rounds": ["--rounds", "8"],
-    "implicit_vi_amortized": ["--rounds", "1"],
+    "nle_4_rounds": ["--rounds", "4"],
+    "implicit_vi": ["--method", "implicit-vi", "--rounds", "4"],
+    "implicit_vi_8_rounds": ["--method", "implicit-vi", "--rounds", "8"],
+    "implicit_vi_amortized": ["--method", "implicit-vi", "--rounds", "1"],
+    "npe": ["--method", "npe", "--rounds", "4"],
     "npe_amortized": ["--method", "npe", "--rounds", "1"],
-    "nle": ["--method", "nle", "--method-option", "sampler=slice", "--method-option", "flow=maf"],
 }
 MEAN_TOLERANCE, SD_TOLERANCE, SECONDS, SIMULATIONS = 0.3, 0.25, 600, 20_000
 
