@@ -10,7 +10,7 @@ one (task, budget, method, seed, observation). The budget is split evenly over `
 rounds (the first takes the remainder), for ours and the peers alike; round 1 of every method
 draws from the prior with the same seed. Rows record the commit, code trees, versions, the
 configuration, each round's prior mass (ours) and the command; a row whose setup changed is run
-again. ``sequential.md`` is rewritten from all rows, with a plot per task of C2ST against
+again. A run that raises (ours or a peer's) is recorded with its error and listed, not scored. ``sequential.md`` is rewritten from all rows, with a plot per task of C2ST against
 simulations beside the amortized rows of ``sbibm_suite.json`` on the same observations.
 
     OMP_NUM_THREADS=1 python benchmarks/sequential.py --tasks slcp --budgets 10000 --seeds 1
@@ -145,17 +145,22 @@ def main() -> None:
                         x_o = task.observation(k)
                         t0 = time.perf_counter()
                         run = sbi_run if method.startswith("sbi") else ours
-                        sampler, info = run(method, task, x_o, budget, args.rounds, seed)
+                        try:
+                            sampler, info = run(method, task, x_o, budget, args.rounds, seed)
+                            draws = sampler(args.num_samples).reshape(args.num_samples, -1).float()
+                        except Exception as e:  # a run that fails is a result too: recorded, listed, not scored
+                            score, info = None, {"failed": f"{type(e).__name__}: {e}"}
+                        else:
+                            score = float(c2st(task.reference_samples(k), draws, seed=1)[0])
                         seconds = time.perf_counter() - t0
-                        draws = sampler(args.num_samples).reshape(args.num_samples, -1).float()
-                        score = float(c2st(task.reference_samples(k), draws, seed=1)[0])
                         cells = "dev" if (k in CELLS["dev"][0] and seed in CELLS["dev"][1]) else (
                             "heldout" if k in CELLS["heldout"][0] and seed in CELLS["heldout"][1] else "custom")
                         row = {"task": name, "budget": budget, "method": method, "seed": seed, "observation": k,
                                "rounds": args.rounds, "cells": cells, "setup": setup, "code": code, "versions": vers,
                                "command": command, "c2st": score, "seconds": seconds, **info}
                         store(path, row_identity, row)
-                        print(f"{name:18s} {budget:>6d} seed {seed} obs {k:2d} {method:16s} C2ST {score:.3f} "
+                        result = f"C2ST {score:.3f}" if score is not None else f"FAILED ({info['failed']})"
+                        print(f"{name:18s} {budget:>6d} seed {seed} obs {k:2d} {method:16s} {result} "
                               f"{seconds:7.1f} s", flush=True)
     with locked_results(path) as results:
         write_table(results, path.with_suffix(".md"))
@@ -173,10 +178,11 @@ def per_seed(rows: list[dict]) -> dict:
 
 
 def write_table(results: dict, path: Path) -> None:
-    runs = results["runs"]
+    failed = [r for r in results["runs"] if r.get("failed")]
+    runs = [r for r in results["runs"] if not r.get("failed")]
     lines = ["# Sequential inference: C2ST against sbibm's reference posteriors (0.5 is perfect)", "",
              "Produced by `benchmarks/sequential.py` (its docstring gives the protocol); the commands:", "",
-             *[f"    {c}" for c in sorted({r['command'] for r in runs})], ""]
+             *[f"    {c}" for c in sorted({r['command'] for r in results["runs"]})], ""]
     for cells, title in (("heldout", "Held-out cells"), ("dev", "Development cells (settings chosen here)"),
                          ("custom", "Other cells")):
         rows = [r for r in runs if r["cells"] == cells]
@@ -205,6 +211,12 @@ def write_table(results: dict, path: Path) -> None:
                          f"{statistics.fmean(values):.3f} | "
                          + " ".join(f"{s['c2st'][k]:.3f} ({k})" for k in sorted(s["c2st"]))
                          + f" | {against} | {s['seconds']:.0f} |")
+        lines.append("")
+    if failed:
+        lines += ["## Runs that failed (not scored; a peer's failure leaves its cells out of the comparison)", "",
+                  "| task | simulations | method | seed | observation | error |", "| --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['task']} | {r['budget']} | {r['method']} | {r['seed']} | {r['observation']} | "
+                  f"{r['failed'][:200]} |" for r in sorted(failed, key=row_identity)]
         lines.append("")
     plots = plot(runs, path.parent)
     if plots:
