@@ -313,7 +313,9 @@ def slice_sample(log_density: Callable[[Mapping[str, torch.Tensor]], torch.Tenso
         dim = u.shape[1]
         widths = torch.ones(dim, dtype=dtype, device=device)
         directions = torch.eye(dim, dtype=dtype, device=device)
-        rotate_at = {warmup * k // SLICE_ROTATIONS for k in range(1, SLICE_ROTATIONS)} if warmup >= 4 * SLICE_ROTATIONS else ()
+        # each part of the warm-up at least 4 sweeps long, else the coordinates throughout
+        rotate_at = {warmup * k // SLICE_ROTATIONS for k in range(1, SLICE_ROTATIONS)} if warmup >= 4 * SLICE_ROTATIONS \
+            else set()
         kept, seen = [], []
         from tqdm.auto import tqdm
 
@@ -322,7 +324,7 @@ def slice_sample(log_density: Callable[[Mapping[str, torch.Tensor]], torch.Tenso
                 directions, widths = _principal_axes(torch.stack(seen, 1), directions, widths)
                 seen = []
             _slice_sweep(u, lp, log_target, directions, widths, tune=sweep < warmup)
-            seen.append(u.clone()) if sweep < warmup else kept.append(u.clone())
+            (seen if sweep < warmup else kept).append(u.clone())
         draws = torch.stack(kept, 1)  # (chains, per_chain, dim)
         values = space.to_constrained(draws.reshape(-1, draws.shape[-1]))
     record.record({k: v.reshape((chains, per_chain) + v.shape[1:]) for k, v in values.items()}, [0] * chains)

@@ -219,9 +219,9 @@ class NLE(NeuralMethod):
     (Pyro's NUTS, ``num_chains`` 2 run one after another, ``warmup`` 300) or "slice" (vectorized
     slice sampling, :func:`~implicitbayes.infer.mcmc.slice_sample`: 20 chains advanced together,
     ``warmup`` 100 sweeps along the principal axes it finds; the sampler for multimodal or strongly
-    correlated posteriors of a few parameters, and several times faster) — with ``num_chains`` and ``warmup`` defaulting to the sampler's; ``training``
-    (a :class:`~implicitbayes.TrainConfig` or a mapping of
-    fields changing ``NLE.TRAINING``, NPE's loop); ``device``.
+    correlated posteriors of a few parameters, and several times faster) — with ``num_chains``
+    and ``warmup`` defaulting to the sampler's; ``training`` (a :class:`~implicitbayes.TrainConfig`
+    or a mapping of fields changing ``NLE.TRAINING``, NPE's loop); ``device``.
     """
 
     TRAINING = NPE.TRAINING
