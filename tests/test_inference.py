@@ -315,6 +315,32 @@ def test_non_positive_observation_of_a_positive_simulator_is_refused():
         post.sample(5, x)
 
 
+@pytest.mark.parametrize("curve", ["rising", "noisy_plateau"])
+def test_a_steadily_rising_validation_loss_stops_training_before_the_patience_runs_out(curve):
+    """``TrainConfig(rising_patience=k)``: after k validations without improvement whose losses
+    climb (least-squares slope ≥ 3 standard errors) the loop stops and ends on the best weights;
+    a plateau that only wobbles runs on to ``patience``."""
+    from implicitbayes.infer.training import TrainConfig, rising, train
+
+    gen = torch.Generator().manual_seed(0)
+    wobble = 0.05 * torch.randn(200, generator=gen)
+    losses = (1.0 + 0.02 * torch.arange(200.0) + 0.01 * wobble if curve == "rising" else 1.0 + wobble).tolist()
+    losses[0] = 0.5  # the first validation is the best one
+    calls = iter(losses)
+    net = torch.nn.Linear(1, 1)
+    xs = torch.linspace(-1, 1, 100)[:, None]
+    config = TrainConfig(batch_size=10, lr=1e-2, max_steps=10_000, patience=40, rising_patience=10, validate_every=5,
+                         lr_decay=False)
+    summary = train({"net": net}, lambda idx, g: {"mse": net(xs[idx]).square().mean()}, lambda idx: next(calls),
+                    len(xs), config, seed=0, progress=False)
+    if curve == "rising":
+        assert summary["stopped"] == "rising_validation" and len(summary["history"]) == 11
+    else:
+        assert summary["stopped"] == "early_stopping" and len(summary["history"]) == 41
+    assert summary["best_validation"] == 0.5
+    assert rising([3.0, 3.1, 3.2, 3.35, 3.4]) and not rising([3.0, 3.1, 2.9, 3.05, 3.0]) and not rising([1.0, 1.0])
+
+
 def test_plateau_halves_the_learning_rate_and_a_resumed_run_keeps_it(tmp_path, monkeypatch):
     """``TrainConfig(plateau=k)``: every k validations without improvement halve the rate; the
     reduced rate is part of the checkpoint, so an interrupted run ends on the same weights."""

@@ -17,7 +17,8 @@ homoscedastic linear-Gaussian relation makes them; elsewhere their heavy tails w
 
 Defaults — a neural spline flow behind one conditional affine autoregressive layer, its spline
 conditioners started at the identity, ``linear_residual="auto"``, patience 50 epochs under a
-cosine learning-rate decay — are the settings that won in ``benchmarks/results/npe_ablation.md``.
+cosine learning-rate decay (10 where the validation loss climbs steadily: an overfitting flow,
+``TrainConfig.rising_patience``) — are the settings that won in ``benchmarks/results/npe_ablation.md``.
 """
 
 from __future__ import annotations
@@ -183,7 +184,7 @@ class NPE(NeuralMethod):
     :class:`~implicitbayes.TrainConfig` or a mapping of fields changing ``NPE.TRAINING``; ``device``.
     """
 
-    TRAINING = TrainConfig(batch_size=50, lr=5e-4, max_steps=30_000, patience=50)
+    TRAINING = TrainConfig(batch_size=50, lr=5e-4, max_steps=30_000, patience=50, rising_patience=10)
     SPLINE_INIT = 1e-3
 
     def __init__(self, model: Callable, *, observed: str | Sequence[str], model_args: tuple = (),
