@@ -58,7 +58,7 @@ def test_nuts_chains_share_the_modes_as_the_posterior_does(resample):
 
 
 # ----------------------------------------------------------------------------- vectorized slice sampling
-def _slice_draws(model, x_obs, n, seed, starts=None, chains=20, warmup=100):
+def _slice_draws(model, x_obs, n, seed, starts=None, chains=20, warmup=100, axes=None):
     prior = PriorDraws(model, ["x"])
     log_joint = batched_log_joint(pyro.poutine.condition(model, data={"x": x_obs}), prior)
     space = ParameterSpace.from_model(model, prior.latent)
@@ -67,7 +67,7 @@ def _slice_draws(model, x_obs, n, seed, starts=None, chains=20, warmup=100):
         torch.manual_seed(seed)
         starts = [{k: v[i] for k, v in prior(chains).items()} for i in range(chains)]
     draws = slice_sample(log_joint, space, starts, n, warmup_steps=warmup, seed=seed, device=torch.device("cpu"),
-                         record=record)
+                         record=record, axes=axes)
     return draws, record
 
 
@@ -138,3 +138,34 @@ def test_slice_chains_share_the_modes_as_the_posterior_does():
     theta = draws["theta"]
     assert ((theta.abs() - X_OBS).abs() < 5 * NOISE).all()  # nothing between or beyond the modes
     assert float((theta > 0).float().mean()) == pytest.approx(P_POSITIVE, abs=0.15)  # 40 chains: binomial sd 0.06
+
+
+@pytest.mark.filterwarnings("ignore:slice sampling")  # chains in separate modes: R-hat is large by design
+@pytest.mark.parametrize("weighted", [True, False])
+def test_a_resumed_slice_run_carries_a_population_to_the_new_posterior(weighted):
+    """Resample-move (``SliceResume``): a population of an old posterior with both modes at 50/50,
+    weighted by new over old density, starts chains that share the modes as the new posterior
+    does (p₊ ≈ 0.82) after a quarter of the warm-up, along the old run's axes. Unweighted, the
+    chains keep the old 50/50 split — they never cross between modes — and the test shows it."""
+    gen = torch.Generator().manual_seed(3)
+    sign = torch.where(torch.rand(4000, generator=gen) < 0.5, -1.0, 1.0)
+    old = sign * X_OBS + NOISE * torch.randn(4000, generator=gen)
+    old_log = torch.logsumexp(torch.stack([dist.Normal(m, NOISE).log_prob(old) for m in (X_OBS, -X_OBS)]), 0) - math.log(2)
+    new_log = dist.Normal(1.0, 2.0).log_prob(old) + log_likelihood({"theta": old})
+    resume = mcmc.SliceResume({"theta": old}, new_log - old_log if weighted else torch.zeros(4000),
+                              (torch.eye(1), torch.tensor([2 * NOISE])))
+    assert resume.effective_size() > (1000 if weighted else 3999)
+    torch.manual_seed(4)
+    starts = resume.starts(80)
+    draws, record = _slice_draws(model, torch.tensor(X_OBS), 80 * 25, seed=4, starts=starts, axes=resume.axes,
+                                 warmup=round(mcmc.RESUME_WARMUP_FRACTION * mcmc.DEFAULT_WARMUP["slice"]))
+    theta = draws["theta"]
+    share = float((theta > 0).float().mean())
+    assert ((theta.abs() - X_OBS).abs() < 5 * NOISE).all()
+    # within the positive mode: the exact mode is N(≈ 3, ≈ 0.2²) (its prior slope moves it by 0.005)
+    positive = theta[theta > 0]
+    assert abs(float(positive.mean()) - X_OBS) < 0.05 and abs(float(positive.std()) / NOISE - 1) < 0.15
+    if weighted:  # 80 chains: binomial sd 0.043
+        assert share == pytest.approx(P_POSITIVE, abs=0.13)
+    else:
+        assert abs(share - 0.5) < 0.13 and abs(share - P_POSITIVE) > 0.13

@@ -1,7 +1,6 @@
 """The tutorials in notebooks/ run from top to bottom (re-executed with a small budget:
 IMPLICITBAYES_NOTEBOOK_BUDGET=small; the committed copies hold the full-budget outputs)."""
 
-import os
 from pathlib import Path
 
 import pytest

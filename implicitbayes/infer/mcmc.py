@@ -16,6 +16,15 @@ initial state — is crossed in a few sweeps rather than crawled along. On slcp'
 posterior 20 chains cover the modes where NUTS's two cannot, in a fraction of the time
 (``benchmarks/results/sequential.md``); NUTS remains the kernel for many parameters.
 
+A slice run may instead resume from a weighted population (:class:`SliceResume`): draws of a
+nearby posterior with log-weights that carry them to this one (importance resampling), and the
+axes and widths that run found. Its chains start at resampled members and warm up for
+``RESUME_WARMUP_FRACTION`` of the warm-up — resample-move, as in sequential Monte Carlo. The
+rounds of :func:`~implicitbayes.sequential` use it: each round's learned likelihood moves the
+posterior a little, and the previous round's pool, reweighted by the ratio of the two learned
+likelihoods, is already spread over it in the right proportions (modes included), where a cold
+start resamples from prior draws and spends the whole warm-up finding the posterior's axes.
+
 Each chain starts at a point resampled from ``INIT_CANDIDATES`` prior draws (the slice sampler:
 ``SLICE_INIT_CANDIDATES``) weighted by the learned likelihood (sampling-importance-resampling,
 sbi's "resample" initialisation): a multimodal posterior gets chains in its modes in proportion to their mass,
@@ -32,6 +41,7 @@ import contextlib
 import functools
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 import pyro
@@ -44,7 +54,7 @@ from ..seeding import seeded
 from ..simulate import device_context, model_sites, plate_layout
 
 __all__ = ["run_nuts", "MCMCDiagnostics", "SampledByNUTS", "RHAT_WARN", "PriorDraws", "batched_log_joint",
-           "without_observed", "resampled_inits", "slice_sample", "mcmc_options", "SAMPLERS"]
+           "without_observed", "resampled_inits", "slice_sample", "mcmc_options", "SAMPLERS", "SliceResume"]
 
 RHAT_WARN = 1.05  # split R-hat above which the draws are flagged
 INIT_CANDIDATES = 10_000  # prior draws a chain's starting point is resampled from
@@ -142,9 +152,12 @@ class MCMCDiagnostics:
     def __init__(self):
         self.chains: dict[str, torch.Tensor] = {}
         self.divergences: list[int] = []
+        # the slice sampler's directions (dim, dim) and widths (dim,) after warm-up (None after NUTS)
+        self.axes: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def record(self, chains: Mapping[str, torch.Tensor], divergences: Sequence[int]) -> None:
-        self.chains, self.divergences = dict(chains), [int(d) for d in divergences]
+    def record(self, chains: Mapping[str, torch.Tensor], divergences: Sequence[int],
+               axes: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        self.chains, self.divergences, self.axes = dict(chains), [int(d) for d in divergences], axes
 
     def summary(self) -> dict:
         """``{site: {"r_hat", "n_eff"}}`` (split R-hat and effective sample size per coordinate)
@@ -217,6 +230,35 @@ SLICE_SHRINKS = 60  # shrinkage steps per coordinate at most (the bracket halves
 SLICE_ROTATIONS = 4
 
 
+# A resumed run (SliceResume) warms up for this fraction of the warm-up: its chains start on the
+# posterior, spread in proportion to it, and along axes already found
+RESUME_WARMUP_FRACTION = 0.25
+
+
+@dataclass
+class SliceResume:
+    """A weighted population to resume slice sampling from: ``draws`` ``{site: (m, *shape)}``
+    (draws of a nearby posterior, e.g. the previous round's), ``log_weights`` ``(m,)`` that carry
+    them to the posterior now sampled (the log-ratio of the two unnormalised densities at each
+    draw), and the ``axes`` (directions, widths) of the run that made them. The chains start at
+    members resampled ∝ exp ``log_weights``."""
+
+    draws: Mapping[str, torch.Tensor]
+    log_weights: torch.Tensor
+    axes: tuple[torch.Tensor, torch.Tensor]
+
+    def effective_size(self) -> float:
+        """Kish's effective sample size of the weights: how many draws they amount to."""
+        w = torch.softmax(_finite_or_minus_inf(self.log_weights.double()), 0)
+        return float(1 / w.square().sum()) if bool(torch.isfinite(w).all()) else 0.0
+
+    def starts(self, chains: int) -> list[dict[str, torch.Tensor]]:
+        """``chains`` members resampled ∝ exp ``log_weights`` (the global RNG: seed it)."""
+        w = torch.softmax(_finite_or_minus_inf(self.log_weights.double()), 0)
+        pick = torch.multinomial(w, chains, replacement=True).tolist()
+        return [{k: v[i] for k, v in self.draws.items()} for i in pick]
+
+
 def _finite_or_minus_inf(values: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(values), torch.full_like(values, -math.inf), values)
 
@@ -287,13 +329,16 @@ def _principal_axes(states: torch.Tensor, directions: torch.Tensor, widths: torc
 
 def slice_sample(log_density: Callable[[Mapping[str, torch.Tensor]], torch.Tensor], space, starts: Sequence[Mapping],
                  num_samples: int, *, warmup_steps: int, seed: int, device: torch.device, record: MCMCDiagnostics,
-                 what: str = "slice sampling", progress: bool = False) -> dict[str, torch.Tensor]:
+                 what: str = "slice sampling", progress: bool = False,
+                 axes: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """``num_samples`` draws of the latents of ``space`` by coordinate-wise slice sampling in its
     unconstrained coordinates, one chain per start in ``starts`` (``[{site: value}]``), all
     chains advanced together so that each step evaluates ``log_density`` (latents
     ``{site: (m, *shape)}`` → ``(m,)``, the unnormalised log posterior) once for all of them.
     ``warmup_steps`` sweeps are discarded while the bracket widths adapt; the draws by chain go
-    to ``record`` (R-hat and effective sizes as for NUTS; no divergences exist)."""
+    to ``record`` (R-hat and effective sizes as for NUTS; no divergences exist), with the axes
+    the sweeps ended on. ``axes``: the directions (columns) and widths to start from (another
+    run's, :class:`SliceResume`); else the coordinates, widths 1."""
     chains = len(starts)
     per_chain = -(-integer("num_samples", num_samples) // chains)
     warmup = integer("warmup_steps", warmup_steps, minimum=0)
@@ -311,8 +356,14 @@ def slice_sample(log_density: Callable[[Mapping[str, torch.Tensor]], torch.Tenso
         if not torch.isfinite(lp).any():
             raise ValueError(f"{what}: the posterior's log-density is not finite at any of the {chains} starting points")
         dim = u.shape[1]
-        widths = torch.ones(dim, dtype=dtype, device=device)
-        directions = torch.eye(dim, dtype=dtype, device=device)
+        if axes is None:
+            widths = torch.ones(dim, dtype=dtype, device=device)
+            directions = torch.eye(dim, dtype=dtype, device=device)
+        else:
+            directions, widths = (a.to(device, dtype).clone() for a in axes)
+            if directions.shape != (dim, dim) or widths.shape != (dim,):
+                raise ValueError(f"axes: expected directions ({dim}, {dim}) and widths ({dim},) for the "
+                                 f"{dim} unconstrained coordinates, got {tuple(directions.shape)} and {tuple(widths.shape)}")
         # each part of the warm-up at least 4 sweeps long, else the coordinates throughout
         rotate_at = {warmup * k // SLICE_ROTATIONS for k in range(1, SLICE_ROTATIONS)} if warmup >= 4 * SLICE_ROTATIONS \
             else set()
@@ -327,7 +378,8 @@ def slice_sample(log_density: Callable[[Mapping[str, torch.Tensor]], torch.Tenso
             (seen if sweep < warmup else kept).append(u.clone())
         draws = torch.stack(kept, 1)  # (chains, per_chain, dim)
         values = space.to_constrained(draws.reshape(-1, draws.shape[-1]))
-    record.record({k: v.reshape((chains, per_chain) + v.shape[1:]) for k, v in values.items()}, [0] * chains)
+    record.record({k: v.reshape((chains, per_chain) + v.shape[1:]) for k, v in values.items()}, [0] * chains,
+                  axes=(directions.cpu(), widths.cpu()))
     _warn_if_unhealthy(record, what)
     return {k: v.reshape((-1,) + v.shape[2:])[:num_samples] for k, v in record.chains.items()}
 
@@ -369,18 +421,23 @@ class SampledByNUTS:
               warmup_steps: int | None, *, what: str, log_likelihood: Callable | None = None,
               log_joint: Callable | None = None, sampler: str | None = None,
               prior: PriorDraws | None = None, model_args: tuple | None = None,
-              model_kwargs: Mapping | None = None) -> dict[str, torch.Tensor]:
+              model_kwargs: Mapping | None = None, resume: SliceResume | None = None) -> dict[str, torch.Tensor]:
         """MCMC on ``conditioned``: NUTS, or vectorized slice sampling on ``log_joint`` (latents
         ``{site: (m, *shape)}`` → ``(m,)``, the same unnormalised log posterior, batched).
         ``log_likelihood(latents) -> (m,)``, the learned log-likelihood at a batch of latents,
         resamples the chains' starting points from draws of ``prior`` (default: the model's,
-        under these arguments)."""
+        under these arguments). ``resume`` (slice only): start from that weighted population
+        instead, with ``RESUME_WARMUP_FRACTION`` of the warm-up unless ``warmup_steps`` is given."""
         sampler = choice("sampler", sampler, SAMPLERS) if sampler is not None else self.config.sampler
+        if resume is not None and sampler != "slice":
+            raise ValueError(f"resume: only the slice sampler resumes from a population; got sampler={sampler!r}")
         fitted = sampler == self.config.sampler  # the fit's chains and warm-up are for its own sampler
         chains = integer("num_chains", num_chains, none=True) or (
             self.config.num_chains if fitted else DEFAULT_CHAINS[sampler])
         warmup = integer("warmup_steps", warmup_steps, none=True) or (
             self.config.warmup if fitted else DEFAULT_WARMUP[sampler])
+        if resume is not None and warmup_steps is None:
+            warmup = max(1, round(RESUME_WARMUP_FRACTION * warmup))
         args = self.model_args if model_args is None else model_args
         kwargs = self.model_kwargs if model_kwargs is None else model_kwargs
         prior = prior or PriorDraws(self.model, self.observed, args, kwargs)
@@ -392,13 +449,15 @@ class SampledByNUTS:
                 if num_chains is None:  # chains are nearly free when advanced together: keep them short
                     chains = max(chains, -(-num_samples // SLICE_DRAWS_PER_CHAIN))
                 with seeded(seed, self.device):
-                    starts = inits(chains, SLICE_INIT_CANDIDATES) if inits is not None else None
+                    starts = resume.starts(chains) if resume is not None else \
+                        inits(chains, SLICE_INIT_CANDIDATES) if inits is not None else None
                 if starts is None:
                     with seeded(seed, self.device):
                         draws = prior(chains)
                     starts = [{k: v[i] for k, v in draws.items()} for i in range(chains)]
                 return slice_sample(log_joint, self.space, starts, num_samples, warmup_steps=warmup,
-                                    seed=seed, device=self.device, record=self.mcmc, what=f"{what} (slice)")
+                                    seed=seed, device=self.device, record=self.mcmc, what=f"{what} (slice)",
+                                    axes=None if resume is None else resume.axes)
             return run_nuts(conditioned, self.space.names, num_samples, num_chains=chains, warmup_steps=warmup,
                             seed=seed, device=self.device, record=self.mcmc, model_args=args, model_kwargs=kwargs,
                             what=what, inits=inits)

@@ -39,7 +39,8 @@ from ..nn import FLOWS, LinearResidual, Standardize, build_flow, flow_log_prob
 from ..seeding import resolve_seed, seeded
 from ..simulate import model_sites, trace_given
 from ..space import ParameterSpace
-from .mcmc import MCMCDiagnostics, PriorDraws, SampledByNUTS, batched_log_joint, mcmc_options, without_observed
+from .mcmc import (MCMCDiagnostics, PriorDraws, SampledByNUTS, SliceResume, batched_log_joint, mcmc_options,
+                   without_observed)
 from .method import NeuralMethod
 from .npe import NPE, linear_residual_option, linear_residual_wanted
 from .objectives import NPELoss
@@ -171,14 +172,17 @@ class NLEPosterior(SampledByNUTS, Posterior):
 
     def sample(self, num_samples: int, observed: Any = None, *, seed: int | None = None,
                num_chains: int | None = None, warmup_steps: int | None = None, model_args: tuple | None = None,
-               model_kwargs: Mapping | None = None, sampler: str | None = None) -> dict[str, torch.Tensor]:
+               model_kwargs: Mapping | None = None, sampler: str | None = None,
+               resume: SliceResume | None = None) -> dict[str, torch.Tensor]:
         """MCMC on the model with the learned likelihood at ``observed``: ``sampler`` "nuts" (Pyro's
         NUTS, ``num_chains`` chains one after another) or "slice" (vectorized slice sampling, all
         chains at once: 20, or one per 100 draws when that is more, unless ``num_chains`` is
         given); the fit's choice by default. ``model_args`` /
         ``model_kwargs`` replace the fit's for this run (e.g. ``{"num_trials": 10}`` for ten
         i.i.d. trials of a site inside a plate); the observation must have the site's shape under
-        them. ``self.diagnostics()`` reports R-hat, effective sizes and divergences."""
+        them. ``resume``: slice chains start from that weighted population
+        (:class:`~implicitbayes.infer.mcmc.SliceResume`) with a shorter warm-up. ``self.diagnostics()``
+        reports R-hat, effective sizes and divergences."""
         num_samples = integer("num_samples", num_samples)
         self._require_model()
         values = self._observation(observed)
@@ -196,7 +200,7 @@ class NLEPosterior(SampledByNUTS, Posterior):
         return self._nuts(self.condition(self.model, values), num_samples, resolve_seed(seed), num_chains,
                           warmup_steps, what="NLE", model_args=args, model_kwargs=kwargs, sampler=sampler,
                           log_likelihood=lambda latents: joint(latents) - prior_only(latents), prior=prior,
-                          log_joint=joint)
+                          log_joint=joint, resume=resume)
 
     @torch.no_grad()
     def sample_batch(self, num_samples: int, observations: Any, *, seed: int | None = None) -> dict[str, torch.Tensor]:

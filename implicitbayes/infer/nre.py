@@ -24,7 +24,8 @@ from ..nn import Critic
 from ..seeding import seeded
 from ..space import ParameterSpace
 from .data import split_observed
-from .mcmc import MCMCDiagnostics, PriorDraws, SampledByNUTS, batched_log_joint, mcmc_options, without_observed
+from .mcmc import (MCMCDiagnostics, PriorDraws, SampledByNUTS, SliceResume, batched_log_joint, mcmc_options,
+                   without_observed)
 from .method import NeuralMethod, network_builder
 from .objectives import RatioCriticLoss
 from .posterior import NeuralConfig, NeuralPosterior, build_network, neural_config_fields, register_posterior
@@ -71,15 +72,16 @@ class NREPosterior(SampledByNUTS, NeuralPosterior):
         return self.classifier(self.context(x).expand(u.shape[0], -1), self.theta_standardize(u))
 
     def sample(self, num_samples: int, observed: Any = None, *, seed: int | None = None, num_chains: int | None = None,
-               warmup_steps: int | None = None, sampler: str | None = None) -> dict[str, torch.Tensor]:
+               warmup_steps: int | None = None, sampler: str | None = None,
+               resume: SliceResume | None = None) -> dict[str, torch.Tensor]:
         """MCMC on the model with the learned likelihood: ``sampler`` "nuts" (``num_chains``
         chains one after another) or "slice" (all chains at once), ``warmup_steps`` each;
-        defaults from the fit. ``self.chains`` keeps the draws by chain and
-        ``self.diagnostics()`` their R-hat, effective sizes and divergences."""
+        defaults from the fit; ``resume`` as for :meth:`NLEPosterior.sample`. ``self.chains``
+        keeps the draws by chain and ``self.diagnostics()`` their R-hat, effective sizes and divergences."""
         return super().sample(num_samples, observed, seed=seed, num_chains=num_chains, warmup_steps=warmup_steps,
-                              sampler=sampler)
+                              sampler=sampler, resume=resume)
 
-    def _draw(self, x, num_samples, seed, num_chains=None, warmup_steps=None, sampler=None):
+    def _draw(self, x, num_samples, seed, num_chains=None, warmup_steps=None, sampler=None, resume=None):
         self._require_model()
         values = {k: v[0] for k, v in split_observed(x, self.observed, self.x_shapes).items()}
 
@@ -91,7 +93,8 @@ class NREPosterior(SampledByNUTS, NeuralPosterior):
         prior_only = batched_log_joint(without_observed(self.model, self.observed), prior)
         return self._nuts(conditioned, num_samples, seed, num_chains, warmup_steps, what="NRE", prior=prior,
                           log_likelihood=lambda latents: self._log_ratio(latents, x).cpu(), sampler=sampler,
-                          log_joint=lambda latents: prior_only(latents) + self._log_ratio(latents, x).cpu())
+                          log_joint=lambda latents: prior_only(latents) + self._log_ratio(latents, x).cpu(),
+                          resume=resume)
 
 
 class NRE(NeuralMethod):

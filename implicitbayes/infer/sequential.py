@@ -41,7 +41,11 @@ where the posterior is, rather than anywhere in a region sized to hold all but 1
 (on slcp those regions keep 6–16 % of the prior), which is why SNLE reaches what truncated
 rounds do not. A round simulates at ``POOL_FACTOR`` × its budget draws of the posterior
 (vectorized slice sampling, as for the regions), picked with replacement
-(:class:`PosteriorProposal`, a Pyro model like the truncated prior). NPE and ImplicitVI learn the
+(:class:`PosteriorProposal`, a Pyro model like the truncated prior). From the third round on,
+the pool resumes from the previous one (resample-move): its draws, weighted by the ratio of the
+new unnormalised posterior to the old at each, start the chains, which warm up for a quarter of
+the usual sweeps along the axes the last run found — where the weights keep at least
+``RESUME_MIN_ESS`` of the draws effective, else the pool starts cold. NPE and ImplicitVI learn the
 posterior itself, which a proposal other than the prior (restricted) would bias: they always run
 truncated.
 
@@ -75,7 +79,7 @@ from ..io import atomic_write_text
 from ..seeding import resolve_seed, seeded
 from ..simulate import _OUTER_PLATE, device_context, model_sites, plate_layout, simulate
 from .data import observed_values
-from .mcmc import PriorDraws, batched_log_joint, without_observed
+from .mcmc import PriorDraws, SliceResume, batched_log_joint, without_observed
 from .posterior import Posterior, load
 
 __all__ = ["sequential", "TruncatedPrior", "PosteriorProposal", "Region", "region_of", "PriorDraws"]
@@ -87,6 +91,7 @@ COVER_DRAWS = 4_000  # ImplicitVI: ball centres, and as many more draws to set t
 COVER_MARGIN = 1.5  # ImplicitVI: the radius is widened by this factor
 MASS_DRAWS = 20_000  # prior draws that estimate a region's prior mass
 POOL_FACTOR = 2  # posterior proposal: MCMC draws per simulation of the round, drawn from with replacement
+RESUME_MIN_ESS = 0.1  # a pool resumes from the previous one where its weights keep this fraction effective
 PROPOSALS = ("auto", "truncated", "posterior")
 
 
@@ -198,12 +203,19 @@ class TruncatedPrior(_GivenLatents):
 
 
 # ----------------------------------------------------------------------------- regions
+def _evaluate(log_density: Callable[[Mapping[str, torch.Tensor]], torch.Tensor],
+              draws: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``log_density`` at every draw ``{site: (m, *shape)}``, in batches: ``(m,)``."""
+    device = next(iter(draws.values())).device
+    with torch.no_grad(), device_context(device):
+        return torch.cat([log_density({k: v[i] for k, v in draws.items()})
+                          for i in torch.arange(len(next(iter(draws.values())))).split(4096)])
+
+
 def _density_region(log_density: Callable[[Mapping[str, torch.Tensor]], torch.Tensor],
                     draws: Mapping[str, torch.Tensor], quantile: float, kind: str) -> Region:
     device = next(iter(draws.values())).device
-    with torch.no_grad(), device_context(device):
-        values = torch.cat([log_density({k: v[i] for k, v in draws.items()})
-                            for i in torch.arange(len(next(iter(draws.values())))).split(4096)])
+    values = _evaluate(log_density, draws)
     finite = values[torch.isfinite(values)]
     threshold = float(torch.quantile(finite.double(), quantile)) if len(finite) else -math.inf
 
@@ -234,15 +246,9 @@ def region_of(posterior: Posterior, observation: Any, prior: PriorDraws, *, quan
         region = _density_region(log_q, draws, quantile, "highest-density region of the flow")
     elif isinstance(posterior, (NLEPosterior, NREPosterior)):
         draws = mcmc_draws(posterior, MCMC_DRAWS, observation, seed)
-        if isinstance(posterior, NLEPosterior):
-            log_joint = batched_log_joint(posterior.condition(prior.model, posterior._observation(observation)), prior)
-        else:
-            prior_only = batched_log_joint(without_observed(prior.model, prior.observed), prior)
-
-            def log_joint(latents):
-                return prior_only(latents) + posterior.log_ratio(latents, observation)
         # a few thousand MCMC draws cannot resolve a 10⁻⁴ quantile: the threshold is their minimum
-        region = _density_region(log_joint, draws, 0.0, "highest-density region of the unnormalised posterior")
+        region = _density_region(unnormalised_log_posterior(posterior, observation, prior), draws, 0.0,
+                                 "highest-density region of the unnormalised posterior")
     elif isinstance(posterior, ImplicitPosterior):
         region = _cover_region(posterior, observation, quantile, seed)
     else:
@@ -252,11 +258,47 @@ def region_of(posterior: Posterior, observation: Any, prior: PriorDraws, *, quan
     return region
 
 
-def mcmc_draws(posterior: Posterior, n: int, observation: Any, seed: int) -> dict[str, torch.Tensor]:
-    """``n`` draws of an NLE or NRE posterior by vectorized slice sampling (module docstring)."""
+def unnormalised_log_posterior(posterior: Posterior, observation: Any, prior: PriorDraws
+                               ) -> Callable[[Mapping[str, torch.Tensor]], torch.Tensor]:
+    """log p(θ) + log q(x_o | θ) (NLE) or log p(θ) + r(θ, x_o) (NRE), batched over latents."""
+    from .nle import NLEPosterior
+
+    if isinstance(posterior, NLEPosterior):
+        return batched_log_joint(posterior.condition(prior.model, posterior._observation(observation)), prior)
+    prior_only = batched_log_joint(without_observed(prior.model, prior.observed), prior)
+
+    def log_joint(latents):
+        return prior_only(latents) + posterior.log_ratio(latents, observation)
+
+    return log_joint
+
+
+def mcmc_draws(posterior: Posterior, n: int, observation: Any, seed: int,
+               resume: SliceResume | None = None) -> dict[str, torch.Tensor]:
+    """``n`` draws of an NLE or NRE posterior by vectorized slice sampling (module docstring),
+    resumed from a weighted population where one is given."""
     with warnings.catch_warnings():  # chains in separate modes have a large R-hat by design
         warnings.filterwarnings("ignore", message=r".*split R-hat", category=RuntimeWarning)
-        return posterior.sample(n, observation, seed=seed, sampler="slice")
+        return posterior.sample(n, observation, seed=seed, sampler="slice", resume=resume)
+
+
+class _Pool:
+    """The last posterior-proposal pool of a sequential run: its draws, the unnormalised log
+    posterior of the posterior that drew them at each draw, and the slice axes that run ended on.
+    The next round's pool resumes from it (resample-move, :class:`~implicitbayes.infer.mcmc.SliceResume`)
+    where the new posterior is close enough: the importance weights (new over old unnormalised
+    posterior) keep at least ``RESUME_MIN_ESS`` of the pool's draws effective."""
+
+    def __init__(self, posterior: Posterior, draws: Mapping[str, torch.Tensor], log_joint: Callable):
+        self.draws, self.values, self.axes = draws, _evaluate(log_joint, draws), posterior.mcmc.axes
+
+    def resume(self, log_joint: Callable) -> tuple[SliceResume | None, float]:
+        """The weighted population for the next posterior (None where its weights are too
+        uneven, or the last run left no axes) and the weights' effective fraction."""
+        weights = _evaluate(log_joint, self.draws) - self.values
+        resume = SliceResume(self.draws, weights, self.axes)
+        fraction = resume.effective_size() / len(weights)
+        return (resume if self.axes is not None and fraction >= RESUME_MIN_ESS else None), fraction
 
 
 def _cover_region(posterior, observation, quantile: float, seed: int) -> Region:
@@ -328,16 +370,20 @@ def sequential(method, *, observation: Any, num_simulations: int, rounds: int = 
     directory = _open_store(store, method, values, num_simulations, rounds, seed, quantile, proposal)
     prior = PriorDraws(method.model, method.observed, method.model_args, method.model_kwargs)
 
-    data, posterior, record = None, None, []
+    data, posterior, record, pool = None, None, [], None
     for r in range(rounds):
         t0 = time.perf_counter()
         sim_seed, fit_seed, region_seed = _round_seeds(seed, r)
-        region, model, before = None, method.model, posterior
+        region, model, before, pooled = None, method.model, posterior, None
         if posterior is not None and proposal == "truncated":
             region = region_of(posterior, values, prior, quantile=quantile, seed=region_seed)
             model = TruncatedPrior(method.model, method.observed, region, method.model_args, method.model_kwargs)
         elif posterior is not None:
-            draws = mcmc_draws(posterior, max(POOL_FACTOR * budgets[r], MCMC_DRAWS), values, region_seed)
+            log_joint = unnormalised_log_posterior(posterior, values, prior)
+            resume, fraction = pool.resume(log_joint) if pool is not None else (None, None)
+            draws = mcmc_draws(posterior, max(POOL_FACTOR * budgets[r], MCMC_DRAWS), values, region_seed, resume)
+            pool = _Pool(posterior, draws, log_joint)
+            pooled = {"resumed": resume is not None, "effective_fraction": fraction}
             model = PosteriorProposal(method.model, method.observed, draws, method.model_args, method.model_kwargs)
         part = simulate(model, budgets[r], observed=method.observed, model_args=method.model_args,
                         model_kwargs=method.model_kwargs, seed=sim_seed, progress=progress,
@@ -355,6 +401,7 @@ def sequential(method, *, observation: Any, num_simulations: int, rounds: int = 
                        "proposal": "prior" if before is None else proposal,
                        "prior_mass": 1.0 if before is None else None if region is None else region.prior_mass,
                        "region": None if region is None else {"kind": region.kind, "threshold": region.threshold},
+                       "pool": pooled,
                        "seconds": time.perf_counter() - t0})
     posterior.rounds = record
     posterior.training_summary["rounds"] = record
