@@ -395,7 +395,11 @@ def _cmd_run(args) -> int:
             post = ib.sequential(method, observation={observed[0]: x_obs}, num_simulations=args.simulations,
                                  rounds=args.rounds, seed=args.seed, store=out / "sequential", progress=not args.quiet)
             for r, info in enumerate(post.rounds, 1):
-                where = ("from the prior" if info["proposal"] == "prior" else "at draws of the posterior"
+                pool = info.get("pool") or {}
+                resumed = "" if pool.get("effective_fraction") is None else \
+                    f" (pool {'resumed' if pool['resumed'] else 'started cold'}: weights " \
+                    f"{100 * pool['effective_fraction']:.0f} % effective)"
+                where = ("from the prior" if info["proposal"] == "prior" else f"at draws of the posterior{resumed}"
                          if info["prior_mass"] is None else f"region prior mass {info['prior_mass']:.3g}")
                 print(f"  round {r}: {info['simulations']} simulations {where}, {info['seconds']:.0f} s")
         else:
