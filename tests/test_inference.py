@@ -341,16 +341,6 @@ def test_a_steadily_rising_validation_loss_stops_training_before_the_patience_ru
     assert rising([3.0, 3.1, 3.2, 3.35, 3.4]) and not rising([3.0, 3.1, 2.9, 3.05, 3.0]) and not rising([1.0, 1.0])
 
 
-def test_a_warm_started_fit_keeps_its_patience_and_drops_the_rising_stop():
-    """A warm start validates on rows its init may have trained on; their loss climbs as they are
-    forgotten, which the rising rule would take for overfitting (sequential rounds)."""
-    task = simulators.get("gaussian_linear")
-    data = ib.simulate(task.model, 60, observed="x", seed=0, progress=False)
-    npe = ib.NPE(task.model, observed="x")
-    cold, warm = (npe._begin(data, None, None, 0, warm=w)[2] for w in (False, True))
-    assert cold.rising_patience == 10 and warm.rising_patience is None and warm.patience == cold.patience == 50
-
-
 def test_plateau_halves_the_learning_rate_and_a_resumed_run_keeps_it(tmp_path, monkeypatch):
     """``TrainConfig(plateau=k)``: every k validations without improvement halve the rate; the
     reduced rate is part of the checkpoint, so an interrupted run ends on the same weights."""

@@ -278,7 +278,7 @@ class ImplicitVI(NeuralMethod):
         ``max_steps`` and ``time_budget`` apply to each stage; ``checkpoint`` is a path prefix
         (``<checkpoint>.generator`` and ``<checkpoint>.critic`` are written).
         """
-        prep, seed, loop = self._begin(data, max_steps, time_budget, seed, warm=init is not None)
+        prep, seed, loop = self._begin(data, max_steps, time_budget, seed)
         critic_loop = self.critic_training.with_fit(max_steps, time_budget)
         config = init.config if init is not None else self._posterior_config(prep.x.shape, prep.space.unconstrained_dim)
         with seeded(seed, self.device):

@@ -3,7 +3,6 @@ the neural methods add an embedding network and the training loop's settings."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 from torch import nn
@@ -62,14 +61,9 @@ class NeuralMethod(Method):
                              f"{list(getattr(getattr(init, 'space', None), 'names', []))}")
         post.load_state_dict(init.state_dict())
 
-    def _begin(self, data, max_steps, time_budget, seed, warm: bool = False) -> tuple[Prepared, int, TrainConfig]:
-        """Validate the fit arguments and the data; returns ``(prepared, seed, loop settings)``.
-        ``warm``: the fit starts from an earlier posterior (``init``). Its validation rows may be
-        rows that posterior trained on, whose loss climbs as training moves on and they are
-        forgotten — not overfitting — so the rising-validation stop is off (``patience`` stays)."""
+    def _begin(self, data, max_steps, time_budget, seed) -> tuple[Prepared, int, TrainConfig]:
+        """Validate the fit arguments and the data; returns ``(prepared, seed, loop settings)``."""
         loop = self.training.with_fit(max_steps, time_budget)
-        if warm:
-            loop = replace(loop, rising_patience=None)
         seed = resolve_seed(seed)
         return self._prepare(data), seed, loop
 

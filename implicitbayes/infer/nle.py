@@ -279,7 +279,7 @@ class NLE(NeuralMethod):
             progress: bool = True, checkpoint=None, init: NLEPosterior | None = None) -> NLEPosterior:
         """Train on a SimulationSet; returns an :class:`NLEPosterior` (sampled by NUTS). ``init``:
         start from that posterior's weights, standardisations and configuration."""
-        prep, seed, loop = self._begin(data, max_steps, time_budget, seed, warm=init is not None)
+        prep, seed, loop = self._begin(data, max_steps, time_budget, seed)
         x, params, trial = self._draws(data, prep.u.dtype)
         config = init.config if init is not None else NLEConfig(site=self.observed[0], trial_shape=trial, param_features=params.shape[1], flow=self.flow,
                            transforms=self.transforms, hidden_features=self.hidden_features,

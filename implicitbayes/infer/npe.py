@@ -18,7 +18,7 @@ homoscedastic linear-Gaussian relation makes them; elsewhere their heavy tails w
 Defaults — a neural spline flow behind one conditional affine autoregressive layer, its spline
 conditioners started at the identity, ``linear_residual="auto"``, patience 50 epochs under a
 cosine learning-rate decay (10 where the validation loss climbs steadily: an overfitting flow,
-``TrainConfig.rising_patience``; not in a warm-started fit) — are the settings that won in ``benchmarks/results/npe_ablation.md``.
+``TrainConfig.rising_patience``) — are the settings that won in ``benchmarks/results/npe_ablation.md``.
 """
 
 from __future__ import annotations
@@ -221,7 +221,7 @@ class NPE(NeuralMethod):
             progress: bool = True, checkpoint=None, init: NPEPosterior | None = None) -> NPEPosterior:
         """Train on a SimulationSet; returns an :class:`NPEPosterior`. ``init``: start from that
         posterior's weights, standardisations and configuration (a warm start)."""
-        prep, seed, loop = self._begin(data, max_steps, time_budget, seed, warm=init is not None)
+        prep, seed, loop = self._begin(data, max_steps, time_budget, seed)
         config = init.config if init is not None else NPEConfig(**neural_config_fields(prep.x.shape[1:], self.embedding), flow=self.flow,
                            transforms=self.transforms, hidden_features=self.hidden_features,
                            affine_first=self.affine_first, spline_init=self.spline_init,

@@ -127,7 +127,7 @@ class NRE(NeuralMethod):
             progress: bool = True, checkpoint=None, init: NREPosterior | None = None) -> NREPosterior:
         """Train on a SimulationSet; returns an :class:`NREPosterior` (sampled by NUTS). ``init``:
         start from that posterior's weights, standardisations and configuration."""
-        prep, seed, loop = self._begin(data, max_steps, time_budget, seed, warm=init is not None)
+        prep, seed, loop = self._begin(data, max_steps, time_budget, seed)
         config = init.config if init is not None else NREConfig(**neural_config_fields(prep.x.shape[1:], self.embedding),
                            classifier="mlp" if self.classifier is None else "custom", hidden=self.hidden,
                            layers=self.layers, num_chains=self.num_chains, warmup=self.warmup,
