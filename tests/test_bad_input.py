@@ -2,6 +2,7 @@
 and the words of its message. The first test keeps the table and the cases in step."""
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -266,9 +267,24 @@ CASES = {
                            r"observed: site 'x' has shape \(3,\); its draws have shape \(2,\)"),
     "mcmc-sampler": (lambda t: lambda: ib.NLE(gaussian_model, observed="x", sampler="hmc"), ValueError,
                      r"sampler: expected one of 'nuts', 'slice', got 'hmc'"),
+    "mcmc-resume-nuts": (lambda t: lambda: _nle_posterior().sample(10, torch.zeros(2), sampler="nuts", resume=_resume(
+        torch.zeros(4))), ValueError, r"resume: only the slice sampler resumes from a population; got sampler='nuts'"),
+    "mcmc-resume-weights": (lambda t: lambda: _resume(torch.full((4,), -math.inf)), ValueError,
+                            r"resume: no log-weight is finite, so no draw can start a chain"),
+    "mcmc-resume-shape": (lambda t: lambda: _resume(torch.zeros(3)), ValueError,
+                          r"resume: expected one log-weight per draw, got log_weights of shape \(3,\) for draws of "
+                          r"lengths \{'theta': 4\}"),
+    "train-rising-patience": (lambda t: lambda: ib.TrainConfig(rising_patience=2), ValueError,
+                              r"rising_patience: expected an integer >= 3 or None, got 2"),
     "mcmc-sampler-draw": (lambda t: lambda: _nle_posterior().sample(10, torch.zeros(2), sampler="Slice"), ValueError,
                           r"sampler: expected one of 'nuts', 'slice', got 'Slice'"),
 }
+
+
+def _resume(log_weights):
+    from implicitbayes.infer.mcmc import SliceResume
+
+    return SliceResume({"theta": torch.zeros(4, 2)}, log_weights, (torch.eye(2), torch.ones(2)))
 
 
 def test_catalogue_and_cases_match():

@@ -247,6 +247,15 @@ class SliceResume:
     log_weights: torch.Tensor
     axes: tuple[torch.Tensor, torch.Tensor]
 
+    def __post_init__(self):
+        sizes = {k: len(v) for k, v in self.draws.items()}
+        if not sizes or self.log_weights.dim() != 1 or set(sizes.values()) != {len(self.log_weights)}:
+            raise ValueError(f"resume: expected one log-weight per draw, got log_weights of shape "
+                             f"{tuple(self.log_weights.shape)} for draws of lengths {sizes}")
+        if not bool((self.log_weights == self.log_weights).any() & torch.isfinite(self.log_weights).any()):
+            raise ValueError("resume: no log-weight is finite, so no draw can start a chain "
+                             "(the new posterior gives every draw of the population zero density)")
+
     def effective_size(self) -> float:
         """Kish's effective sample size of the weights: how many draws they amount to."""
         w = torch.softmax(_finite_or_minus_inf(self.log_weights.double()), 0)
