@@ -252,7 +252,7 @@ class SliceResume:
         if not sizes or self.log_weights.dim() != 1 or set(sizes.values()) != {len(self.log_weights)}:
             raise ValueError(f"resume: expected one log-weight per draw, got log_weights of shape "
                              f"{tuple(self.log_weights.shape)} for draws of lengths {sizes}")
-        if not bool((self.log_weights == self.log_weights).any() & torch.isfinite(self.log_weights).any()):
+        if not bool(torch.isfinite(self.log_weights).any()):
             raise ValueError("resume: no log-weight is finite, so no draw can start a chain "
                              "(the new posterior gives every draw of the population zero density)")
 

@@ -296,9 +296,11 @@ class _Pool:
         """The weighted population for the next posterior (None where its weights are too
         uneven, or the last run left no axes) and the weights' effective fraction."""
         weights = _evaluate(log_joint, self.draws) - self.values
+        if self.axes is None or not bool(torch.isfinite(weights).any()):
+            return None, 0.0  # nothing to resume along, or no draw the new posterior allows: start cold
         resume = SliceResume(self.draws, weights, self.axes)
         fraction = resume.effective_size() / len(weights)
-        return (resume if self.axes is not None and fraction >= RESUME_MIN_ESS else None), fraction
+        return (resume if fraction >= RESUME_MIN_ESS else None), fraction
 
 
 def _cover_region(posterior, observation, quantile: float, seed: int) -> Region:
