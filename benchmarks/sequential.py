@@ -39,8 +39,9 @@ from provenance import (add_store_arguments, command_line, committed_code_state,
 from sbibm_suite import sbibm_c2st, verdict  # noqa: E402
 
 TASKS = ("slcp", "two_moons", "sir", "bernoulli_glm", "lotka_volterra_ode")
-METHODS = ("npe_seq", "nle_seq", "nle_seq_nsf", "implicit_vi_seq", "sbi_tsnpe", "sbi_snle")
-PEER = {"npe_seq": "sbi_tsnpe", "implicit_vi_seq": "sbi_tsnpe", "nle_seq": "sbi_snle", "nle_seq_nsf": "sbi_snle"}
+METHODS = ("npe_seq", "npe_seq_fresh", "nle_seq", "nle_seq_nsf", "implicit_vi_seq", "sbi_tsnpe", "sbi_snle")
+PEER = {"npe_seq": "sbi_tsnpe", "npe_seq_fresh": "sbi_tsnpe", "implicit_vi_seq": "sbi_tsnpe", "nle_seq": "sbi_snle",
+        "nle_seq_nsf": "sbi_snle"}
 CELLS = {"dev": ((1, 2, 3, 4, 5), (0,)), "heldout": ((6, 7, 8), (1, 2, 3))}
 QUANTILE = 1e-4
 # The peers as the issue names them: TSNPE is NPE-C with a neural spline flow (sbi's default is MAF),
@@ -50,13 +51,16 @@ SBI_ESTIMATOR = {"sbi_tsnpe": "nsf", "sbi_snle": "maf"}
 # has four modes; NUTS's default two chains, one after another, hold at most two of them) and a
 # MAF likelihood (NLE's default spline flow, nle_seq_nsf, is the ablation row).
 OPTIONS = {"nle_seq": {"sampler": "slice", "flow": "maf"}, "nle_seq_nsf": {"sampler": "slice"}}
+# ib.sequential's own options: npe_seq_fresh, the ablation row of warm starts, fits every round afresh
+SEQUENTIAL_OPTIONS = {"npe_seq_fresh": {"warm_start": False}}
 
 
 def ours(method: str, task, x_o, budget: int, rounds: int, seed: int):
-    cls = {"npe_seq": ib.NPE, "nle_seq": ib.NLE, "nle_seq_nsf": ib.NLE, "implicit_vi_seq": ib.ImplicitVI}[method]
+    cls = {"npe_seq": ib.NPE, "npe_seq_fresh": ib.NPE, "nle_seq": ib.NLE, "nle_seq_nsf": ib.NLE,
+           "implicit_vi_seq": ib.ImplicitVI}[method]
     options = OPTIONS.get(method, {})
     post = ib.sequential(cls(task.model, observed="x", **options), observation={"x": x_o}, num_simulations=budget,
-                         rounds=rounds, seed=seed, progress=False, quantile=QUANTILE)
+                         rounds=rounds, seed=seed, progress=False, quantile=QUANTILE, **SEQUENTIAL_OPTIONS.get(method, {}))
     info = {"config": {"class": cls.__name__, **post.config.to_json()},
             "rounds": [{k: r[k] for k in ("simulations", "prior_mass", "seconds")} for r in post.rounds]}
     return (lambda n: post.sample(n, seed=seed)["theta"]), info
@@ -97,6 +101,7 @@ def setup_key(method: str, code: dict, vers: dict, rounds: int, num_samples: int
     parts = [method, code["simulators_tree"], vers["torch"], vers["sbibm"], rounds, num_samples, QUANTILE]
     parts += [vers["sbi"], SBI_ESTIMATOR[method]] if method.startswith("sbi") else [code["implicitbayes_tree"],
                                                                                    sorted(OPTIONS.get(method, {}).items())]
+    parts += sorted(SEQUENTIAL_OPTIONS.get(method, {}).items())
     return key(*parts)
 
 

@@ -54,6 +54,13 @@ def flag(name: str, value: Any) -> bool:
     return value
 
 
+def flag_or_auto(name: str, value: Any) -> bool | str:
+    """``value`` must be True, False or "auto" (a setting the library decides unless told)."""
+    if not (isinstance(value, bool) or isinstance(value, str) and value == "auto"):
+        raise ValueError(f"{name}: expected True, False or 'auto', got {value!r}")
+    return value
+
+
 def choice(name: str, value: Any, options: Sequence[Any]) -> Any:
     """``value`` must be one of ``options``."""
     if not any(value is o or (type(value) is type(o) and value == o) for o in options):

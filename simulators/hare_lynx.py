@@ -176,13 +176,18 @@ class HareLynx(_HudsonBay):
             out.append(torch.stack([lu, lv], -1))
         return torch.stack(out, 1).exp()
 
+    def likelihood(self, theta: torch.Tensor) -> dist.TorchDistribution:
+        """The exact likelihood of the table given parameters ``(*batch, 8)``: log-normal pelts
+        around the populations, one scale per species; batch shape ``batch``, event ``(21, 2)``."""
+        batch = theta.shape[:-1]
+        z = self.populations(theta.reshape(-1, 8)).reshape(batch + (21, 2))
+        return dist.LogNormal(z.log(), theta[..., None, 6:8].double()).to_event(2)
+
     def likelihood_model(self, x: torch.Tensor | None = None):
         """The same model with the log-normal likelihood written out (what NUTS samples for the
         reference): ``theta`` latent, ``x`` observed."""
         theta = pyro.sample("theta", self.prior)
-        z = self.populations(theta[None])[0]
-        sigma = theta[6:8].double()
-        return pyro.sample("x", dist.LogNormal(z.log(), sigma).to_event(2), obs=None if x is None else x.double())
+        return pyro.sample("x", self.likelihood(theta), obs=None if x is None else x.double())
 
     def reference_samples(self, k: int) -> torch.Tensor | None:
         """NUTS draws on :meth:`likelihood_model` for the table: ``(10000, 8)``."""

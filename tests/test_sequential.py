@@ -26,7 +26,8 @@ import torch
 import implicitbayes as ib
 import simulators
 from exact import average, gaussian_errors
-from implicitbayes.infer.sequential import PosteriorProposal, PriorDraws, Region, TruncatedPrior, region_of
+from implicitbayes.infer.sequential import PosteriorProposal, PriorDraws, Region, TruncatedPrior, _round_seeds, region_of
+from implicitbayes.simulation_set import SimulationSet
 from tests.models import normal_model as model
 from tests.processes import kill_9_when
 
@@ -144,6 +145,23 @@ def test_a_killed_run_resumes_from_its_store_to_the_same_result(tmp_path):
     assert [r["prior_mass"] for r in resumed.rounds] == [r["prior_mass"] for r in whole.rounds]
 
 
+@pytest.mark.parametrize("warm_start", [False, True])
+def test_a_fresh_round_is_the_plain_fit_of_all_rounds_simulations_and_a_warm_one_is_not(tmp_path, warm_start):
+    """A fresh fit: the last round's posterior is what ``fit`` gives on the stored simulations of
+    all rounds with that round's seed; a warm start (the default: the previous round's weights and
+    standardisations) gives another one."""
+    method = ib.NPE(model, observed="x", training={"max_steps": 400, "validate_every": 20})
+    x = {"x": torch.tensor([0.4, -0.3])}
+    post = ib.sequential(method, observation=x, num_simulations=600, rounds=3, seed=5, store=tmp_path,
+                         progress=False, **({} if warm_start else {"warm_start": False}))
+    assert [r["warm_start"] for r in post.rounds] == [False, warm_start, warm_start]
+    data = SimulationSet.load(tmp_path / "round-1").extend(SimulationSet.load(tmp_path / "round-2")).extend(
+        SimulationSet.load(tmp_path / "round-3"))
+    plain = method.fit(data, seed=_round_seeds(5, 2)[1], progress=False)
+    same = torch.equal(post.sample(300, seed=0)["theta"], plain.sample(300, x, seed=0)["theta"])
+    assert same is not warm_start
+
+
 def test_bad_input_is_named(tmp_path):
     npe = ib.NPE(model, observed="x")
     x = {"x": torch.zeros(2)}
@@ -157,6 +175,8 @@ def test_bad_input_is_named(tmp_path):
         ib.sequential(npe, observation={"x": torch.zeros(3)}, num_simulations=100)
     with pytest.raises(ValueError, match=r"observed: expected the sites \['x'\], got \['y'\]"):
         ib.sequential(npe, observation={"y": torch.zeros(2)}, num_simulations=100)
+    with pytest.raises(ValueError, match=r"warm_start: expected True or False, got 'yes'"):
+        ib.sequential(npe, observation=x, num_simulations=100, warm_start="yes")
     with pytest.raises(ValueError, match=r"proposal: expected one of 'auto', 'truncated', 'posterior', got 'prior'"):
         ib.sequential(npe, observation=x, num_simulations=100, proposal="prior")
     with pytest.raises(ValueError, match=r"proposal: 'posterior' needs a method that learns the likelihood \(ib.NLE\) "

@@ -30,7 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..checks import choice, flag, integer, number
+from ..checks import choice, flag, flag_or_auto, integer, number
 from ..nn import FLOWS, LinearResidual, build_flow, draw, flow_log_prob, short_softmax
 from ..seeding import fresh_seed, resolve_seed, seeded
 from ..space import ParameterSpace
@@ -163,9 +163,7 @@ def linear_residual_wanted(option: bool | str, rows: int, width: int, regressors
 
 def linear_residual_option(value: Any) -> bool | str:
     """``linear_residual`` checked: True, False or "auto"."""
-    if not (isinstance(value, bool) or value == "auto"):
-        raise ValueError(f"linear_residual: expected True, False or 'auto', got {value!r}")
-    return value
+    return flag_or_auto("linear_residual", value)
 
 
 class NPE(NeuralMethod):

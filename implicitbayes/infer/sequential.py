@@ -5,7 +5,7 @@ Round 1 simulates from the prior p(θ). After round r the current posterior q_r(
 region R_r holding all but a fraction ε of its mass (its highest-density region, or for an
 implicit posterior the region its draws cover, below); round r + 1 simulates from the prior
 truncated to it, p̃_r(θ) ∝ p(θ) 1_{R_r}(θ), and the method is trained on all rounds' simulations,
-warm-started from round r.
+warm-started from round r (or afresh: ``warm_start``, below).
 
 Why no proposal correction is needed. The simulations of all rounds are draws of
 θ ~ π(θ) = Σ_r w_r p̃_r(θ) = p(θ) Σ_r (w_r / P(R_r)) 1_{R_r}(θ), x ~ p(x | θ), so a method fitted to
@@ -49,6 +49,14 @@ the usual sweeps along the axes the last run found — where the weights keep at
 posterior itself, which a proposal other than the prior (restricted) would bias: they always run
 truncated.
 
+Warm or fresh fits (``warm_start``). A warm-started round keeps the previous round's weights and
+standardisations, fitted to round 1's simulations from the whole prior; a fresh fit
+(``warm_start=False``) refits both to all rounds so far, most of which sit in the region. On
+slcp's development cells (NPE, 10⁴ simulations in 5 rounds, observations 1–5) the two are
+undecided — fresh fits lower on three observations, higher on two, mean C2ST 0.843 against 0.852,
+one training's noise ±0.05 there (``benchmarks/results/npe_ablation.md``) — and fresh fits train
+longer, so rounds warm-start by default.
+
 The truncated prior is a Pyro model (:class:`TruncatedPrior`) that ``ib.simulate`` runs like any
 other — chunked, seeded, on executors, into a store: inside each chunk it draws candidates from
 the model's own prior and keeps those in the region (rejection), then runs the model with the
@@ -73,7 +81,7 @@ import pyro
 import pyro.poutine.runtime as pyro_runtime
 import torch
 
-from ..checks import choice, integer, number
+from ..checks import choice, flag, integer, number
 from ..errors import StoreMismatchError
 from ..io import atomic_write_text
 from ..seeding import resolve_seed, seeded
@@ -325,7 +333,8 @@ def _round_seeds(seed: int, r: int) -> tuple[int, int, int]:
 
 
 def sequential(method, *, observation: Any, num_simulations: int, rounds: int = 5, seed: int | None = None,
-               store=None, progress: bool = True, quantile: float = QUANTILE, proposal: str = "auto") -> Posterior:
+               store=None, progress: bool = True, quantile: float = QUANTILE, proposal: str = "auto",
+               warm_start: bool = True) -> Posterior:
     """A posterior focused on ``observation``, trained on ``rounds`` rounds of simulations from
     the prior truncated to the previous round's posterior region (module docstring).
 
@@ -338,7 +347,9 @@ def sequential(method, *, observation: Any, num_simulations: int, rounds: int = 
     directory that makes the run resumable (module docstring). ``quantile``: the posterior mass a
     region may leave out. ``proposal``: where later rounds simulate — "truncated" (the prior
     truncated to the posterior's region), "posterior" (at draws of the current posterior; NLE and
-    NRE only), or "auto", the latter for NLE and NRE and the former otherwise (module docstring)."""
+    NRE only), or "auto", the latter for NLE and NRE and the former otherwise (module docstring).
+    ``warm_start``: whether each round's fit starts from the previous round's posterior (True) or
+    afresh on all rounds' simulations (False; module docstring)."""
     from .abc import ABC
     from .lfvi import LFVI
     from .nle import NLE
@@ -356,6 +367,7 @@ def sequential(method, *, observation: Any, num_simulations: int, rounds: int = 
         raise ValueError(f"num_simulations: {num_simulations} simulations cannot be split over {rounds} rounds; "
                          "give at least one per round")
     number("quantile", quantile, low=0.0, high=1.0, what="a fraction in (0, 1)")
+    flag("warm_start", warm_start)
     learns_likelihood = isinstance(method, (NLE, NRE))
     proposal = choice("proposal", proposal, PROPOSALS)
     if proposal == "auto":
@@ -369,7 +381,7 @@ def sequential(method, *, observation: Any, num_simulations: int, rounds: int = 
     shapes = {s.name: s.shape for s in sites if s.observed}
     values = observed_values(observation, method.observed, shapes, torch.device("cpu"), torch.get_default_dtype())
     budgets = [num_simulations // rounds + (num_simulations % rounds if r == 0 else 0) for r in range(rounds)]
-    directory = _open_store(store, method, values, num_simulations, rounds, seed, quantile, proposal)
+    directory = _open_store(store, method, values, num_simulations, rounds, seed, quantile, proposal, warm_start)
     prior = PriorDraws(method.model, method.observed, method.model_args, method.model_kwargs)
 
     data, posterior, record, pool = None, None, [], None
@@ -396,11 +408,13 @@ def sequential(method, *, observation: Any, num_simulations: int, rounds: int = 
             posterior = _load_round(saved, method)
         else:
             checkpoint = None if directory is None else directory / f"round-{r + 1}.checkpoint"
-            posterior = method.fit(data, seed=fit_seed, progress=progress, checkpoint=checkpoint, init=posterior)
+            posterior = method.fit(data, seed=fit_seed, progress=progress, checkpoint=checkpoint,
+                                   init=posterior if warm_start else None)
             if saved is not None:
                 posterior.save(saved)
         record.append({"round": r + 1, "simulations": len(part), "total_simulations": len(data),
                        "proposal": "prior" if before is None else proposal,
+                       "warm_start": before is not None and warm_start,
                        "prior_mass": 1.0 if before is None else None if region is None else region.prior_mass,
                        "region": None if region is None else {"kind": region.kind, "threshold": region.threshold},
                        "pool": pooled,
@@ -414,18 +428,20 @@ def _fit_parameters(method) -> set[str]:
     return set(inspect.signature(method.fit).parameters)
 
 
-def _open_store(store, method, values, num_simulations, rounds, seed, quantile, proposal) -> Path | None:
+def _open_store(store, method, values, num_simulations, rounds, seed, quantile, proposal,
+                warm_start) -> Path | None:
     if store is None:
         return None
     directory = Path(store)
     digest = hashlib.sha256(b"".join(v.numpy().tobytes() for v in values.values())).hexdigest()[:16]
     manifest = {"kind": "implicitbayes.Sequential", "version": 1, "method": type(method).__name__,
                 "num_simulations": num_simulations, "rounds": rounds, "seed": seed, "quantile": quantile,
-                "proposal": proposal,
+                "proposal": proposal, "warm_start": warm_start,
                 "observation": digest}
     path = directory / "sequential.json"
     if path.exists():
         old = json.loads(path.read_text())
+        old.setdefault("warm_start", True)  # stores written before the option: warm-started
         differ = {k: (old.get(k), v) for k, v in manifest.items() if old.get(k) != v}
         if differ:
             raise StoreMismatchError(f"store: {directory} holds a sequential run with other settings "

@@ -29,7 +29,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from ..checks import decay, flag, integer, number
+from ..checks import decay, flag, flag_or_auto, integer, number
 from ..errors import FormatError, TrainingError
 from ..io import load_tensors, save_tensors, unlink_stale_temporaries
 from ..seeding import fresh_seed
@@ -85,8 +85,7 @@ class TrainConfig:
         flag("restore_best", self.restore_best)
         decay("ema", self.ema)
         number("time_budget", self.time_budget, none=True, what="a positive number of seconds")
-        if self.compile not in (True, False, "auto"):
-            raise ValueError(f"compile: expected True, False or 'auto', got {self.compile!r}")
+        flag_or_auto("compile", self.compile)
 
     def with_fit(self, max_steps: int | None, time_budget: float | None) -> "TrainConfig":
         """A copy with one fit's ``max_steps`` (if given) and ``time_budget``."""

@@ -13,6 +13,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..checks import flag_or_auto
+
 __all__ = ["Standardize", "ContextNet", "LinearResidual", "ResidualMLP", "CausalConvEmbedding", "GRUEmbedding", "DeepSets", "Flatten"]
 
 
@@ -39,10 +41,8 @@ class Standardize(nn.Module):
 
     def __init__(self, shape: Sequence[int], log: bool | str = "auto", robust: bool | str = "auto"):
         super().__init__()
-        if log not in (True, False, "auto"):
-            raise ValueError(f"log: expected True, False or 'auto', got {log!r}")
-        if robust not in (True, False, "auto"):
-            raise ValueError(f"robust: expected True, False or 'auto', got {robust!r}")
+        flag_or_auto("log", log)
+        flag_or_auto("robust", robust)
         self.shape = tuple(shape)
         self.log_mode, self.robust_mode = log, robust
         self.register_buffer("loc", torch.zeros(self.shape))
