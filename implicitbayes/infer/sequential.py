@@ -53,9 +53,10 @@ Warm or fresh fits (``warm_start``). A warm-started round keeps the previous rou
 standardisations, fitted to round 1's simulations from the whole prior; a fresh fit
 (``warm_start=False``) refits both to all rounds so far, most of which sit in the region. On
 slcp's development cells (NPE, 10⁴ simulations in 5 rounds, observations 1–5) the two are
-undecided — fresh fits lower on three observations, higher on two, mean C2ST 0.843 against 0.852,
-one training's noise ±0.05 there (``benchmarks/results/npe_ablation.md``) — and fresh fits train
-longer, so rounds warm-start by default.
+undecided — fresh fits lower on four observations and higher on one, mean C2ST 0.840 against
+0.863, while a second run of one configuration moves a cell by up to 0.077
+(``benchmarks/results/npe_ablation.md``) — and fresh fits train about 1.5× longer, so rounds
+warm-start by default.
 
 The truncated prior is a Pyro model (:class:`TruncatedPrior`) that ``ib.simulate`` runs like any
 other — chunked, seeded, on executors, into a store: inside each chunk it draws candidates from
