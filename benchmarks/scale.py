@@ -143,9 +143,6 @@ def m_train(method: str, store: str, mapped: bool, steps: int) -> dict:
 
 def m_wide(store: str, n: int, width: int, steps: int) -> dict:
     """A store of ``n`` simulations with ``width`` numbers each, then NPE on it memory-mapped."""
-    import pyro
-    import pyro.distributions as dist
-    import torch
     from torch import nn
 
     import implicitbayes as ib

@@ -10,9 +10,9 @@ import implicitbayes as ib
 
 def mixed_model():
     a = pyro.sample("a", dist.Uniform(-2.0, 3.0))
-    b = pyro.sample("b", ib.LogUniform(torch.full((3,), 0.01), torch.full((3,), 5.0)).to_event(1))
-    c = pyro.sample("c", dist.HalfNormal(torch.ones(2)).to_event(1))
-    d = pyro.sample("d", dist.Dirichlet(torch.ones(4)))
+    pyro.sample("b", ib.LogUniform(torch.full((3,), 0.01), torch.full((3,), 5.0)).to_event(1))
+    pyro.sample("c", dist.HalfNormal(torch.ones(2)).to_event(1))
+    pyro.sample("d", dist.Dirichlet(torch.ones(4)))
     with pyro.plate("groups", 3):
         e = pyro.sample("e", dist.Normal(a, 1.0))
         return pyro.sample("x", ib.Implicit(lambda t: t + torch.randn_like(t), e, event_shape=()))
