@@ -11,9 +11,10 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def kill_9_when(script: str, ready: Callable[[], bool], timeout: float = 240) -> None:
+def kill_9_when(script: str, ready: Callable[[], bool], timeout: float = 600) -> None:
     """Start ``python -c script`` (with the repository on its path), wait until ``ready()``,
-    then SIGKILL it. Fails if the child ends first or ``ready()`` never holds."""
+    then SIGKILL it. Fails if the child ends first or ``ready()`` never holds within ``timeout``
+    seconds (generous: a loaded CI machine runs the child several times slower)."""
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
         deadline = time.time() + timeout
