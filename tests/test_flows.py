@@ -15,7 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from implicitbayes.nn import FLOWS, FlowDistribution, LinearResidual, build_flow, draw, flow_log_prob, short_softmax
+from implicitbayes.nn import (FLOWS, FlowDistribution, LinearResidual, build_flow, draw, flow_log_prob, short_softmax,
+                              widened)
 
 A = torch.tensor([[1.0], [-0.5]])
 B = torch.tensor([0.5, -0.3])
@@ -235,3 +236,24 @@ def test_bad_flow_arguments():
             build_flow("nsf", 2, spline_init=bad)
     with pytest.raises(ValueError, match="spline_init: only the spline flow 'nsf'.*kind='realnvp'"):
         build_flow("realnvp", 2, spline_init=1e-3)
+
+
+def test_a_widened_flow_is_a_normalised_density_with_wider_tails_that_its_draws_follow():
+    """``widened(q, s)`` has the flow's transforms on a base spread s times: its draws follow its
+    log_prob (importance weights q/g average to 1 over g's draws), and its spread is wider. None
+    for a distribution that is not a flow on a diagonal-normal base."""
+    torch.manual_seed(0)
+    flow = build_flow("nsf", 3, 2, transforms=3, hidden_features=(16, 16))
+    with torch.no_grad():  # a flow far from the identity
+        for p in flow.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    q = flow(torch.tensor([[0.5, -1.0]]))
+    g = widened(q, 2.0)
+    v = draw(q, (5,))[:, 0]
+    assert torch.allclose(widened(q, 1.0).log_prob(v), q.log_prob(v))
+    with torch.no_grad():
+        u = draw(g, (200_000,))[:, 0]
+        weights = (q.log_prob(u) - g.log_prob(u)).exp()
+        assert abs(float(weights.mean()) - 1) < 0.02, float(weights.mean())
+        assert (u.std(0) > 1.3 * draw(q, (200_000,))[:, 0].std(0)).all()
+    assert widened(torch.distributions.Normal(0.0, 1.0), 2.0) is None

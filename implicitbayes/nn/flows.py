@@ -130,6 +130,20 @@ def draw(q: torch.distributions.Distribution, sample_shape=torch.Size()) -> torc
         return q.sample(sample_shape)
 
 
+def widened(q: torch.distributions.Distribution, scale: float) -> torch.distributions.Distribution | None:
+    """``q`` — a zuko flow on a diagonal-normal base, or a ``TransformedDistribution`` over one —
+    with its base's spread multiplied by ``scale`` (the same transforms): a flow of the same shape
+    with wider tails, which :func:`draw` samples and ``log_prob`` evaluates. None for any other
+    distribution."""
+    if isinstance(q, torch.distributions.TransformedDistribution):
+        inner = widened(q.base_dist, scale)
+        return None if inner is None else torch.distributions.TransformedDistribution(inner, q.transforms)
+    if isinstance(q, zuko.distributions.NormalizingFlow) and isinstance(q.base, DiagNormal):
+        base = q.base.base_dist
+        return zuko.distributions.NormalizingFlow(q.transform, DiagNormal(base.loc, base.scale * scale))
+    return None
+
+
 def _invert(t: Transform, y: torch.Tensor) -> torch.Tensor:
     if isinstance(t, ComposedTransform):
         for u in reversed(t.transforms):
