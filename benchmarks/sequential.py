@@ -62,7 +62,8 @@ def ours(method: str, task, x_o, budget: int, rounds: int, seed: int):
     post = ib.sequential(cls(task.model, observed="x", **options), observation={"x": x_o}, num_simulations=budget,
                          rounds=rounds, seed=seed, progress=False, quantile=QUANTILE, **SEQUENTIAL_OPTIONS.get(method, {}))
     info = {"config": {"class": cls.__name__, **post.config.to_json()},
-            "rounds": [{k: r[k] for k in ("simulations", "prior_mass", "seconds")} for r in post.rounds]}
+            "rounds": [{k: r[k] for k in ("simulations", "prior_mass", "acceptance", "envelope", "seconds")}
+                       for r in post.rounds]}
     return (lambda n: post.sample(n, seed=seed)["theta"]), info
 
 
