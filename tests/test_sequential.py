@@ -217,6 +217,8 @@ def test_bad_input_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"proposal: 'posterior' needs a method that learns the likelihood \(ib.NLE\) "
                                          r"or a likelihood ratio \(ib.NRE\), .*; NPE learns the posterior itself"):
         ib.sequential(npe, observation=x, num_simulations=100, proposal="posterior")
+    with pytest.raises(ValueError, match=r"envelope: expected True or False, got 'yes'"):
+        region_of(None, x, PriorDraws(model, ["x"]), envelope="yes")
     nowhere = Region(lambda latents: torch.zeros(len(latents["theta"]), dtype=torch.bool), "empty", math.inf)
     with pytest.raises(ValueError, match=r"region \(empty\) has numerically zero prior mass: none of 20000 prior draws"):
         TruncatedPrior(model, ["x"], nowhere)
