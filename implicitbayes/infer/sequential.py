@@ -68,22 +68,24 @@ candidates, and each candidate costs a test of the region (for NPE a pass of the
 narrow posterior (lotka_volterra_ode: 0.18 % of the prior after one round of 2 000 simulations)
 makes a round cost a million flow passes, and each round shrinks it (10⁻⁵ of the prior by the
 fourth). Where it keeps more, candidates come instead from an envelope g (:class:`Envelope`), a
-density in the unconstrained coordinates u: a Student-t fitted to the posterior's draws u_j (those
-that set the region), or for NPE the flow itself with its base widened (its draws follow the
-flow's own long, curved tails, which no ellipse covers). With p(u) the prior's density there
-(both normalised), M = 2 max_j p(u_j)/g(u_j) over the draws u_j and over draws of g that fall in
-the region, and g the candidate (t or flow, widened 1.5, 2 or 3 times) with the least M. A candidate u ~ g is kept with
-probability p(u) / (M g(u)) if it lies in R and p(u)/g(u) ≤ M. That is exact rejection sampling
-of the prior truncated to R' = R ∩ {p/g ≤ M}: on R' the kept draws have density
-g · p/(M g) ∝ p. R' is the region the round uses (its test, its prior mass); it holds every
-posterior draw that set M, so it holds the posterior's mass as R does, and only points of R far
-out in g's tails (where p/g is larger still) are left out. The candidates kept per candidate
-drawn are P(R')/M, against P(R) from the prior — set by the region's shape, not by how small
-it gets (lotka_volterra_ode, observation 6: 0.57 % against 0.20 % in the second round, 0.29 %
+density in the unconstrained coordinates u: a Student-t fitted to the posterior's draws u_j
+(those that set the region), or for NPE the flow itself with its base widened (its draws follow
+the flow's own long, curved tails, which no ellipse covers). With p(u) the prior's density there
+(both normalised), M = 2 max p/g over the draws u_j and over draws of g that fall in the region,
+and g the candidate (t or flow, widened 1.5, 2 or 3 times) with the least M, a candidate u ~ g
+is kept with probability p(u) / (M g(u)) if it lies in R and p(u)/g(u) ≤ M. That is exact
+rejection sampling of the prior truncated to R' = R ∩ {p/g ≤ M}: on R' the kept draws have
+density g · p/(M g) ∝ p. R' is the region the round uses (its test, its prior mass); it holds
+every posterior draw that set M, so it holds the posterior's mass as R does, and only points of R
+far out in g's tails (where p/g is larger still) are left out. The candidates kept per candidate
+drawn are P(R')/M, against P(R) from the prior — set by the region's shape, not by how small it
+gets (lotka_volterra_ode, observation 6: 0.57 % against 0.20 % in the second round, 0.29 %
 against 0.0045 % in the fourth) — and only candidates that pass the ratio test cost a test of
-the region. The envelope is used where
-M < 1 (it keeps more); its prior mass is then estimated by importance sampling,
-E_g[p/g · 1_R'], which resolves regions far below one in the 20 000 draws that estimate it. A ``store`` makes the whole sequence resumable after ``kill -9``: each
+the region. The envelope is used where M < 1 (it keeps more); its prior mass is then estimated
+by importance sampling, E_g[p/g · 1_R'], which resolves regions far below one in the 20 000
+draws that estimate it.
+
+A ``store`` makes the whole sequence resumable after ``kill -9``: each
 round's simulations are a simulation store, each fit a checkpoint, each finished round's posterior
 a file, so a rerun continues where it stopped and gives the same result.
 """
@@ -114,7 +116,8 @@ from .data import observed_values
 from .mcmc import PriorDraws, SliceResume, batched_log_joint, without_observed
 from .posterior import Posterior, load
 
-__all__ = ["sequential", "TruncatedPrior", "PosteriorProposal", "Region", "Envelope", "StudentT", "WidenedFlow", "region_of", "PriorDraws"]
+__all__ = ["sequential", "TruncatedPrior", "PosteriorProposal", "Region", "Envelope", "StudentT", "WidenedFlow",
+           "region_of", "PriorDraws"]
 
 QUANTILE = 1e-4  # posterior mass a region may leave out (TSNPE's ε)
 DENSITY_DRAWS = 20_000  # draws of a flow posterior that set its region's threshold
