@@ -10,8 +10,14 @@ one (task, budget, method, seed, observation). The budget is split evenly over `
 rounds (the first takes the remainder), for ours and the peers alike; round 1 of every method
 draws from the prior with the same seed. Rows record the commit, code trees, versions, the
 configuration, each round's prior mass (ours) and the command; a row whose setup changed is run
-again. A run that raises (ours or a peer's) is recorded with its error and listed, not scored. ``sequential.md`` is rewritten from all rows, with a plot per task of C2ST against
-simulations beside the amortized rows of ``sbibm_suite.json`` on the same observations.
+again. A run that raises (ours or a peer's) is recorded with its error and listed, not scored.
+``sequential.md`` is rewritten from all rows, with a plot per task of C2ST against simulations
+beside the amortized rows of ``sbibm_suite.json`` on the same observations.
+
+``npe_seq`` is ``ib.sequential``'s default for NPE, fresh fits each round since they became the
+default; ``npe_seq_warm`` warm-starts. Rows that ran before that change under the names
+``npe_seq`` (then warm) and ``npe_seq_fresh`` (then the option) are relabelled to what they ran
+and keep the old name in ``relabelled_from``; their ``command`` is the one that ran.
 
     OMP_NUM_THREADS=1 python benchmarks/sequential.py --tasks slcp --budgets 10000 --seeds 1
     python benchmarks/sequential.py --table
@@ -39,8 +45,8 @@ from provenance import (add_store_arguments, command_line, committed_code_state,
 from sbibm_suite import sbibm_c2st, verdict  # noqa: E402
 
 TASKS = ("slcp", "two_moons", "sir", "bernoulli_glm", "lotka_volterra_ode")
-METHODS = ("npe_seq", "npe_seq_fresh", "nle_seq", "nle_seq_nsf", "implicit_vi_seq", "sbi_tsnpe", "sbi_snle")
-PEER = {"npe_seq": "sbi_tsnpe", "npe_seq_fresh": "sbi_tsnpe", "implicit_vi_seq": "sbi_tsnpe", "nle_seq": "sbi_snle",
+METHODS = ("npe_seq", "npe_seq_warm", "nle_seq", "nle_seq_nsf", "implicit_vi_seq", "sbi_tsnpe", "sbi_snle")
+PEER = {"npe_seq": "sbi_tsnpe", "npe_seq_warm": "sbi_tsnpe", "implicit_vi_seq": "sbi_tsnpe", "nle_seq": "sbi_snle",
         "nle_seq_nsf": "sbi_snle"}
 CELLS = {"dev": ((1, 2, 3, 4, 5), (0,)), "heldout": ((6, 7, 8), (1, 2, 3))}
 QUANTILE = 1e-4
@@ -51,12 +57,14 @@ SBI_ESTIMATOR = {"sbi_tsnpe": "nsf", "sbi_snle": "maf"}
 # has four modes; NUTS's default two chains, one after another, hold at most two of them) and a
 # MAF likelihood (NLE's default spline flow, nle_seq_nsf, is the ablation row).
 OPTIONS = {"nle_seq": {"sampler": "slice", "flow": "maf"}, "nle_seq_nsf": {"sampler": "slice"}}
-# ib.sequential's own options: npe_seq_fresh, the ablation row of warm starts, fits every round afresh
-SEQUENTIAL_OPTIONS = {"npe_seq_fresh": {"warm_start": False}}
+# ib.sequential's own options: npe_seq_warm, the ablation row of NPE's fresh fits, warm-starts every
+# round from the previous one. Rows labelled so (and npe_seq) before the default became fresh fits
+# carry `relabelled_from`, the name they ran under (module docstring).
+SEQUENTIAL_OPTIONS = {"npe_seq_warm": {"warm_start": True}}
 
 
 def ours(method: str, task, x_o, budget: int, rounds: int, seed: int):
-    cls = {"npe_seq": ib.NPE, "npe_seq_fresh": ib.NPE, "nle_seq": ib.NLE, "nle_seq_nsf": ib.NLE,
+    cls = {"npe_seq": ib.NPE, "npe_seq_warm": ib.NPE, "nle_seq": ib.NLE, "nle_seq_nsf": ib.NLE,
            "implicit_vi_seq": ib.ImplicitVI}[method]
     options = OPTIONS.get(method, {})
     post = ib.sequential(cls(task.model, observed="x", **options), observation={"x": x_o}, num_simulations=budget,
@@ -189,6 +197,12 @@ def write_table(results: dict, path: Path) -> None:
     lines = ["# Sequential inference: C2ST against sbibm's reference posteriors (0.5 is perfect)", "",
              "Produced by `benchmarks/sequential.py` (its docstring gives the protocol); the commands:", "",
              *[f"    {c}" for c in sorted({r['command'] for r in results["runs"]})], ""]
+    relabelled = sorted({(r["relabelled_from"], r["method"]) for r in results["runs"] if r.get("relabelled_from")})
+    if relabelled:
+        lines += ["Rows that ran before NPE's rounds became fresh fits by default are shown under what they ran: "
+                  + "; ".join(f"`{old}` in their command is `{new}` here" for old, new in relabelled) + ".", ""]
+    lines += ["*seconds per run* is wall time on one thread; rows that ran beside other processes on the "
+              "2-core machine (most did) are inflated by up to 2×, so the column is no timing comparison.", ""]
     for cells, title in (("heldout", "Held-out cells"), ("dev", "Development cells (settings chosen here)"),
                          ("custom", "Other cells")):
         rows = [r for r in runs if r["cells"] == cells]

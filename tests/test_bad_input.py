@@ -263,7 +263,7 @@ CASES = {
                          r"proposal: 'posterior' needs a method that learns the likelihood \(ib.NLE\)"),
     "seq-warm-start": (lambda t: lambda: ib.sequential(ib.NPE(gaussian_model, observed="x"), observation=torch.zeros(2),
                                                        num_simulations=100, warm_start="yes"), ValueError,
-                       r"warm_start: expected True or False, got 'yes'"),
+                       r"warm_start: expected True, False or 'auto', got 'yes'"),
     "seq-zero-mass": (lambda t: lambda: _empty_region_prior(), ValueError,
                       r"the posterior's region \(empty\) has numerically zero prior mass: none of 20000 prior draws"),
     "nle-obs-draw-shape": (lambda t: lambda: _nle_posterior().sample(10, torch.zeros(3)), ValueError,

@@ -149,6 +149,7 @@ def test_sequential_nle_with_posterior_proposals_matches_the_posterior():
     nle = ib.NLE(model, observed="x", sampler="slice", training={"patience": 10, "max_steps": 1500})
     post = ib.sequential(nle, observation={"x": x}, num_simulations=1000, rounds=2, seed=0, progress=False)
     assert [r["proposal"] for r in post.rounds] == ["prior", "posterior"]
+    assert [r["warm_start"] for r in post.rounds] == [False, True]  # "auto": NLE warm-starts
     assert post.rounds[1]["prior_mass"] is None and post.rounds[1]["region"] is None
     errors = gaussian_errors(post.sample(1000, seed=1)["theta"], 0.8 * x, 0.2 * torch.eye(2))
     assert errors["shift"] < 0.25 and errors["spread"] < 0.3, errors
@@ -180,15 +181,16 @@ def test_a_killed_run_resumes_from_its_store_to_the_same_result(tmp_path):
     assert [r["prior_mass"] for r in resumed.rounds] == [r["prior_mass"] for r in whole.rounds]
 
 
-@pytest.mark.parametrize("warm_start", [False, True])
+@pytest.mark.parametrize("warm_start", ["auto", True])
 def test_a_fresh_round_is_the_plain_fit_of_all_rounds_simulations_and_a_warm_one_is_not(tmp_path, warm_start):
-    """A fresh fit: the last round's posterior is what ``fit`` gives on the stored simulations of
-    all rounds with that round's seed; a warm start (the default: the previous round's weights and
-    standardisations) gives another one."""
+    """A fresh fit (NPE's default, "auto"): the last round's posterior is what ``fit`` gives on the
+    stored simulations of all rounds with that round's seed; a warm start (the previous round's
+    weights and standardisations) gives another one."""
     method = ib.NPE(model, observed="x", training={"max_steps": 400, "validate_every": 20})
     x = {"x": torch.tensor([0.4, -0.3])}
     post = ib.sequential(method, observation=x, num_simulations=600, rounds=3, seed=5, store=tmp_path,
-                         progress=False, **({} if warm_start else {"warm_start": False}))
+                         progress=False, **({} if warm_start == "auto" else {"warm_start": warm_start}))
+    warm_start = warm_start is True
     assert [r["warm_start"] for r in post.rounds] == [False, warm_start, warm_start]
     data = SimulationSet.load(tmp_path / "round-1").extend(SimulationSet.load(tmp_path / "round-2")).extend(
         SimulationSet.load(tmp_path / "round-3"))
@@ -210,7 +212,7 @@ def test_bad_input_is_named(tmp_path):
         ib.sequential(npe, observation={"x": torch.zeros(3)}, num_simulations=100)
     with pytest.raises(ValueError, match=r"observed: expected the sites \['x'\], got \['y'\]"):
         ib.sequential(npe, observation={"y": torch.zeros(2)}, num_simulations=100)
-    with pytest.raises(ValueError, match=r"warm_start: expected True or False, got 'yes'"):
+    with pytest.raises(ValueError, match=r"warm_start: expected True, False or 'auto', got 'yes'"):
         ib.sequential(npe, observation=x, num_simulations=100, warm_start="yes")
     with pytest.raises(ValueError, match=r"proposal: expected one of 'auto', 'truncated', 'posterior', got 'prior'"):
         ib.sequential(npe, observation=x, num_simulations=100, proposal="prior")

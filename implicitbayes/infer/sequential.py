@@ -5,7 +5,7 @@ Round 1 simulates from the prior p(θ). After round r the current posterior q_r(
 region R_r holding all but a fraction ε of its mass (its highest-density region, or for an
 implicit posterior the region its draws cover, below); round r + 1 simulates from the prior
 truncated to it, p̃_r(θ) ∝ p(θ) 1_{R_r}(θ), and the method is trained on all rounds' simulations,
-warm-started from round r (or afresh: ``warm_start``, below).
+afresh (NPE) or warm-started from round r (``warm_start``, below).
 
 Why no proposal correction is needed. The simulations of all rounds are draws of
 θ ~ π(θ) = Σ_r w_r p̃_r(θ) = p(θ) Σ_r (w_r / P(R_r)) 1_{R_r}(θ), x ~ p(x | θ), so a method fitted to
@@ -51,12 +51,13 @@ truncated.
 
 Warm or fresh fits (``warm_start``). A warm-started round keeps the previous round's weights and
 standardisations, fitted to round 1's simulations from the whole prior; a fresh fit
-(``warm_start=False``) refits both to all rounds so far, most of which sit in the region. On
-slcp's development cells (NPE, 10⁴ simulations in 5 rounds, observations 1–5) the two are
-undecided — fresh fits lower on four observations and higher on one, mean C2ST 0.840 against
-0.863, while a second run of one configuration moves a cell by up to 0.077
-(``benchmarks/results/npe_ablation.md``) — and fresh fits train about 1.5× longer, so rounds
-warm-start by default.
+(``warm_start=False``) refits both to all rounds so far, most of which sit in the region. For NPE
+the fresh fit is the default (``"auto"``): on the held-out cells (10⁴ simulations in 5 rounds,
+``benchmarks/results/sequential.md``) it is lower than the warm start on slcp in each of three
+seeds (mean C2ST 0.832 against 0.891) and, on the one seed measured, on sir (0.537 against
+0.568), bernoulli_glm (0.561 against 0.593) and lotka_volterra_ode (0.690 against 0.770), level
+on two_moons (observation 6: 0.546 against 0.541), at 1.1–1.6× the training time on slcp.
+NLE, NRE and ImplicitVI warm-start by default (``"auto"``), as every row of theirs was measured.
 
 The truncated prior is a Pyro model (:class:`TruncatedPrior`) that ``ib.simulate`` runs like any
 other — chunked, seeded, on executors, into a store: inside each chunk it draws candidates from
@@ -106,7 +107,7 @@ import pyro
 import pyro.poutine.runtime as pyro_runtime
 import torch
 
-from ..checks import choice, flag, integer, number
+from ..checks import choice, flag, flag_or_auto, integer, number
 from ..errors import StoreMismatchError
 from ..io import atomic_write_text
 from ..nn import draw, short_softmax, widened
@@ -513,7 +514,7 @@ def _round_seeds(seed: int, r: int) -> tuple[int, int, int]:
 
 def sequential(method, *, observation: Any, num_simulations: int, rounds: int = 5, seed: int | None = None,
                store=None, progress: bool = True, quantile: float = QUANTILE, proposal: str = "auto",
-               warm_start: bool = True) -> Posterior:
+               warm_start: bool | str = "auto") -> Posterior:
     """A posterior focused on ``observation``, trained on ``rounds`` rounds of simulations from
     the prior truncated to the previous round's posterior region (module docstring).
 
@@ -528,10 +529,12 @@ def sequential(method, *, observation: Any, num_simulations: int, rounds: int = 
     truncated to the posterior's region), "posterior" (at draws of the current posterior; NLE and
     NRE only), or "auto", the latter for NLE and NRE and the former otherwise (module docstring).
     ``warm_start``: whether each round's fit starts from the previous round's posterior (True) or
-    afresh on all rounds' simulations (False; module docstring)."""
+    afresh on all rounds' simulations (False); "auto": afresh for NPE, warm for the others (module
+    docstring)."""
     from .abc import ABC
     from .lfvi import LFVI
     from .nle import NLE
+    from .npe import NPE
     from .nre import NRE
 
     if isinstance(method, ABC):
@@ -546,7 +549,8 @@ def sequential(method, *, observation: Any, num_simulations: int, rounds: int = 
         raise ValueError(f"num_simulations: {num_simulations} simulations cannot be split over {rounds} rounds; "
                          "give at least one per round")
     number("quantile", quantile, low=0.0, high=1.0, what="a fraction in (0, 1)")
-    flag("warm_start", warm_start)
+    if flag_or_auto("warm_start", warm_start) == "auto":
+        warm_start = not isinstance(method, NPE)
     learns_likelihood = isinstance(method, (NLE, NRE))
     proposal = choice("proposal", proposal, PROPOSALS)
     if proposal == "auto":
