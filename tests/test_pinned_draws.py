@@ -4,7 +4,11 @@ same simulations) must reproduce the draws stored in ``tests/data/pinned_draws.s
 A change that is meant to leave the methods' computation alone (a refactor, a new option that is
 off by default) passes; one that moves a default fails here, and is then either a mistake or a
 decision, taken by re-running the affected benchmark cells and writing the pins again
-(``python tests/pinned_fits.py --write``). The tolerance admits float rounding only.
+(``python tests/pinned_fits.py --write``). The tolerance admits float rounding only, except for
+LFVI: its short fit (20 Adam steps on 8 particles) carries a CPU's float rounding into its draws
+(pins written on one CPU and redrawn on another, an AMD EPYC: the per-coordinate means and sds of
+the 100 draws 0.022 / 0.013 apart, single draws up to 0.13), so its draws are compared by those
+moments, within ``LFVI_MOMENTS``; ten steps fewer move them by 0.08, twenty more by 0.06–0.43.
 """
 
 import torch
@@ -13,9 +17,17 @@ from safetensors.torch import load_file
 from pinned_fits import PINS, draws
 
 
+LFVI_MOMENTS = 0.04
+
+
 def test_every_method_reproduces_its_pinned_draws():
     pinned = load_file(str(PINS))
     now = draws()
     assert sorted(now) == sorted(pinned)
     for name in sorted(pinned):
-        torch.testing.assert_close(now[name], pinned[name], rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+        if name.startswith("lfvi."):
+            for stat in (torch.mean, torch.std):
+                torch.testing.assert_close(stat(now[name], 0), stat(pinned[name], 0), rtol=0, atol=LFVI_MOMENTS,
+                                           msg=lambda m: f"{name} ({stat.__name__} of the draws): {m}")
+        else:
+            torch.testing.assert_close(now[name], pinned[name], rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
