@@ -24,13 +24,18 @@ with τ its minimum over 2 000 MCMC draws — vectorized slice sampling from 20 
 draws resampled in proportion to the learned likelihood, whatever sampler the posterior itself
 uses: a region must hold every mode, and it is drawn each round, where Pyro's NUTS (one chain
 after another) took minutes to tens of minutes on slcp. ImplicitVI has no density; its region is built from
-what it has, its (critic-corrected) draws: R = {θ : min_j ‖s(θ) − s(θ_j)‖ ≤ ρ}, the union of balls
-of radius ρ around M = 4 000 draws θ_j in standardised unconstrained coordinates s, with ρ the
-(1 − ε)-quantile of the distance from 4 000 further draws to their nearest θ_j, times
-``COVER_MARGIN``. By construction a fresh draw of q falls in R with probability ≥ 1 − ε (the
-quantile is taken over draws independent of the centres), so R holds q's mass as the HPD region
-does, and the argument above applies unchanged: nothing in it needs a density, only that R holds
-the posterior's mass. The margin widens the balls against the error of q in its tails.
+what it has, its (critic-corrected) draws. A density g (a small MAF, :class:`DrawDensity`) is
+fitted by maximum likelihood to ``FIT_DRAWS`` draws of q in standardised unconstrained
+coordinates s, and R = {θ : log g(s(θ)) ≥ τ}, τ the ε-quantile of log g over ``DENSITY_DRAWS``
+further draws of q, independent of the fit. Whatever g is, a fresh draw of q falls in R with
+probability ≥ 1 − ε (up to the quantile's sampling error, as for NPE's own region): the draws
+that set τ are q's, so R holds q's mass as the HPD region does, and the argument above applies
+unchanged — nothing in it needs q's density, only that R holds the posterior's mass. g only
+shapes the region: the closer it is to q, the smaller the R that holds 1 − ε of q, and where g
+is poor R grows, it does not cut q. (A union of balls around the draws, the radius set so that
+as many further draws fall in it, held the mass too but kept 94–99 % of slcp's prior in every
+round: one radius for every ball is set by the draws furthest out; the fitted density's
+regions keep 48–82 % there.)
 
 Posterior proposals (SNLE, Papamakarios et al. 2019; SNRE, Hermans et al. 2020). NLE learns
 q(x | η(θ)), a conditional density of x given θ, and NRE the ratio p(x | θ) / p̃(x): neither
@@ -51,13 +56,15 @@ truncated.
 
 Warm or fresh fits (``warm_start``). A warm-started round keeps the previous round's weights and
 standardisations, fitted to round 1's simulations from the whole prior; a fresh fit
-(``warm_start=False``) refits both to all rounds so far, most of which sit in the region. For NPE
-the fresh fit is the default (``"auto"``): on the held-out cells (10⁴ simulations in 5 rounds,
+(``warm_start=False``) refits both to all rounds so far, most of which sit in the region. For the
+methods that learn the posterior itself, NPE and ImplicitVI, the fresh fit is the default
+(``"auto"``). NPE: on the held-out cells (10⁴ simulations in 5 rounds,
 ``benchmarks/results/sequential.md``) it is lower than the warm start on slcp in each of three
 seeds (mean C2ST 0.832 against 0.891) and, on the one seed measured, on sir (0.537 against
 0.568), bernoulli_glm (0.561 against 0.593) and lotka_volterra_ode (0.690 against 0.770), level
 on two_moons (observation 6: 0.546 against 0.541), at 1.1–1.6× the training time on slcp.
-NLE, NRE and ImplicitVI warm-start by default (``"auto"``), as every row of theirs was measured.
+ImplicitVI: on slcp's development cells it is lower or level (``benchmarks/results/implicit_vi_ablation.md``).
+NLE and NRE warm-start by default (``"auto"``), as every row of theirs was measured.
 
 The truncated prior is a Pyro model (:class:`TruncatedPrior`) that ``ib.simulate`` runs like any
 other — chunked, seeded, on executors, into a store: inside each chunk it draws candidates from
@@ -110,21 +117,21 @@ import torch
 from ..checks import choice, flag, flag_or_auto, integer, number
 from ..errors import StoreMismatchError
 from ..io import atomic_write_text
-from ..nn import draw, short_softmax, widened
+from ..nn import build_flow, draw, short_softmax, widened
 from ..seeding import resolve_seed, seeded
 from ..simulate import _OUTER_PLATE, device_context, model_sites, plate_layout, simulate
 from .data import observed_values
 from .mcmc import PriorDraws, SliceResume, batched_log_joint, without_observed
 from .posterior import Posterior, load
+from .training import TrainConfig, train
 
 __all__ = ["sequential", "TruncatedPrior", "PosteriorProposal", "Region", "Envelope", "StudentT", "WidenedFlow",
-           "region_of", "PriorDraws"]
+           "DrawDensity", "region_of", "PriorDraws"]
 
 QUANTILE = 1e-4  # posterior mass a region may leave out (TSNPE's ε)
 DENSITY_DRAWS = 20_000  # draws of a flow posterior that set its region's threshold
 MCMC_DRAWS = 2_000  # slice-sampling draws of an NLE / NRE posterior that set its region's threshold
-COVER_DRAWS = 4_000  # ImplicitVI: ball centres, and as many more draws to set the radius
-COVER_MARGIN = 1.5  # ImplicitVI: the radius is widened by this factor
+FIT_DRAWS = 16_000  # ImplicitVI: draws its region's density is fitted to (DENSITY_DRAWS more set the threshold)
 MASS_DRAWS = 20_000  # prior draws that estimate a region's prior mass
 POOL_FACTOR = 2  # posterior proposal: MCMC draws per simulation of the round, drawn from with replacement
 RESUME_MIN_ESS = 0.1  # a pool resumes from the previous one where its weights keep this fraction effective
@@ -427,7 +434,7 @@ def region_of(posterior: Posterior, observation: Any, prior: PriorDraws, *, quan
         region = _density_region(unnormalised_log_posterior(posterior, observation, prior), draws, 0.0,
                                  "highest-density region of the unnormalised posterior")
     elif isinstance(posterior, ImplicitPosterior):
-        region, draws = _cover_region(posterior, observation, quantile, seed)
+        region, draws = _fitted_region(posterior, observation, quantile, seed)
     else:
         raise TypeError(f"method: {type(posterior).__name__} has no region to truncate the prior to")
     if envelope:
@@ -491,19 +498,59 @@ class _Pool:
         return (resume if fraction >= RESUME_MIN_ESS else None), fraction
 
 
-def _cover_region(posterior, observation, quantile: float, seed: int) -> tuple[Region, dict[str, torch.Tensor]]:
+class DrawDensity:
+    """A density fitted to draws: a MAF g(z) trained by maximum likelihood on ``(m, d)`` points,
+    which it sees standardised by their own mean and spread (``loc``, ``scale``); ``log_prob``
+    is g's log density at the points as given. ImplicitVI's region is a highest-density region
+    of one fitted to its draws (module docstring)."""
+
+    TRAINING = TrainConfig(batch_size=256, lr=1e-3, max_steps=5_000, patience=10)
+    HIDDEN = (64, 64)
+
+    def __init__(self, flow: torch.nn.Module, loc: torch.Tensor, scale: torch.Tensor):
+        self.flow, self.loc, self.scale = flow, loc, scale
+
+    @classmethod
+    def fit(cls, z: torch.Tensor, seed: int) -> "DrawDensity":
+        z = z.detach()
+        loc, scale = z.mean(0), z.std(0).clamp_min(torch.finfo(z.dtype).eps)
+        with seeded(seed, z.device):
+            flow = build_flow("maf", z.shape[1], hidden_features=cls.HIDDEN).to(z.device)
+        g = cls(flow, loc, scale)
+        u = (z - loc) / scale
+
+        def step(rows, generator):
+            return {"nll": -flow().log_prob(u[rows.to(z.device)]).mean()}
+
+        def validate(rows):
+            return float(-flow().log_prob(u[rows.to(z.device)]).mean())
+
+        train({"density": flow}, step, validate, len(z), cls.TRAINING, seed=seed, progress=False,
+              desc="density of the draws")
+        flow.eval()
+        return g
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            u = (z.to(self.loc.device) - self.loc) / self.scale
+            return torch.cat([self.flow().log_prob(u[i]) - self.scale.log().sum()
+                              for i in torch.arange(len(u)).split(8192)]).to(z.device)
+
+
+def _fitted_region(posterior, observation, quantile: float, seed: int) -> tuple[Region, dict[str, torch.Tensor]]:
     space = posterior.space
-    draws = posterior.sample(2 * COVER_DRAWS, observation, seed=seed)
-    s = posterior.theta_standardize(space.to_unconstrained(draws))
-    centres, probes = s[:COVER_DRAWS], s[COVER_DRAWS:]
-    nearest = torch.cdist(probes, centres).min(1).values
-    radius = COVER_MARGIN * float(torch.quantile(nearest.double(), 1 - quantile))
+    draws = posterior.sample(FIT_DRAWS + DENSITY_DRAWS, observation, seed=seed)
+    with torch.no_grad():
+        s = posterior.theta_standardize(space.to_unconstrained(draws))
+    density = DrawDensity.fit(s[:FIT_DRAWS], seed)
+    threshold = float(torch.quantile(density.log_prob(s[FIT_DRAWS:]).double(), quantile))
 
     def contains(latents):
-        z = posterior.theta_standardize(space.to_unconstrained(latents))
-        return torch.cat([torch.cdist(z[i], centres).min(1).values for i in torch.arange(len(z)).split(4096)]) <= radius
+        return density.log_prob(posterior.theta_standardize(space.to_unconstrained(latents))) >= threshold
 
-    return Region(contains, "union of balls around the posterior's draws", radius, posterior.device), draws
+    region = Region(contains, "highest-density region of a flow fitted to the posterior's draws", threshold,
+                    posterior.device)
+    return region, {k: v[FIT_DRAWS:] for k, v in draws.items()}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -529,12 +576,11 @@ def sequential(method, *, observation: Any, num_simulations: int, rounds: int = 
     truncated to the posterior's region), "posterior" (at draws of the current posterior; NLE and
     NRE only), or "auto", the latter for NLE and NRE and the former otherwise (module docstring).
     ``warm_start``: whether each round's fit starts from the previous round's posterior (True) or
-    afresh on all rounds' simulations (False); "auto": afresh for NPE, warm for the others (module
-    docstring)."""
+    afresh on all rounds' simulations (False); "auto": afresh for NPE and ImplicitVI, warm for NLE
+    and NRE (module docstring)."""
     from .abc import ABC
     from .lfvi import LFVI
     from .nle import NLE
-    from .npe import NPE
     from .nre import NRE
 
     if isinstance(method, ABC):
@@ -549,9 +595,9 @@ def sequential(method, *, observation: Any, num_simulations: int, rounds: int = 
         raise ValueError(f"num_simulations: {num_simulations} simulations cannot be split over {rounds} rounds; "
                          "give at least one per round")
     number("quantile", quantile, low=0.0, high=1.0, what="a fraction in (0, 1)")
-    if flag_or_auto("warm_start", warm_start) == "auto":
-        warm_start = not isinstance(method, NPE)
     learns_likelihood = isinstance(method, (NLE, NRE))
+    if flag_or_auto("warm_start", warm_start) == "auto":
+        warm_start = learns_likelihood
     proposal = choice("proposal", proposal, PROPOSALS)
     if proposal == "auto":
         proposal = "posterior" if learns_likelihood else "truncated"
