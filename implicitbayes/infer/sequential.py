@@ -33,9 +33,9 @@ that set τ are q's, so R holds q's mass as the HPD region does, and the argumen
 unchanged — nothing in it needs q's density, only that R holds the posterior's mass. g only
 shapes the region: the closer it is to q, the smaller the R that holds 1 − ε of q, and where g
 is poor R grows, it does not cut q. (A union of balls around the draws, the radius set so that
-as many further draws fall in it, held the mass too but kept 94–99 % of slcp's prior in every
+as many further draws fall in it, held the mass too but kept 92–99 % of slcp's prior in every
 round: one radius for every ball is set by the draws furthest out; the fitted density's
-regions keep 48–82 % there.)
+regions keep 40–84 % there.)
 
 Posterior proposals (SNLE, Papamakarios et al. 2019; SNRE, Hermans et al. 2020). NLE learns
 q(x | η(θ)), a conditional density of x given θ, and NRE the ratio p(x | θ) / p̃(x): neither
