@@ -35,7 +35,8 @@ shapes the region: the closer it is to q, the smaller the R that holds 1 − ε 
 is poor R grows, it does not cut q. (A union of balls around the draws, the radius set so that
 as many further draws fall in it, held the mass too but kept 92–99 % of slcp's prior in every
 round: one radius for every ball is set by the draws furthest out; the fitted density's
-regions keep 40–84 % there.)
+regions keep 36–85 % there, and C2ST fell from 0.897 to 0.852 on its development cells,
+``benchmarks/results/implicit_vi_ablation.md``.)
 
 Posterior proposals (SNLE, Papamakarios et al. 2019; SNRE, Hermans et al. 2020). NLE learns
 q(x | η(θ)), a conditional density of x given θ, and NRE the ratio p(x | θ) / p̃(x): neither
