@@ -17,7 +17,9 @@ beside the amortized rows of ``sbibm_suite.json`` on the same observations.
 ``npe_seq`` is ``ib.sequential``'s default for NPE, fresh fits each round since they became the
 default; ``npe_seq_warm`` warm-starts. Rows that ran before that change under the names
 ``npe_seq`` (then warm) and ``npe_seq_fresh`` (then the option) are relabelled to what they ran
-and keep the old name in ``relabelled_from``; their ``command`` is the one that ran.
+and keep the old name in ``relabelled_from``; their ``command`` is the one that ran. So are the
+``implicit_vi_seq`` rows that ran before ImplicitVI's region became a fitted density's and its
+rounds fresh fits: ``implicit_vi_seq_balls`` (``RETIRED``), a configuration no longer run.
 
     OMP_NUM_THREADS=1 python benchmarks/sequential.py --tasks slcp --budgets 10000 --seeds 1
     python benchmarks/sequential.py --table
@@ -46,7 +48,15 @@ from sbibm_suite import sbibm_c2st, verdict  # noqa: E402
 
 TASKS = ("slcp", "two_moons", "sir", "bernoulli_glm", "lotka_volterra_ode")
 METHODS = ("npe_seq", "npe_seq_warm", "nle_seq", "nle_seq_nsf", "implicit_vi_seq", "sbi_tsnpe", "sbi_snle")
-PEER = {"npe_seq": "sbi_tsnpe", "npe_seq_warm": "sbi_tsnpe", "implicit_vi_seq": "sbi_tsnpe", "nle_seq": "sbi_snle",
+# Rows of configurations the library no longer has, kept in the table under a name of their own
+# (``relabelled_from`` holds the name they ran under): implicit_vi_seq_balls is ImplicitVI's rounds
+# before its region became a fitted density's and its rounds fresh fits (a union of balls around
+# its draws, warm starts).
+RETIRED = {"implicit_vi_seq_balls": "ImplicitVI's rounds with the union-of-balls region and warm starts, "
+                                    "before its region became a fitted density's and its rounds fresh fits"}
+ORDER = METHODS + tuple(RETIRED)
+PEER = {"npe_seq": "sbi_tsnpe", "npe_seq_warm": "sbi_tsnpe", "implicit_vi_seq": "sbi_tsnpe",
+        "implicit_vi_seq_balls": "sbi_tsnpe", "nle_seq": "sbi_snle",
         "nle_seq_nsf": "sbi_snle"}
 CELLS = {"dev": ((1, 2, 3, 4, 5), (0,)), "heldout": ((6, 7, 8), (1, 2, 3))}
 QUANTILE = 1e-4
@@ -199,8 +209,10 @@ def write_table(results: dict, path: Path) -> None:
              *[f"    {c}" for c in sorted({r['command'] for r in results["runs"]})], ""]
     relabelled = sorted({(r["relabelled_from"], r["method"]) for r in results["runs"] if r.get("relabelled_from")})
     if relabelled:
-        lines += ["Rows that ran before NPE's rounds became fresh fits by default are shown under what they ran: "
-                  + "; ".join(f"`{old}` in their command is `{new}` here" for old, new in relabelled) + ".", ""]
+        lines += ["Rows that ran before a default changed are shown under what they ran: "
+                  + "; ".join(f"`{old}` in their command is `{new}` here" for old, new in relabelled) + "."
+                  + "".join(f" `{name}`: {what} (no longer run)." for name, what in RETIRED.items()
+                            if any(new == name for _, new in relabelled)), ""]
     lines += ["*seconds per run* is wall time on one thread; rows that ran beside other processes on the "
               "2-core machine (most did) are inflated by up to 2×, so the column is no timing comparison.", ""]
     for cells, title in (("heldout", "Held-out cells"), ("dev", "Development cells (settings chosen here)"),
@@ -213,7 +225,7 @@ def write_table(results: dict, path: Path) -> None:
                   "vs peer (same seeds and observations) | seconds per run |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for (task, budget, method), s in sorted(summary.items(), key=lambda kv: (kv[0][0], kv[0][1],
-                                                                               METHODS.index(kv[0][2]))):
+                                                                               ORDER.index(kv[0][2]))):
             against = "—"
             if PEER.get(method):
                 mine = [r for r in rows if (r["task"], r["budget"], r["method"]) == (task, budget, method)]
@@ -263,7 +275,7 @@ def plot(runs: list[dict], folder: Path) -> list[Path]:
         rows = [r for r in rows if r["cells"] == "heldout"] or rows
         cells = {(r["observation"], r["seed"]) for r in rows}
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        for method in METHODS:
+        for method in ORDER:
             points = sorted({r["budget"] for r in rows if r["method"] == method})
             if points:
                 ax.plot(points, [statistics.fmean(r["c2st"] for r in rows if r["method"] == method and r["budget"] == b)
