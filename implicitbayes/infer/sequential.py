@@ -542,16 +542,16 @@ def _fitted_region(posterior, observation, quantile: float, seed: int) -> tuple[
     space = posterior.space
     draws = posterior.sample(FIT_DRAWS + DENSITY_DRAWS, observation, seed=seed)
     with torch.no_grad():
-        s = posterior.theta_standardize(space.to_unconstrained(draws))
-    density = DrawDensity.fit(s[:FIT_DRAWS], seed)
-    threshold = float(torch.quantile(density.log_prob(s[FIT_DRAWS:]).double(), quantile))
+        s = posterior.theta_standardize(space.to_unconstrained({k: v[:FIT_DRAWS] for k, v in draws.items()}))
+    density = DrawDensity.fit(s, seed)
 
-    def contains(latents):
-        return density.log_prob(posterior.theta_standardize(space.to_unconstrained(latents))) >= threshold
+    def log_g(latents):
+        return density.log_prob(posterior.theta_standardize(space.to_unconstrained(latents)))
 
-    region = Region(contains, "highest-density region of a flow fitted to the posterior's draws", threshold,
-                    posterior.device)
-    return region, {k: v[FIT_DRAWS:] for k, v in draws.items()}
+    calibration = {k: v[FIT_DRAWS:] for k, v in draws.items()}
+    region = _density_region(log_g, calibration, quantile,
+                             "highest-density region of a flow fitted to the posterior's draws")
+    return region, calibration
 
 
 # ----------------------------------------------------------------------------- driver
