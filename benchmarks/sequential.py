@@ -56,8 +56,8 @@ METHODS = ("npe_seq", "npe_seq_warm", "nle_seq", "nle_seq_nsf", "implicit_vi_seq
 RETIRED = {"implicit_vi_seq_balls": "ImplicitVI's rounds with the union-of-balls region and warm starts, "
                                     "before its region became a fitted density's and its rounds fresh fits"}
 ORDER = METHODS + tuple(RETIRED)
-PEER = {"npe_seq": "sbi_tsnpe", "npe_seq_warm": "sbi_tsnpe", "implicit_vi_seq": "sbi_tsnpe", "implicit_vi_seq_warm": "sbi_tsnpe",
-        "implicit_vi_seq_balls": "sbi_tsnpe", "nle_seq": "sbi_snle",
+PEER = {"npe_seq": "sbi_tsnpe", "npe_seq_warm": "sbi_tsnpe", "implicit_vi_seq": "sbi_tsnpe",
+        "implicit_vi_seq_warm": "sbi_tsnpe", "implicit_vi_seq_balls": "sbi_tsnpe", "nle_seq": "sbi_snle",
         "nle_seq_nsf": "sbi_snle"}
 CELLS = {"dev": ((1, 2, 3, 4, 5), (0,)), "heldout": ((6, 7, 8), (1, 2, 3))}
 QUANTILE = 1e-4
