@@ -15,9 +15,10 @@ again. A run that raises (ours or a peer's) is recorded with its error and liste
 beside the amortized rows of ``sbibm_suite.json`` on the same observations.
 
 ``npe_seq`` is ``ib.sequential``'s default for NPE, fresh fits each round since they became the
-default; ``npe_seq_warm`` warm-starts (``implicit_vi_seq_warm`` likewise for ImplicitVI). Rows that ran before that change under the names
-``npe_seq`` (then warm) and ``npe_seq_fresh`` (then the option) are relabelled to what they ran
-and keep the old name in ``relabelled_from``; their ``command`` is the one that ran. So are the
+default; ``npe_seq_warm`` warm-starts (``implicit_vi_seq_warm`` likewise for ImplicitVI). Rows
+that ran before that change under the names ``npe_seq`` (then warm) and ``npe_seq_fresh`` (then
+the option) are relabelled to what they ran and keep the old name in ``relabelled_from``; their
+``command`` is the one that ran. So are the
 ``implicit_vi_seq`` rows that ran before ImplicitVI's region became a fitted density's and its
 rounds fresh fits: ``implicit_vi_seq_balls`` (``RETIRED``), a configuration no longer run.
 
