@@ -24,9 +24,10 @@ demo: venv
 	$(VENV)/bin/implicitbayes run lotka_volterra_sde --out results/lotka_volterra_sde
 
 # one worker per core (each on one thread), whole test files to a worker so that their fitted
-# fixtures are made once: on 2 cores the suite runs in about 60 % of the time of one process
+# fixtures are made once, the longest files first (tests/conftest.py): on 2 cores the suite
+# runs in about half the time of one process
 test: venv
-	$(PY) -m pytest -q -n auto --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n auto --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 bench-simulate: venv
 	$(PY) -m pip install --quiet "torchsde>=0.2.6"
