@@ -69,15 +69,15 @@ def data():
     return ib.simulate(model, 2000, observed="x", seed=0, progress=False)
 
 
-def cuts(posterior, pairs, quantile) -> tuple[int, float]:
+def cuts(posterior, pairs, quantile, envelope=True) -> tuple[int, float]:
     """How many true parameters the regions cut off, and the largest fraction of fresh posterior
-    draws a region leaves out."""
+    draws a region leaves out (with ``envelope``, the region cut to the envelope's reach, as the
+    rounds draw it)."""
     prior = PriorDraws(model, ["x"])
     cut, worst = 0, 0.0
     for i in range(len(pairs)):
         observation = {"x": pairs["x"][i]}
-        # the envelope only speeds up drawing from the region, it does not change the region
-        region = region_of(posterior, observation, prior, quantile=quantile, seed=i, envelope=False)
+        region = region_of(posterior, observation, prior, quantile=quantile, seed=i, envelope=envelope)
         cut += int(not region.contains({"theta": pairs["theta"][i:i + 1]})[0])
         fresh = posterior.sample(10_000, observation, seed=10_000 + i)
         worst = max(worst, 1 - float(region.contains(fresh).float().mean()))
@@ -96,8 +96,9 @@ def test_regions_hold_the_posterior_and_never_cut_the_true_parameter(method, too
     monkeypatch.setattr(sequential_module, "DENSITY_DRAWS", 5000)
     cut, worst = cuts(posterior, pairs, 1e-4)
     assert cut == 0 and worst < 2e-3, (cut, worst)
-    # a region set to leave out a large part of the mass: the check catches it
-    cut, worst = cuts(posterior, pairs, too_small)
+    # a region set to leave out a large part of the mass: the check catches it (the envelope,
+    # whose reach holds the posterior's draws, is left out of this half to save its fits)
+    cut, worst = cuts(posterior, pairs, too_small, envelope=False)
     assert cut >= 3 and worst > 0.2, (cut, worst)
 
 
