@@ -93,6 +93,16 @@ def test_slice_sampling_gives_the_exact_posterior_through_a_constraint():
     assert record.chains["theta"].shape == (20, 100) and record.summary()["divergences"] == [0] * 20
 
 
+def test_too_few_draws_per_chain_for_r_hat_are_said_not_hidden():
+    """50 draws on 20 chains leave 3 a chain, too few for split R-hat: the draws come back, the
+    diagnostics give NaN and a warning says convergence was not checked (not Pyro's assertion)."""
+    with pytest.warns(RuntimeWarning, match="3 draws per chain, too few for split R-hat"):
+        draws, record = _slice_draws(positive_model, torch.tensor(1.0), 50, seed=0, warmup=10)
+    assert draws["theta"].shape == (50,)
+    summary = record.summary()
+    assert summary["theta"]["r_hat"].isnan().all() and summary["divergences"] == [0] * 20
+
+
 def test_slice_sampling_gives_the_exact_correlated_posterior():
     """A 1.5× variance scores spread 0.41, a 0.3-sd shift 0.3, a missed correlation ≥ 0.7."""
     a, x = torch.ones(2), torch.tensor(1.2)

@@ -59,6 +59,7 @@ __all__ = ["run_nuts", "MCMCDiagnostics", "SampledByNUTS", "RHAT_WARN", "PriorDr
 RHAT_WARN = 1.05  # split R-hat above which the draws are flagged
 INIT_CANDIDATES = 10_000  # prior draws a chain's starting point is resampled from
 SAMPLERS = ("nuts", "slice")
+MIN_DRAWS_FOR_RHAT = 4  # per chain: split R-hat halves each chain
 DEFAULT_CHAINS = {"nuts": 2, "slice": 20}
 DEFAULT_WARMUP = {"nuts": 300, "slice": 100}
 _CANDIDATES = "_ib_candidates"
@@ -159,14 +160,23 @@ class MCMCDiagnostics:
                axes: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         self.chains, self.divergences, self.axes = dict(chains), [int(d) for d in divergences], axes
 
+    @property
+    def draws_per_chain(self) -> int:
+        return int(next(iter(self.chains.values())).shape[1]) if self.chains else 0
+
     def summary(self) -> dict:
-        """``{site: {"r_hat", "n_eff"}}`` (split R-hat and effective sample size per coordinate)
-        plus ``"divergences"``: the divergent transitions of each chain after warm-up."""
+        """``{site: {"r_hat", "n_eff"}}`` (split R-hat and effective sample size per coordinate;
+        NaN with fewer than 4 draws per chain) plus ``"divergences"``: the divergent transitions of
+        each chain after warm-up."""
         if not self.chains:
             raise ValueError("diagnostics: call sample() first")
         from pyro.infer.mcmc.util import diagnostics
 
-        out = dict(diagnostics(self.chains, group_by_chain=True))
+        if self.draws_per_chain < MIN_DRAWS_FOR_RHAT:  # Pyro's split R-hat needs two halves of two draws
+            nan = {k: torch.full(v.shape[2:], float("nan")) for k, v in self.chains.items()}
+            out = {k: {"n_eff": v, "r_hat": v.clone()} for k, v in nan.items()}
+        else:
+            out = dict(diagnostics(self.chains, group_by_chain=True))
         out["divergences"] = list(self.divergences)
         return out
 
@@ -201,7 +211,11 @@ def _warn_if_unhealthy(record: MCMCDiagnostics, what: str) -> None:
     problems = []
     if len(record.divergences) > 0 and sum(record.divergences):
         problems.append(f"{sum(record.divergences)} divergent transitions (per chain {record.divergences})")
-    if len(next(iter(record.chains.values()))) > 1:  # R-hat needs two chains
+    if len(next(iter(record.chains.values()))) > 1 and record.draws_per_chain < MIN_DRAWS_FOR_RHAT:
+        warnings.warn(f"{what}: {record.draws_per_chain} draws per chain, too few for split R-hat (it needs "
+                      f"{MIN_DRAWS_FOR_RHAT}): convergence is not checked; draw more, or run fewer chains "
+                      "(num_chains)", RuntimeWarning, stacklevel=3)
+    elif len(next(iter(record.chains.values()))) > 1:  # R-hat needs two chains
         summary = record.summary()
         for name in record.chains:
             r_hat = torch.as_tensor(summary[name]["r_hat"])
