@@ -347,7 +347,13 @@ def _misspecification_line(post, obs: dict, simulations, method: str, seed: int)
 
 
 def _cmd_run(args) -> int:
+    from .simulate import shared_trial_runs
 
+    with shared_trial_runs():  # the model's trial run (shapes) once for the whole analysis
+        return _run_analysis(args)
+
+
+def _run_analysis(args) -> int:
     import json
 
     import matplotlib

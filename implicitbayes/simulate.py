@@ -25,6 +25,7 @@ import concurrent.futures as cf
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -49,7 +50,8 @@ from .seeding import seeded
 from .simulation_set import SimulationSet
 
 __all__ = ["simulate", "simulate_at", "run_given", "trace_given", "model_sites", "SiteInfo", "resolve_device",
-           "device_context", "plate_layout", "planned_simulations"]
+           "device_context", "plate_layout", "planned_simulations", "trial_trace",
+           "shared_trial_runs", "sharing_trial_runs"]
 
 _OUTER_PLATE = "_ib_simulations"
 _STORE_KIND = "implicitbayes.SimulationStore"
@@ -117,22 +119,58 @@ def _random_sites(trace) -> list[dict]:
             and not s["infer"].get("_deterministic", False)]
 
 
-def model_sites(model: Callable, observed: Sequence[str], model_args=(), model_kwargs=None,
-                seed: int = 0) -> tuple[list[SiteInfo], int]:
-    """Trace one unbatched run of ``model`` and describe its random sites.
+_TRIALS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("ib_trial_runs", default=None)
 
-    Returns ``(sites, outer_dim)``: the latent and observed sites (sites given ``obs=`` in
-    the model itself are data, not simulations, and are left out), and the plate dimension
-    free for a batch of simulations. Raises ``ValueError`` if an ``observed`` name is not a
-    site of the model, listing the sites it has.
-    """
+
+@contextlib.contextmanager
+def shared_trial_runs():
+    """Within this context a model's trial run (:func:`trial_trace`) happens once per model and
+    arguments, however many parts of the library ask for it: a simulator that takes minutes a
+    call is not called a dozen times for shapes over one sequential run. Entered by the library's
+    entry points (fits, sequential runs, MCMC sampling); nested contexts share the outermost one.
+    Outside any, every trial run is fresh, so a model that reads globals a user has changed
+    between two calls is traced anew."""
+    if _TRIALS.get() is not None:
+        yield
+        return
+    token = _TRIALS.set({})
+    try:
+        yield
+    finally:
+        _TRIALS.reset(token)
+
+
+def sharing_trial_runs(fn: Callable) -> Callable:
+    """``fn`` run inside :func:`shared_trial_runs`."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with shared_trial_runs():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def trial_trace(model: Callable, model_args=(), model_kwargs=None, seed: int = 0) -> poutine.Trace:
+    """The trace of one unbatched run of ``model`` (seeded from ``seed``, the caller's random
+    state untouched), used to read its sites' shapes, dtypes and supports. A simulator that
+    fails at some parameters gets a few draws (seeds ``seed``, ``seed + 1``, …) before the failure
+    is reported, with the parameters of the last try. Shared within :func:`shared_trial_runs`.
+    A model that runs another with its latents given (a sequential round's proposal) names that
+    one in its ``trial_model`` attribute: the sites are the same, and its trial run stands in."""
+    model = getattr(model, "trial_model", model)
+    model_args, model_kwargs = tuple(model_args), dict(model_kwargs or {})
+    cache = _TRIALS.get()
+    key = (id(model), tuple(map(id, model_args)), tuple((k, id(v)) for k, v in sorted(model_kwargs.items())), seed)
+    if cache is not None and key in cache:
+        return cache[key][0]
     # The trial run only reads shapes; it is not part of the results, so a simulator that fails
     # for some parameters gets a few draws before its failure is reported.
     for attempt in range(_TRIAL_ATTEMPTS):
         tracer = poutine.trace(model)
         try:
             with seeded(seed + attempt, torch.device("cpu")):
-                trace = tracer.get_trace(*tuple(model_args), **dict(model_kwargs or {}))
+                trace = tracer.get_trace(*model_args, **model_kwargs)
             break
         except Exception as e:  # user code: say it was the trial run, and with which parameters
             if attempt + 1 < _TRIAL_ATTEMPTS and not isinstance(e, SimulatorOutputError):
@@ -144,6 +182,21 @@ def model_sites(model: Callable, observed: Sequence[str], model_args=(), model_k
                 f"the model failed in {attempt + 1} trial run(s) (single unbatched simulations, used to read "
                 f"the sites' shapes), last with {_first_line(e)}\nparameters: "
                 f"{_latent_ranges(values, list(values))}") from e
+    if cache is not None:  # the entry holds the model and its arguments, so their ids stay theirs
+        cache[key] = (trace, model, model_args, model_kwargs)
+    return trace
+
+
+def model_sites(model: Callable, observed: Sequence[str], model_args=(), model_kwargs=None,
+                seed: int = 0) -> tuple[list[SiteInfo], int]:
+    """Trace one unbatched run of ``model`` (:func:`trial_trace`) and describe its random sites.
+
+    Returns ``(sites, outer_dim)``: the latent and observed sites (sites given ``obs=`` in
+    the model itself are data, not simulations, and are left out), and the plate dimension
+    free for a batch of simulations. Raises ``ValueError`` if an ``observed`` name is not a
+    site of the model, listing the sites it has.
+    """
+    trace = trial_trace(model, model_args, model_kwargs, seed)
     sites, names, used = [], [], 0
     for s in _random_sites(trace):
         names.append(s["name"])

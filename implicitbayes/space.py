@@ -12,12 +12,10 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
-import pyro.poutine as poutine
 import torch
 from torch.distributions import Transform, biject_to, constraints
 
-from .seeding import seeded
-from .simulate import _random_sites
+from .simulate import _random_sites, trial_trace
 
 __all__ = ["ParameterSpace", "SiteSpace", "constraint_to_json", "constraint_from_json"]
 
@@ -110,9 +108,9 @@ class ParameterSpace:
     @classmethod
     def from_model(cls, model: Callable, latent_names: Sequence[str], model_args=(), model_kwargs=None,
                    seed: int = 0) -> "ParameterSpace":
-        """Trace one run of ``model`` and take shape and support of each of ``latent_names``."""
-        with seeded(seed, torch.device("cpu")):
-            trace = poutine.trace(model).get_trace(*tuple(model_args), **dict(model_kwargs or {}))
+        """Trace one run of ``model`` (its trial run, :func:`~implicitbayes.simulate.trial_trace`) and
+        take shape and support of each of ``latent_names``."""
+        trace = trial_trace(model, model_args, model_kwargs, seed)
         by_name = {s["name"]: s for s in _random_sites(trace)}
         missing = [n for n in latent_names if n not in by_name]
         if missing:

@@ -35,6 +35,7 @@ from implicitbayes.infer.sequential import (DrawDensity, Envelope, PosteriorProp
                                             TruncatedPrior, _round_seeds, region_of)
 from implicitbayes.space import ParameterSpace
 from implicitbayes.simulation_set import SimulationSet
+from tests import models
 from tests.models import normal_model as model
 from tests.processes import kill_9_when
 
@@ -168,17 +169,36 @@ def test_the_posterior_proposal_simulates_at_the_posterior_draws_it_is_given():
     assert ((data["x"] - theta).std(0) - 0.5).abs().max() < 0.03  # simulated at them
 
 
-def test_sequential_nle_with_posterior_proposals_matches_the_posterior():
+@pytest.fixture
+def unbatched_calls(monkeypatch):
+    """The unbatched calls of the test model's simulator (its trial runs, which read the sites'
+    shapes): shared over a whole sequential run, its rounds' proposals included, and over one MCMC
+    run, so a simulator that takes minutes a call is not called a dozen times for nothing (without
+    the sharing: 13 calls in the 3-round NPE run below, 13 in the 2-round NLE run)."""
+    calls, simulator = [], models.normal_simulator
+
+    def counted(theta):
+        if len(theta) == 1:
+            calls.append(theta)
+        return simulator(theta)
+
+    monkeypatch.setattr(models, "normal_simulator", counted)
+    return calls
+
+
+def test_sequential_nle_with_posterior_proposals_matches_the_posterior(unbatched_calls):
     """SNLE: later rounds simulate at draws of the current posterior (no correction: the learned
     likelihood does not depend on where θ was drawn). p(θ | x) = N(0.8 x, 0.2 I) for x far in the
     prior's tail; tolerances as above."""
     x = torch.tensor([2.0, -1.5])
     nle = ib.NLE(model, observed="x", sampler="slice", training={"patience": 10, "max_steps": 1500})
     post = ib.sequential(nle, observation={"x": x}, num_simulations=1000, rounds=2, seed=0, progress=False)
+    assert len(unbatched_calls) == 1  # one trial run for the whole run
     assert [r["proposal"] for r in post.rounds] == ["prior", "posterior"]
     assert [r["warm_start"] for r in post.rounds] == [False, True]  # "auto": NLE warm-starts
     assert post.rounds[1]["prior_mass"] is None and post.rounds[1]["region"] is None
     errors = gaussian_errors(post.sample(1000, seed=1)["theta"], 0.8 * x, 0.2 * torch.eye(2))
+    assert len(unbatched_calls) == 2  # and one for the MCMC run
     assert errors["shift"] < 0.25 and errors["spread"] < 0.3, errors
     assert post.rounds[1]["simulations"] == 500
 
@@ -209,7 +229,8 @@ def test_a_killed_run_resumes_from_its_store_to_the_same_result(tmp_path):
 
 
 @pytest.mark.parametrize("warm_start", ["auto", True])
-def test_a_fresh_round_is_the_plain_fit_of_all_rounds_simulations_and_a_warm_one_is_not(tmp_path, warm_start):
+def test_a_fresh_round_is_the_plain_fit_of_all_rounds_simulations_and_a_warm_one_is_not(tmp_path, warm_start,
+                                                                                        unbatched_calls):
     """A fresh fit (NPE's default, "auto"): the last round's posterior is what ``fit`` gives on the
     stored simulations of all rounds with that round's seed; a warm start (the previous round's
     weights and standardisations) gives another one."""
@@ -217,6 +238,7 @@ def test_a_fresh_round_is_the_plain_fit_of_all_rounds_simulations_and_a_warm_one
     x = {"x": torch.tensor([0.4, -0.3])}
     post = ib.sequential(method, observation=x, num_simulations=600, rounds=3, seed=5, store=tmp_path,
                          progress=False, **({} if warm_start == "auto" else {"warm_start": warm_start}))
+    assert len(unbatched_calls) == 1  # one trial run for three rounds, their truncated priors included
     warm_start = warm_start is True
     assert [r["warm_start"] for r in post.rounds] == [False, warm_start, warm_start]
     data = SimulationSet.load(tmp_path / "round-1").extend(SimulationSet.load(tmp_path / "round-2")).extend(

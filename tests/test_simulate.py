@@ -64,6 +64,29 @@ def test_numpy_simulator_is_seeded_too():
     assert same(a, b)
 
 
+def test_trial_runs_are_shared_only_inside_one_call():
+    """Inside ``shared_trial_runs`` (what fits, sequential runs and MCMC enter) a model is traced
+    for its shapes once; outside, every call traces anew, so a model that reads a global the user
+    changed between two calls is seen as it is now."""
+    from implicitbayes.simulate import model_sites, shared_trial_runs
+
+    size = [2]
+
+    def model():
+        theta = pyro.sample("theta", dist.Normal(torch.zeros(size[0]), 1.0).to_event(1))
+        return pyro.sample("x", ib.Implicit(lambda t: t + 1, theta, event_shape=(size[0],)))
+
+    shape = lambda: {s.name: s.shape for s in model_sites(model, ["x"])[0]}  # noqa: E731
+    assert shape() == {"theta": (2,), "x": (2,)}
+    size[0] = 3
+    assert shape() == {"theta": (3,), "x": (3,)}
+    with shared_trial_runs():
+        assert shape() == {"theta": (3,), "x": (3,)}
+        size[0] = 4
+        assert shape() == {"theta": (3,), "x": (3,)}  # shared: traced once in the context
+    assert shape() == {"theta": (4,), "x": (4,)}
+
+
 def test_hierarchical_model_with_latent_implicit_site():
     data = ib.simulate(hierarchical_model, 300, observed="x", seed=0, progress=False)
     assert data.latent_names == ("mu", "z") and data.site_shapes == {"mu": (), "z": (4,), "x": (4, 3)}

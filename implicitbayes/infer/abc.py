@@ -27,7 +27,7 @@ import torch
 
 from ..checks import choice, integer, number
 from ..seeding import fresh_seed, resolve_seed, seeded
-from ..simulate import device_context, model_sites, plate_layout, simulate, simulate_at
+from ..simulate import device_context, model_sites, plate_layout, sharing_trial_runs, simulate, simulate_at
 from ..space import ParameterSpace
 from .data import join_observed, observed_values
 from .method import Method
@@ -129,6 +129,7 @@ class ABC(Method):
             total = total + site["fn"].log_prob(site["value"]).reshape(u.shape[0], -1).sum(1)
         return total + space.log_abs_det_jacobian(u)
 
+    @sharing_trial_runs
     def fit(self, data=None, *, observation: Any, max_steps: int | None = None, time_budget: float | None = None,
             seed: int | None = None, progress: bool = True, checkpoint=None) -> ABCPosterior:
         """Fit to ``observation``. Rejection needs ``data`` (a SimulationSet); SMC simulates

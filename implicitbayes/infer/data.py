@@ -10,7 +10,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from ..nn.embeddings import row_blocks
-from ..simulate import model_sites
+from ..simulate import model_sites, sharing_trial_runs
 from ..simulation_set import SimulationSet
 from ..space import ParameterSpace
 
@@ -76,6 +76,7 @@ def split_observed(x: torch.Tensor, observed: Sequence[str],
     return out
 
 
+@sharing_trial_runs
 def prepare(model: Callable, observed: Sequence[str], model_args, model_kwargs, data: Any) -> Prepared:
     """Check ``data`` against ``model`` and turn it into tensors for training."""
     if not isinstance(data, SimulationSet):

@@ -42,6 +42,7 @@ from ..checks import choice, integer
 from ..nn import ConsistencyGenerator, Critic, FlowMatchingGenerator, ImplicitGenerator, ScoreGenerator
 from ..seeding import seeded
 from ..space import ParameterSpace
+from ..simulate import sharing_trial_runs
 from .method import NeuralMethod, network_builder
 from .objectives import EnergyScoreLoss, RatioCriticLoss
 from .posterior import NeuralConfig, NeuralPosterior, build_network, neural_config_fields, register_posterior
@@ -270,6 +271,7 @@ class ImplicitVI(NeuralMethod):
             critic_hidden=self.critic_hidden, critic_layers=self.critic_layers, correction=self.correction,
             num_candidates=self.num_candidates, family=self.family)
 
+    @sharing_trial_runs
     def fit(self, data, *, max_steps: int | None = None, time_budget: float | None = None, seed: int | None = None,
             progress: bool = True, checkpoint=None, init: ImplicitPosterior | None = None) -> ImplicitPosterior:
         """Train on a SimulationSet; returns an :class:`ImplicitPosterior`. ``init``: start from

@@ -60,7 +60,7 @@ from ..checks import choice, flag, integer, number
 from ..errors import IntractableLikelihoodError, TrainingError
 from ..nn import FLOWS, Critic, ImplicitGenerator, Standardize, build_flow
 from ..seeding import fresh_seed, resolve_seed, seeded
-from ..simulate import _OUTER_PLATE, SiteInfo, device_context, model_sites, plate_layout, run_given
+from ..simulate import _OUTER_PLATE, SiteInfo, device_context, model_sites, plate_layout, run_given, sharing_trial_runs
 from ..space import ParameterSpace, SiteSpace
 from .data import observed_values
 from .method import Method, network_builder
@@ -339,6 +339,7 @@ class LFVI(Method):
             raise ValueError(f"LFVI: the sites in plate {plate!r} disagree on its size: {sorted(map(str, sizes))}")
         return sites, outer_dim, plate, glob, [s for s in local if not s.observed], obs, sizes.pop()
 
+    @sharing_trial_runs
     def fit(self, data=None, *, observation: Any, max_steps: int | None = None, time_budget: float | None = None,
             seed: int | None = None, progress: bool = True, checkpoint=None) -> LFVIPosterior:
         """Fit q to ``observation`` (a tensor of the observed site's shape, or ``{site: tensor}``).

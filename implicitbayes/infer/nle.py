@@ -37,7 +37,7 @@ from ..distributions import Implicit, implicit_of
 from ..handlers import learned_likelihood
 from ..nn import FLOWS, LinearResidual, Standardize, build_flow, flow_log_prob
 from ..seeding import resolve_seed, seeded
-from ..simulate import model_sites, trace_given
+from ..simulate import model_sites, sharing_trial_runs, trace_given
 from ..space import ParameterSpace
 from .mcmc import (MCMCDiagnostics, PriorDraws, SampledByNUTS, SliceResume, batched_log_joint, mcmc_options,
                    without_observed)
@@ -170,6 +170,7 @@ class NLEPosterior(SampledByNUTS, Posterior):
             raise ValueError(f"observed: expected the site {self.config.site!r}, got {sorted(observed)}")
         return {k: self._checked_value(k, v) for k, v in observed.items()}
 
+    @sharing_trial_runs
     def sample(self, num_samples: int, observed: Any = None, *, seed: int | None = None,
                num_chains: int | None = None, warmup_steps: int | None = None, model_args: tuple | None = None,
                model_kwargs: Mapping | None = None, sampler: str | None = None,
@@ -275,6 +276,7 @@ class NLE(NeuralMethod):
             raise ValueError("data: the simulator's parameters are NaN/inf for some simulations")
         return x, params, trial
 
+    @sharing_trial_runs
     def fit(self, data, *, max_steps: int | None = None, time_budget: float | None = None, seed: int | None = None,
             progress: bool = True, checkpoint=None, init: NLEPosterior | None = None) -> NLEPosterior:
         """Train on a SimulationSet; returns an :class:`NLEPosterior` (sampled by NUTS). ``init``:

@@ -34,6 +34,7 @@ from ..checks import choice, flag, flag_or_auto, integer, number
 from ..nn import FLOWS, LinearResidual, build_flow, draw, flow_log_prob, short_softmax
 from ..seeding import fresh_seed, resolve_seed, seeded
 from ..space import ParameterSpace
+from ..simulate import sharing_trial_runs
 from .data import join_observed
 from .method import NeuralMethod, network_builder
 from .objectives import NPELoss
@@ -215,6 +216,7 @@ class NPE(NeuralMethod):
     def _use_residual(self, x_shape) -> bool:
         return linear_residual_wanted(self.linear_residual, x_shape[0], math.prod(x_shape[1:]), "observation")
 
+    @sharing_trial_runs
     def fit(self, data, *, max_steps: int | None = None, time_budget: float | None = None, seed: int | None = None,
             progress: bool = True, checkpoint=None, init: NPEPosterior | None = None) -> NPEPosterior:
         """Train on a SimulationSet; returns an :class:`NPEPosterior`. ``init``: start from that

@@ -23,6 +23,7 @@ from ..handlers import replace_likelihood
 from ..nn import Critic
 from ..seeding import seeded
 from ..space import ParameterSpace
+from ..simulate import sharing_trial_runs
 from .data import split_observed
 from .mcmc import (MCMCDiagnostics, PriorDraws, SampledByNUTS, SliceResume, batched_log_joint, mcmc_options,
                    without_observed)
@@ -71,6 +72,7 @@ class NREPosterior(SampledByNUTS, NeuralPosterior):
         u = self.space.to_unconstrained({k: torch.as_tensor(v, device=self.device) for k, v in theta.items()})
         return self.classifier(self.context(x).expand(u.shape[0], -1), self.theta_standardize(u))
 
+    @sharing_trial_runs
     def sample(self, num_samples: int, observed: Any = None, *, seed: int | None = None, num_chains: int | None = None,
                warmup_steps: int | None = None, sampler: str | None = None,
                resume: SliceResume | None = None) -> dict[str, torch.Tensor]:
@@ -123,6 +125,7 @@ class NRE(NeuralMethod):
         self.sampler, self.num_chains, self.warmup = mcmc_options(sampler, num_chains, warmup)
         self.classifier = network_builder("classifier", classifier, {"hidden": (hidden, 128), "layers": (layers, 3)})
 
+    @sharing_trial_runs
     def fit(self, data, *, max_steps: int | None = None, time_budget: float | None = None, seed: int | None = None,
             progress: bool = True, checkpoint=None, init: NREPosterior | None = None) -> NREPosterior:
         """Train on a SimulationSet; returns an :class:`NREPosterior` (sampled by NUTS). ``init``:

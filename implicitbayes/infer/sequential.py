@@ -120,7 +120,7 @@ from ..errors import StoreMismatchError
 from ..io import atomic_write_text
 from ..nn import build_flow, draw, short_softmax, widened
 from ..seeding import resolve_seed, seeded
-from ..simulate import _OUTER_PLATE, device_context, model_sites, plate_layout, simulate
+from ..simulate import _OUTER_PLATE, device_context, model_sites, plate_layout, sharing_trial_runs, simulate
 from .data import observed_values
 from .mcmc import PriorDraws, SliceResume, batched_log_joint, without_observed
 from .posterior import Posterior, load
@@ -315,10 +315,16 @@ class Region:
 
 class _GivenLatents:
     """The model with its latents drawn by ``self.draw(n)`` instead of from its prior — a Pyro
-    model ``ib.simulate`` runs like the original (``self.prior`` is the model's PriorDraws)."""
+    model ``ib.simulate`` runs like the original (``self.prior`` is the model's PriorDraws). Its
+    sites are the model's, so its trial run is the model's (``trial_model``, read by
+    :func:`~implicitbayes.simulate.trial_trace`): a round costs no extra simulator call for shapes."""
 
     model: Callable
     prior: PriorDraws
+
+    @property
+    def trial_model(self) -> Callable:
+        return self.model
 
     def draw(self, n: int) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -560,6 +566,7 @@ def _round_seeds(seed: int, r: int) -> tuple[int, int, int]:
     return int(state[0]), int(state[1]), int(state[2])
 
 
+@sharing_trial_runs
 def sequential(method, *, observation: Any, num_simulations: int, rounds: int = 5, seed: int | None = None,
                store=None, progress: bool = True, quantile: float = QUANTILE, proposal: str = "auto",
                warm_start: bool | str = "auto") -> Posterior:
