@@ -41,6 +41,8 @@ CONFIGS = {
     "nle_4_rounds": ["--rounds", "4"],
     # the learned likelihood trained at batch 200 and learning rate 1e-3 (NLE's default: 50 and 5e-4)
     "nle_batch_200": ["--method-option", "training={'batch_size': 200, 'lr': 1e-3, 'max_steps': 20000}"],
+    # the learned likelihood validated and kept as an exponential moving average of its weights
+    "nle_ema": ["--method-option", "training={'ema': 0.999}"],
     "implicit_vi": ["--method", "implicit-vi", "--rounds", "4"],
     "implicit_vi_8_rounds": ["--method", "implicit-vi", "--rounds", "8"],
     "implicit_vi_amortized": ["--method", "implicit-vi", "--rounds", "1"],
