@@ -226,10 +226,12 @@ class NLE(NeuralMethod):
     ``warmup`` 100 sweeps along the principal axes it finds; the sampler for multimodal or strongly
     correlated posteriors of a few parameters, and several times faster) — with ``num_chains``
     and ``warmup`` defaulting to the sampler's; ``training`` (a :class:`~implicitbayes.TrainConfig`
-    or a mapping of fields changing ``NLE.TRAINING``, NPE's loop); ``device``.
+    or a mapping of fields changing ``NLE.TRAINING``: NPE's loop without its weight averaging,
+    which on hare-lynx left the learned likelihood's error over the reference posterior no
+    smaller, ``benchmarks/results/hare_lynx.md``); ``device``.
     """
 
-    TRAINING = NPE.TRAINING
+    TRAINING = replace(NPE.TRAINING, ema=None)
     FIT_ROWS = 65_536  # simulations traced at once to read the simulator's parameters
 
     def __init__(self, model: Callable, *, observed: str | Sequence[str], model_args: tuple = (),

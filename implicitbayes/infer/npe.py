@@ -16,9 +16,12 @@ look Gaussian (|skewness| ≤ 0.5 and |excess kurtosis| ≤ 1 on every coordinat
 homoscedastic linear-Gaussian relation makes them; elsewhere their heavy tails would hurt the flow.
 
 Defaults — a neural spline flow behind one conditional affine autoregressive layer, its spline
-conditioners started at the identity, ``linear_residual="auto"``, patience 50 epochs under a
-cosine learning-rate decay (10 where the validation loss climbs steadily: an overfitting flow,
-``TrainConfig.rising_patience``) — are the settings that won in ``benchmarks/results/npe_ablation.md``.
+conditioners started at the identity, ``linear_residual="auto"``, the weights validated and kept
+as their moving average (``TrainConfig.ema`` = 0.999: at batch 50 the last iterate's validation
+loss jitters by ±0.05 nats from epoch to epoch, so its best epoch is a lucky one and a rising
+trend hard to tell from the jitter), patience 50 epochs under a cosine learning-rate decay (10
+where the validation loss climbs steadily: an overfitting flow, ``TrainConfig.rising_patience``)
+— are the settings that won in ``benchmarks/results/npe_ablation.md``.
 """
 
 from __future__ import annotations
@@ -183,7 +186,7 @@ class NPE(NeuralMethod):
     :class:`~implicitbayes.TrainConfig` or a mapping of fields changing ``NPE.TRAINING``; ``device``.
     """
 
-    TRAINING = TrainConfig(batch_size=50, lr=5e-4, max_steps=30_000, patience=50, rising_patience=10)
+    TRAINING = TrainConfig(batch_size=50, lr=5e-4, max_steps=30_000, patience=50, rising_patience=10, ema=0.999)
     SPLINE_INIT = 1e-3
 
     def __init__(self, model: Callable, *, observed: str | Sequence[str], model_args: tuple = (),
