@@ -256,6 +256,7 @@ def summarise(rows: list[dict]) -> dict:
         if r.get("applicable", True):
             out.setdefault((r["task"], r["budget"], r["method"]), []).append(r)
     return {k: {"c2st": {r["seed"]: r["c2st_mean"] for r in v},
+                "setups": len({r["setup"] for r in v}),
                 "train": statistics.fmean(r["train_seconds"] for r in v),
                 "sample": statistics.fmean(r["sample_seconds_per_10k"] for r in v)} for k, v in out.items()}
 
@@ -263,8 +264,8 @@ def summarise(rows: list[dict]) -> dict:
 def cell_table(rows: list[dict], title: str, note: str) -> list[str]:
     summary = summarise(rows)
     lines = [f"## {title}", "", note, "",
-             "| task | simulations | method | C2ST mean | seed range | per seed | vs sbi_npe (same seeds) | train (s) | 10k draws (s) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| task | simulations | method | C2ST mean | seed range | per seed | vs sbi_npe (same seeds) | train (s) | 10k draws (s) | code states |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     counts: dict = {}
     order = {t: i for i, t in enumerate(TASKS)}
     for (task, budget, method), s in sorted(summary.items(), key=lambda kv: (
@@ -283,7 +284,7 @@ def cell_table(rows: list[dict], title: str, note: str) -> list[str]:
         per = " ".join(f"{s['c2st'][k]:.3f} ({k})" for k in sorted(s["c2st"]))
         lines.append(f"| {task} | {budget} | {method} | {statistics.fmean(values):.3f} | "
                      f"{min(values):.3f}–{max(values):.3f} | {per} | {against} | {s['train']:.1f} | "
-                     f"{s['sample']:.2f} |")
+                     f"{s['sample']:.2f} | {s['setups']} |")
     lines += ["", "Against sbi_npe: " + "; ".join(
         f"{m}: " + ", ".join(f"{n} {v}" for v, n in sorted(c.items())) for m, c in counts.items()), ""]
     return lines
@@ -318,7 +319,9 @@ def write_table(results: dict, path: Path) -> None:
              "smallest and largest per-seed mean; *per seed* gives each seed's mean (seed in brackets). *vs sbi_npe* "
              "compares on the seeds both have: the difference of the means and a verdict — ahead / behind where "
              "the seed ranges do not overlap, undecided where they do or fewer than three seeds are in. Training seconds are per "
-             "fit on one thread; rows that ran beside another process are inflated by up to 2×.", "",
+             "fit on one thread; rows that ran beside another process are inflated by up to 2×. *Code states* counts the "
+             "distinct setups (library tree, simulators, versions) among a line's seeds: 1 means all its seeds ran the "
+             "same code; more means some seeds predate a change and are due a re-run.", "",
              "sbi_npe_std is sbi's NPE-NSF on our input standardisation; it is absent where ours is plain "
              f"z-scoring ({', '.join(f'{t} {b}' for t, b in same_std) or 'none measured'}).", ""]
     lines += ["## Not measured yet (held-out cells)", "", *missing(heldout), ""]
