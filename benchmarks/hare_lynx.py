@@ -43,6 +43,8 @@ CONFIGS = {
     "nle_batch_200": ["--method-option", "training={'batch_size': 200, 'lr': 1e-3, 'max_steps': 20000}"],
     # the learned likelihood validated and kept as an exponential moving average of its weights
     "nle_ema": ["--method-option", "training={'ema': 0.999}"],
+    # the learned likelihood as the mixture of three flows trained together (NLE's ensemble)
+    "nle_ensemble_3": ["--method-option", "ensemble=3"],
     "implicit_vi": ["--method", "implicit-vi", "--rounds", "4"],
     "implicit_vi_8_rounds": ["--method", "implicit-vi", "--rounds", "8"],
     "implicit_vi_amortized": ["--method", "implicit-vi", "--rounds", "1"],

@@ -18,6 +18,14 @@ one factor per trial, so a likelihood trained on single trials serves N = 1, 10,
 multiplies them), and the same learned likelihood can sit inside a larger hierarchical model
 whose implicit sites are given other parameters (``posterior.condition(other_model, ...)``).
 
+An ensemble (``ensemble=K``, Lakshminarayanan et al. 2017) trains K flows of the same kind
+together, from different initialisations, on the same simulations (the loss is the mean of
+their negative log-likelihoods, so each member is fitted as it would be alone) and uses their
+mixture q(x | η) = (1/K) Σ_k q_k(x | η) — a density of x again. The members' errors are partly
+independent (over the hare–lynx posterior the log-likelihood errors of two members trained on
+the same 20 000 simulations correlate at 0.4), so the mixture is nearer the true likelihood than
+a member is: sd of the error 0.48 nats for three members against 0.50–0.85 for each alone.
+
 Both sides are standardised as the other methods do (``implicitbayes.nn.Standardize``: log space
 for positive features, the robust asinh step); the log-Jacobian of the data side is added back,
 so ``log_likelihood`` is a density of x in its own units. Discrete outputs are modelled as
@@ -66,6 +74,7 @@ class NLEConfig(PosteriorConfig):
     num_chains: int
     warmup: int
     sampler: str = "nuts"  # the MCMC kernel: "nuts" (Pyro's) or "slice" (vectorized over chains)
+    ensemble: int = 1  # flows whose mixture is the learned likelihood
 
 
 def _param_rows(fn: Implicit) -> torch.Tensor:
@@ -91,36 +100,44 @@ class NLEPosterior(SampledByNUTS, Posterior):
         self.param_standardize = Standardize((config.param_features,))
         width = math.prod(config.trial_shape)
         self.residual = LinearResidual(config.param_features, width) if config.linear_residual else None
-        self.flow = build_flow(config.flow, width, config.param_features, transforms=config.transforms,
-                               hidden_features=config.hidden_features, affine_first=config.affine_first,
-                               spline_init=config.spline_init)
+
+        def member():
+            return build_flow(config.flow, width, config.param_features, transforms=config.transforms,
+                              hidden_features=config.hidden_features, affine_first=config.affine_first,
+                              spline_init=config.spline_init)
+
+        self.flow = member()
+        if config.ensemble > 1:  # a single flow keeps the state-dict keys it always had
+            self.members = torch.nn.ModuleList(member() for _ in range(config.ensemble - 1))
         self.mcmc = MCMCDiagnostics()
         if model is not None:
             self.attach_model(model)
 
-    def distribution(self, params: torch.Tensor) -> torch.distributions.Distribution:
-        """q(standardised x, flattened | η) for parameters ``(n, param_features)``: the flow, mapped
-        back from the linear regression's residual when there is one."""
-        c = self.param_standardize(params)
-        q = self.flow(c)
-        if self.residual is None:
-            return q
-        return torch.distributions.TransformedDistribution(q, [self.residual.transform(c)])
+    @property
+    def flows(self) -> list:
+        """The ensemble's flows (one unless ``config.ensemble`` > 1)."""
+        return [self.flow, *getattr(self, "members", ())]
 
-    def standardized_log_prob(self, s: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-        """log q(s | η) of standardised, flattened draws ``s`` given parameters ``(n, param_features)``:
-        ``distribution(params).log_prob(s)``, to the bit, in a form a compiled training step
-        traces as one graph (``flow_log_prob``)."""
+    def member_log_probs(self, s: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """log q_k(s | η) of each member ``(K, n)`` for standardised, flattened draws ``s`` given
+        parameters ``(n, param_features)``: each flow mapped back from the linear regression's
+        residual when there is one, in a form a compiled training step traces as one graph
+        (``flow_log_prob``, equal to the flow distribution's ``log_prob`` to the bit)."""
         c = self.param_standardize(params)
         outer = () if self.residual is None else (self.residual.transform(c),)
-        return flow_log_prob(self.flow, s, c, outer)
+        return torch.stack([flow_log_prob(flow, s, c, outer) for flow in self.flows])
+
+    def standardized_log_prob(self, s: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """log q(s | η) ``(n,)``: the members' mixture, log (1/K) Σ_k q_k(s | η)."""
+        lp = self.member_log_probs(s, params)
+        return lp[0] if len(lp) == 1 else torch.logsumexp(lp, 0) - math.log(len(lp))
 
     def log_likelihood(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """log q(x | η) for draws ``x (n, *trial_shape)`` and parameters ``(n, param_features)``:
         ``(n,)``, a density of x in its own units, differentiable in the parameters."""
         s = self.x_standardize(x)
         jacobian = self.x_standardize.log_abs_det_jacobian(x).reshape(len(x), -1).sum(1)
-        return self.distribution(params).log_prob(s.reshape(len(x), -1)) + jacobian
+        return self.standardized_log_prob(s.reshape(len(x), -1), params) + jacobian
 
     def site_log_density(self, value: torch.Tensor, fn: Implicit, site: str) -> torch.Tensor:
         """The learned log-density of every draw of the implicit ``fn`` at ``value``: its batch shape."""
@@ -225,7 +242,9 @@ class NLE(NeuralMethod):
     slice sampling, :func:`~implicitbayes.infer.mcmc.slice_sample`: 20 chains advanced together,
     ``warmup`` 100 sweeps along the principal axes it finds; the sampler for multimodal or strongly
     correlated posteriors of a few parameters, and several times faster) — with ``num_chains``
-    and ``warmup`` defaulting to the sampler's; ``training`` (a :class:`~implicitbayes.TrainConfig`
+    and ``warmup`` defaulting to the sampler's; ``ensemble`` — K flows trained together from
+    different initialisations, the likelihood being their mixture (module docstring; K times the
+    training work, for a likelihood nearer the true one); ``training`` (a :class:`~implicitbayes.TrainConfig`
     or a mapping of fields changing ``NLE.TRAINING``: NPE's loop without its weight averaging,
     which on hare-lynx left the learned likelihood's error over the reference posterior no
     smaller, ``benchmarks/results/hare_lynx.md``); ``device``.
@@ -239,7 +258,8 @@ class NLE(NeuralMethod):
                  hidden_features: Sequence[int] = (50, 50), affine_first: bool | None = None,
                  spline_init: float | str | None = "auto", linear_residual: bool | str = "auto",
                  sampler: str = "nuts", num_chains: int | None = None, warmup: int | None = None,
-                 training: TrainConfig | Mapping | None = None, device: str | torch.device | None = None):
+                 ensemble: int = 1, training: TrainConfig | Mapping | None = None,
+                 device: str | torch.device | None = None):
         super().__init__(model, observed=observed, model_args=model_args, model_kwargs=model_kwargs,
                          training=training, device=device)
         if len(self.observed) != 1:
@@ -256,6 +276,7 @@ class NLE(NeuralMethod):
         self.spline_init = None if spline_init is None else float(spline_init)
         self.linear_residual = linear_residual_option(linear_residual)
         self.sampler, self.num_chains, self.warmup = mcmc_options(sampler, num_chains, warmup)
+        self.ensemble = integer("ensemble", ensemble, minimum=1)
 
     def _draws(self, data, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
         """The simulations as single draws of the implicit site: ``(x (N, *trial_shape),
@@ -290,7 +311,8 @@ class NLE(NeuralMethod):
                            affine_first=self.affine_first, spline_init=self.spline_init,
                            linear_residual=linear_residual_wanted(self.linear_residual, len(x), params.shape[1],
                                                                   "simulator parameters"),
-                           num_chains=self.num_chains, warmup=self.warmup, sampler=self.sampler)
+                           num_chains=self.num_chains, warmup=self.warmup, sampler=self.sampler,
+                           ensemble=self.ensemble)
         with seeded(seed, self.device):
             post = NLEPosterior(prep.space, prep.observed, prep.x_shapes, config).to(self.device)
             post.x_standardize.fit(x)
@@ -306,8 +328,8 @@ class NLE(NeuralMethod):
                     post.config = replace(post.config, linear_residual=False)
             nll = NPELoss(post)  # −log q(s | η): the same maximum likelihood, x and θ in each other's roles
 
-            def step(idx, g):
-                return {"nll": nll(c[idx], s[idx]).mean()}
+            def step(idx, g):  # each member on its own likelihood; validated as the mixture
+                return {"nll": -post.member_log_probs(s[idx], c[idx]).mean()}
 
             def validate(idx):
                 return float(sum(nll(c[i], s[i]).sum() for i in idx.split(4096)) / len(idx))
