@@ -22,11 +22,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 # (method, task) → the grid's mean C2ST over observations 6–10 at 10³ simulations of seed 1
 GRID = {
     ("implicit_vi", "two_moons"): 0.716,
-    ("npe", "two_moons"): 0.717,
+    ("npe", "two_moons"): 0.687,
     ("implicit_vi", "slcp"): 0.971,
-    ("npe", "slcp"): 0.959,
+    ("npe", "slcp"): 0.951,
     ("implicit_vi", "sir"): 0.622,
-    ("npe", "sir"): 0.691,
+    ("npe", "sir"): 0.710,
 }
 MARGIN = 0.02
 

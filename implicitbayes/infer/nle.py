@@ -22,9 +22,10 @@ An ensemble (``ensemble=K``, Lakshminarayanan et al. 2017) trains K flows of the
 together, from different initialisations, on the same simulations (the loss is the mean of
 their negative log-likelihoods, so each member is fitted as it would be alone) and uses their
 mixture q(x | η) = (1/K) Σ_k q_k(x | η) — a density of x again. The members' errors are partly
-independent (over the hare–lynx posterior the log-likelihood errors of two members trained on
-the same 20 000 simulations correlate at 0.4), so the mixture is nearer the true likelihood than
-a member is: sd of the error 0.48 nats for three members against 0.50–0.85 for each alone.
+independent (over the hare–lynx posterior the log-likelihood errors of flows trained on the same
+20 000 simulations from different seeds correlate at 0.35–0.42), so the mixture is nearer the
+true likelihood than a member is: with three members the posterior it defines is 0.17 reference
+sd off at worst, against 0.26–0.34 for one flow (``benchmarks/results/nle_ensemble.md``).
 
 Both sides are standardised as the other methods do (``implicitbayes.nn.Standardize``: log space
 for positive features, the robust asinh step); the log-Jacobian of the data side is added back,
