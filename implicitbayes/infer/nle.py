@@ -25,7 +25,9 @@ mixture q(x | η) = (1/K) Σ_k q_k(x | η) — a density of x again. The members
 independent (over the hare–lynx posterior the log-likelihood errors of flows trained on the same
 20 000 simulations from different seeds correlate at 0.35–0.42), so the mixture is nearer the
 true likelihood than a member is: with three members the posterior it defines is 0.17 reference
-sd off at worst, against 0.26–0.34 for one flow (``benchmarks/results/nle_ensemble.md``).
+sd off at worst, against 0.26–0.34 for one flow (``benchmarks/results/nle_ensemble.md``). An
+error that comes from the simulations themselves is shared by every member and stays: in the
+sequential hare–lynx run the mixture of three left the worst mean 0.44 sd off, as one flow did.
 
 Both sides are standardised as the other methods do (``implicitbayes.nn.Standardize``: log space
 for positive features, the robust asinh step); the log-Jacobian of the data side is added back,
@@ -244,8 +246,9 @@ class NLE(NeuralMethod):
     ``warmup`` 100 sweeps along the principal axes it finds; the sampler for multimodal or strongly
     correlated posteriors of a few parameters, and several times faster) — with ``num_chains``
     and ``warmup`` defaulting to the sampler's; ``ensemble`` — K flows trained together from
-    different initialisations, the likelihood being their mixture (module docstring; K times the
-    training work, for a likelihood nearer the true one); ``training`` (a :class:`~implicitbayes.TrainConfig`
+    different initialisations, the likelihood being their mixture (module docstring; three took
+    twice one flow's training time on hare–lynx, and every likelihood evaluation costs K flows);
+    ``training`` (a :class:`~implicitbayes.TrainConfig`
     or a mapping of fields changing ``NLE.TRAINING``: NPE's loop without its weight averaging,
     which on hare-lynx left the learned likelihood's error over the reference posterior no
     smaller, ``benchmarks/results/hare_lynx.md``); ``device``.
