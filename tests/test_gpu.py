@@ -110,9 +110,10 @@ def test_abc_simulates_and_selects_on_the_gpu(observations):
     assert e["shift"] < SHIFT and e["spread"] < SPREAD, e
 
 
-def test_lfvi_fits_a_hierarchical_model_on_the_gpu():
+@pytest.mark.parametrize("local", ["implicit", "flow"])
+def test_lfvi_fits_a_hierarchical_model_on_the_gpu(local):
     x = 0.3 + 0.1 * torch.arange(12.0).reshape(4, 3) / 12
-    post = ib.LFVI(hierarchical_model, observed="x", num_particles=8, device=DEVICE).fit(
+    post = ib.LFVI(hierarchical_model, observed="x", num_particles=8, local=local, device=DEVICE).fit(
         observation=x, max_steps=300, seed=0, progress=False)
     assert on_gpu(post)
     draws = post.sample(2000, seed=1)
