@@ -205,3 +205,9 @@ def test_lfvi_takes_network_build_callables(tmp_path):
                 generator=lambda e, d: torch.nn.Linear(e, d)).fit(observation=x, max_steps=1, progress=False)
     with pytest.raises(ValueError, match=r"critic: a build callable is used as it is, so \['critic_layers'\]"):
         ib.LFVI(TASK.model, observed="x", critic=crit, critic_layers=2)
+    # a custom q(β) beside the local flow (which is the library's spline flow whatever q(β) is)
+    post = ib.LFVI(TASK.model, observed="x", num_particles=4, pilot_simulations=8, flow=flow, local="flow").fit(
+        observation=x, max_steps=2, seed=0, progress=False)
+    post.save(tmp_path / "lfvi_local_flow.safetensors")
+    back = ib.load(tmp_path / "lfvi_local_flow.safetensors", flow=flow)
+    assert torch.equal(post.sample(20, seed=1)["theta"], back.sample(20, seed=1)["theta"])

@@ -29,7 +29,7 @@ The local family. Tran et al.'s q(z | x, β) is implicit, so r must also carry �
 and a smooth critic cannot follow a q that narrows: the part of its gradient that would widen q
 fades, and q drifts toward a point wherever the local posterior is much narrower than the prior
 (x_n = z_n + 0.1 ε, ``tests/test_lfvi.py``: local means off by up to 1.4 sd, sds 0.74–1.64×). With
-``local="flow"`` q(z | x, β) is a conditional flow, and the critic's logit is written
+``local="flow"`` q(z | x, β) is a conditional spline flow, and the critic's logit is written
 c(x, (z, β)) − log q(z | x, β), trained on the same two classes: its network c then learns
 log p(x, z | β) − log p̄(x), which does not move with q, and the ELBO's E_q[c − log q] takes q's
 entropy exactly (the same test: means within 0.15 sd, sds within 14 %). Training still never
@@ -145,7 +145,7 @@ class LFVIPosterior(Posterior):
         if config.local == "flow":
             if config.generator == "custom":
                 raise ValueError(_CUSTOM_FLOW_LOCAL)
-            self.generator = build_flow(config.flow, dl, dx + dg, transforms=config.transforms,
+            self.generator = build_flow("nsf", dl, dx + dg, transforms=config.transforms,
                                         hidden_features=(config.hidden,) * (config.layers - 1), affine_first=True)
         else:
             self.generator = build_network("generator", config.generator == "custom", generator, lambda: ImplicitGenerator(
@@ -311,8 +311,9 @@ class LFVI(Method):
     ``prior_steps`` on KL(p ‖ q) + KL(q ‖ p) of the global sites that start q(β) at the prior, no
     simulations (0: q starts at the standard normal of the standardised coordinates); ``local``, the
     family of q(z | x, β): ``"implicit"`` (the generator, Tran et al.'s) or ``"flow"`` (a conditional
-    flow of kind ``flow`` with ``transforms`` layers of ``layers − 1`` hidden layers of ``hidden``
-    units, whose density enters the critic's logit; module docstring);
+    spline flow, an affine autoregressive layer and ``transforms`` splines whose conditioners have
+    ``layers − 1`` hidden layers of ``hidden`` units, whose density enters the critic's logit; module
+    docstring);
     ``training`` (a :class:`~implicitbayes.TrainConfig` or a mapping of fields changing
     ``LFVI.TRAINING``: 8 000 steps, no held-out rows — LFVI validates on the observation's ELBO);
     ``device``.
