@@ -117,9 +117,12 @@ def test_the_density_fitted_to_draws_is_their_density():
 
 
 def test_the_truncated_prior_is_the_prior_restricted_to_the_region():
+    # the mass is a fraction of MASS_DRAWS = 20 000 prior draws: its standard error is 0.0033, so the
+    # tolerance is 4.5 of them, and the draws are seeded so the test does not hang on the tests before it
+    torch.manual_seed(0)
     region = Region(lambda latents: latents["theta"][:, 0] > 0.5, "θ₀ > 0.5", 0.5)
     truncated = TruncatedPrior(model, ["x"], region)
-    assert abs(region.prior_mass - (1 - scipy.stats.norm.cdf(0.5))) < 0.01
+    assert abs(region.prior_mass - (1 - scipy.stats.norm.cdf(0.5))) < 0.015
     data = ib.simulate(truncated, 4000, observed="x", seed=0, progress=False)
     theta = data["theta"]
     assert (theta[:, 0] > 0.5).all()
