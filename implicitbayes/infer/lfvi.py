@@ -437,11 +437,9 @@ class LFVI(Method):
                     # the reference class: x simulated at another particle β', z ~ q(z | x, β)
                     shift = int(torch.randint(1, s_particles, (), generator=g, device=g.device))
                     f_ref = f_model.roll(shift, 0)
-                    if flow_local:  # the critic's logit is c − log q(z | x, β): q's density at each pair
-                        lq_model = post.local_log_prob(f_model, b_s.detach(), z_model)
-                        z_ref, lq_ref = post.draw_local(f_ref, b_s.detach(), g, log_prob=True)
-                    else:
-                        lq_model, z_ref, lq_ref = None, post.draw_local(f_ref, b_s.detach(), g), None
+                    # with a flow the critic's logit is c − log q(z | x, β): q's density at each pair
+                    lq_model = post.local_log_prob(f_model, b_s.detach(), z_model) if flow_local else None
+                    z_ref, lq_ref = self._draw_local(post, f_ref, b_s.detach(), g, flow_local)
                 f_data = feats_obs[idx]
                 z_data, lq_data = self._draw_local(post, f_data, b_s, g, flow_local)
                 return objective(b_s, log_q_s, (f_model, z_model, lq_model), (f_ref, z_ref, lq_ref), f_data,
