@@ -9,6 +9,8 @@ average. They catch a wrong method (a collapsed generator gave 61 % coverage and
 development), not a slightly less converged one.
 """
 
+import re
+
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -16,6 +18,8 @@ import torch
 
 import implicitbayes as ib
 import simulators
+from implicitbayes.infer.posterior import _KIND, FORMAT_VERSION
+from implicitbayes.io import load_tensors, save_tensors
 
 TASK = simulators.get("hierarchical_gaussian")
 X = TASK.observation(2)
@@ -132,6 +136,15 @@ def test_lfvi_local_flow_recovers_narrow_local_posteriors(tmp_path):
     post.save(tmp_path / "lfvi")
     back = ib.load(tmp_path / "lfvi")
     assert back.config.local == "flow" and torch.equal(back.sample(50, seed=2)["z"], post.sample(50, seed=2)["z"])
+    # a file written before the flow's layers were inverted (no local_one_pass in its configuration,
+    # the layers' weights one module level up) loads as the MAF-oriented flow it was written with
+    tensors, meta = load_tensors(tmp_path / "lfvi", kind=_KIND, max_version=FORMAT_VERSION)
+    del meta["config"]["local_one_pass"]
+    tensors = {re.sub(r"^(generator\.transform\.transforms\.\d+)\.transform\.", r"\1.", k): v for k, v in tensors.items()}
+    save_tensors(tmp_path / "old", tensors, kind=_KIND, version=FORMAT_VERSION, meta=meta)
+    old = ib.load(tmp_path / "old")
+    z = old.sample(500, seed=2)["z"]
+    assert not old.config.local_one_pass and torch.isfinite(z).all() and not torch.equal(z[:50], back.sample(50, seed=2)["z"])
 
 
 def test_lfvi_runs_on_the_lotka_volterra_population():

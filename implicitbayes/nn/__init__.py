@@ -4,14 +4,16 @@ and score-function gradient estimators. All are ``nn.Module``s with buffers for 
 
 from .critics import Critic
 from .embeddings import CausalConvEmbedding, ContextNet, DeepSets, Flatten, GRUEmbedding, LinearResidual, ResidualMLP, Standardize
-from .flows import FLOWS, ActNorm, FlowDistribution, LULinear, build_flow, draw, flow_log_prob, short_softmax, widened
+from .flows import (FLOWS, ActNorm, FlowDistribution, LULinear, build_flow, draw, flow_log_prob, inverted_layers,
+                    short_softmax, widened)
 from .generators import ConsistencyGenerator, FlowMatchingGenerator, ImplicitGenerator, ScoreGenerator
 from .score_function import LearnedBaseline, MovingAverageBaseline, leave_one_out_baseline, score_function_surrogate
 from .vae import ConditionalVAE
 
 __all__ = [
     "Critic", "CausalConvEmbedding", "ContextNet", "DeepSets", "Flatten", "GRUEmbedding", "LinearResidual", "ResidualMLP", "Standardize",
-    "FLOWS", "ActNorm", "FlowDistribution", "LULinear", "build_flow", "draw", "flow_log_prob", "short_softmax", "widened",
+    "FLOWS", "ActNorm", "FlowDistribution", "LULinear", "build_flow", "draw", "flow_log_prob", "inverted_layers",
+    "short_softmax", "widened",
     "ImplicitGenerator",
     "FlowMatchingGenerator", "ScoreGenerator", "ConsistencyGenerator",
     "LearnedBaseline", "MovingAverageBaseline", "leave_one_out_baseline", "score_function_surrogate",

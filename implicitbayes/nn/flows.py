@@ -40,7 +40,8 @@ from zuko.utils import broadcast, unpack
 
 from ..checks import flag, number
 
-__all__ = ["FLOWS", "build_flow", "ActNorm", "LULinear", "FlowDistribution", "short_softmax", "draw", "flow_log_prob"]
+__all__ = ["FLOWS", "build_flow", "ActNorm", "LULinear", "FlowDistribution", "short_softmax", "draw", "flow_log_prob",
+           "inverted_layers"]
 
 FLOWS = ("maf", "iaf", "nsf", "nice", "realnvp", "glow")
 
@@ -293,6 +294,14 @@ def build_flow(kind: str, features: int, context: int = 0, transforms: int | Non
     return flow
 
 
+def inverted_layers(flow: Flow) -> Flow:
+    """``flow`` with every layer inverted (``zuko.lazy.LazyInverse``), in the same order from the
+    data side: the same family of distributions, with the costs swapped. For autoregressive
+    layers (MAF, NSF) a draw becomes one pass of each network and a density D passes — the IAF
+    orientation, for a flow that is sampled with gradients far more often than it is evaluated."""
+    return Flow([LazyInverse(t) for t in flow.transform.transforms], flow.base)
+
+
 def _build_flow(kind: str, features: int, context: int, transforms: int | None,
                 hidden_features: tuple[int, ...], **kwargs) -> Flow:
     if kind == "maf":
@@ -307,10 +316,10 @@ def _build_flow(kind: str, features: int, context: int, transforms: int | None,
         return Flow([*flow.transform.transforms, ActNorm(features)], flow.base)
     if kind == "iaf":
         steps = transforms or 5
-        layers = [LazyInverse(zuko.flows.MaskedAutoregressiveTransform(
+        layers = [zuko.flows.MaskedAutoregressiveTransform(
             features, context, order=torch.arange(features) if i % 2 == 0 else torch.arange(features).flip(0),
-            hidden_features=hidden_features, **kwargs)) for i in range(steps)]
-        return Flow(layers, _standard_normal(features))
+            hidden_features=hidden_features, **kwargs) for i in range(steps)]
+        return inverted_layers(Flow(layers, _standard_normal(features)))
     # glow: (actnorm, invertible linear, affine coupling) × steps
     steps = transforms or 5
     layers = []
