@@ -39,9 +39,10 @@ DECISIONS = [
      "errors up to 0.16 sd); 8 000 on 5 of 5", "**default**"),
     ("reference class drawn at another particle's x, not the observed x", "with the observed x the critic "
      "separates the classes by x alone (loss → 0.03) and the local intervals cover 77 %", "**default**"),
-    ("`local=\"flow\"`: q(z | x, β) a conditional flow whose density enters the critic's logit", "here the "
-     "implicit sampler met every target on 5 of 5 observations too (local coverage 0.888–0.900, worst local "
-     "marginal w1 0.17 on observation 2; git history of this file), the flow's rows are below; on "
+    ("`local=\"flow\"`: q(z \\| x, β) a conditional flow whose density enters the critic's logit", "here the "
+     "implicit sampler met every target on 5 of 5 observations too (local coverage 0.888–0.900, git history of "
+     "this file) but its worst local marginal is at w1 0.17 on observation 2 (slow tests), the flow's 0.032–0.048 "
+     "(below); on "
      "`lotka_volterra_population` the implicit sampler collapses where a local posterior is much narrower than "
      "the prior (`lfvi_coverage.md`), and on the narrow-local test model it is off by up to 1.4 sd where the flow "
      "is within 0.2", "**default**"),
