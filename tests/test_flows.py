@@ -15,8 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from implicitbayes.nn import (FLOWS, FlowDistribution, LinearResidual, build_flow, draw, flow_log_prob, short_softmax,
-                              widened)
+from implicitbayes.nn import (FLOWS, FlowDistribution, LinearResidual, build_flow, draw, flow_log_prob, inverted_layers,
+                              short_softmax, widened)
 
 A = torch.tensor([[1.0], [-0.5]])
 B = torch.tensor([0.5, -0.3])
@@ -257,3 +257,17 @@ def test_a_widened_flow_is_a_normalised_density_with_wider_tails_that_its_draws_
         assert abs(float(weights.mean()) - 1) < 0.02, float(weights.mean())
         assert (u.std(0) > 1.3 * draw(q, (200_000,))[:, 0].std(0)).all()
     assert widened(torch.distributions.Normal(0.0, 1.0), 2.0) is None
+
+
+def test_inverted_layers_keep_the_density_of_their_own_draws():
+    """The inverted flow is a flow: the log-density its one-pass draw reports is the density its
+    D-pass evaluation gives at that draw; anything but a zuko Flow is refused by name."""
+    torch.manual_seed(0)
+    flow = inverted_layers(build_flow("nsf", 3, 2, transforms=2, hidden_features=(16,), affine_first=True))
+    c = torch.randn(5, 2)
+    q = flow(c)
+    eps = torch.randn(5, 3)
+    z, ladj = q.transform.inv.call_and_ladj(eps)
+    assert torch.allclose(q.base.log_prob(eps) - ladj, q.log_prob(z), atol=1e-4)
+    with pytest.raises(TypeError, match="flow: expected a zuko Flow"):
+        inverted_layers(torch.nn.Linear(2, 2))

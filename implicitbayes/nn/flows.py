@@ -299,6 +299,8 @@ def inverted_layers(flow: Flow) -> Flow:
     data side: the same family of distributions, with the costs swapped. For autoregressive
     layers (MAF, NSF) a draw becomes one pass of each network and a density D passes — the IAF
     orientation, for a flow that is sampled with gradients far more often than it is evaluated."""
+    if not isinstance(flow, Flow):
+        raise TypeError(f"flow: expected a zuko Flow (e.g. from build_flow), got {type(flow).__name__}")
     return Flow([LazyInverse(t) for t in flow.transform.transforms], flow.base)
 
 
