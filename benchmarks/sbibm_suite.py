@@ -290,6 +290,10 @@ def cell_table(rows: list[dict], title: str, note: str) -> list[str]:
     return lines
 
 
+def seeds_text(seeds) -> str:
+    return ", ".join(map(str, sorted(seeds)))
+
+
 def missing(rows: list[dict], budgets=(1000, 10000)) -> list[str]:
     """The held-out cells of the full grid without a row: one line per task and budget."""
     have = {(r["task"], r["budget"], r["method"], r["seed"]) for r in rows}
@@ -299,7 +303,7 @@ def missing(rows: list[dict], budgets=(1000, 10000)) -> list[str]:
             gaps = {m: [s for s in CELLS["heldout"][1] if (task, budget, m, s) not in have] for m in METHODS}
             gaps = {m: s for m, s in gaps.items() if s}
             if gaps:
-                out.append(f"- {task} {budget}: " + "; ".join(f"{m} seed {', '.join(map(str, s))}" for m, s in gaps.items()))
+                out.append(f"- {task} {budget}: " + "; ".join(f"{m} seed {seeds_text(s)}" for m, s in gaps.items()))
     return out or ["- nothing: every task, budget, method and seed is in."]
 
 
@@ -309,7 +313,10 @@ def write_table(results: dict, path: Path) -> None:
     dev = [r for r in runs if r["cells"] == "dev"]
     custom = [r for r in runs if r["cells"] == "custom"]
     commits = sorted({r["code"]["commit"][:10] for r in runs})
-    same_std = sorted({(r["task"], r["budget"]) for r in runs if r["method"] == "sbi_npe_std" and not r["applicable"]})
+    same_std = {}  # (task, budget) -> the seeds whose simulations ours standardises by plain z-scoring
+    for r in runs:
+        if r["method"] == "sbi_npe_std" and not r["applicable"]:
+            same_std.setdefault((r["task"], r["budget"]), set()).add(r["seed"])
     lines = ["# sbibm suite: C2ST against sbibm's reference posteriors (0.5 is perfect), seconds", "",
              "Produced by `benchmarks/sbibm_suite.py` (its docstring gives the protocol); the commands:", "",
              *[f"    {c}" for c in sorted({r["command"] for r in runs})], "",
@@ -323,7 +330,9 @@ def write_table(results: dict, path: Path) -> None:
              "distinct setups (library tree, simulators, versions) among a line's seeds: 1 means all its seeds ran the "
              "same code; more means some seeds predate a change and are due a re-run.", "",
              "sbi_npe_std is sbi's NPE-NSF on our input standardisation; it is absent where ours is plain "
-             f"z-scoring ({', '.join(f'{t} {b}' for t, b in same_std) or 'none measured'}).", ""]
+             "z-scoring, which is decided on each seed's simulations ("
+             f"{', '.join(f'{t} {b} seed {seeds_text(s)}' for (t, b), s in sorted(same_std.items())) or 'none measured'}).",
+             ""]
     lines += ["## Not measured yet (held-out cells)", "", *missing(heldout), ""]
     if heldout:
         lines += cell_table(heldout, "Held-out cells: observations 6–10, simulation seeds 1, 2, 3",
