@@ -15,10 +15,11 @@ again. A run that raises (ours or a peer's) is recorded with its error and liste
 beside the amortized rows of ``sbibm_suite.json`` on the same observations.
 
 ``npe_seq`` is ``ib.sequential``'s default for NPE, fresh fits each round since they became the
-default; ``npe_seq_warm`` warm-starts (``implicit_vi_seq_warm`` likewise for ImplicitVI). Rows
-that ran before that change under the names ``npe_seq`` (then warm) and ``npe_seq_fresh`` (then
-the option) are relabelled to what they ran and keep the old name in ``relabelled_from``; their
-``command`` is the one that ran. So are the
+default; ``npe_seq_warm`` warm-starts (``implicit_vi_seq_warm`` and ``nle_seq_warm`` likewise for
+ImplicitVI and NLE, whose default fresh fits train on the simulations in the proposing posterior's
+region). Rows that ran before such a change under the names ``npe_seq`` (then warm),
+``npe_seq_fresh`` (then the option), ``nle_seq`` and ``nle_seq_nsf`` (then warm) are relabelled to
+what they ran and keep the old name in ``relabelled_from``; their ``command`` is the one that ran. So are the
 ``implicit_vi_seq`` rows that ran before ImplicitVI's region became a fitted density's and its
 rounds fresh fits: ``implicit_vi_seq_balls`` (``RETIRED``), a configuration no longer run.
 
@@ -48,18 +49,21 @@ from provenance import (add_store_arguments, command_line, committed_code_state,
 from sbibm_suite import sbibm_c2st, verdict  # noqa: E402
 
 TASKS = ("slcp", "two_moons", "sir", "bernoulli_glm", "lotka_volterra_ode")
-METHODS = ("npe_seq", "npe_seq_warm", "nle_seq", "nle_seq_nsf", "implicit_vi_seq", "implicit_vi_seq_warm", "sbi_tsnpe",
-           "sbi_snle")
+METHODS = ("npe_seq", "npe_seq_warm", "nle_seq", "nle_seq_warm", "nle_seq_nsf", "implicit_vi_seq",
+           "implicit_vi_seq_warm", "sbi_tsnpe", "sbi_snle")
 # Rows of configurations the library no longer has, kept in the table under a name of their own
 # (``relabelled_from`` holds the name they ran under): implicit_vi_seq_balls is ImplicitVI's rounds
 # before its region became a fitted density's and its rounds fresh fits (a union of balls around
-# its draws, warm starts).
+# its draws, warm starts); nle_seq_nsf_warm is the spline-flow ablation of NLE before its rounds
+# became fresh fits on the region's simulations.
 RETIRED = {"implicit_vi_seq_balls": "ImplicitVI's rounds with the union-of-balls region and warm starts, "
-                                    "before its region became a fitted density's and its rounds fresh fits"}
+                                    "before its region became a fitted density's and its rounds fresh fits",
+           "nle_seq_nsf_warm": "NLE's rounds with its spline flow, warm-started, before NLE's rounds became fresh "
+                               "fits on the simulations in the proposing posterior's region"}
 ORDER = METHODS + tuple(RETIRED)
 PEER = {"npe_seq": "sbi_tsnpe", "npe_seq_warm": "sbi_tsnpe", "implicit_vi_seq": "sbi_tsnpe",
         "implicit_vi_seq_warm": "sbi_tsnpe", "implicit_vi_seq_balls": "sbi_tsnpe", "nle_seq": "sbi_snle",
-        "nle_seq_nsf": "sbi_snle"}
+        "nle_seq_warm": "sbi_snle", "nle_seq_nsf": "sbi_snle", "nle_seq_nsf_warm": "sbi_snle"}
 CELLS = {"dev": ((1, 2, 3, 4, 5), (0,)), "heldout": ((6, 7, 8), (1, 2, 3))}
 QUANTILE = 1e-4
 # The peers as the issue names them: TSNPE is NPE-C with a neural spline flow (sbi's default is MAF),
@@ -68,16 +72,18 @@ SBI_ESTIMATOR = {"sbi_tsnpe": "nsf", "sbi_snle": "maf"}
 # Sequential NLE as chosen on the development cells: the vectorized slice sampler (slcp's posterior
 # has four modes; NUTS's default two chains, one after another, hold at most two of them) and a
 # MAF likelihood (NLE's default spline flow, nle_seq_nsf, is the ablation row).
-OPTIONS = {"nle_seq": {"sampler": "slice", "flow": "maf"}, "nle_seq_nsf": {"sampler": "slice"}}
-# ib.sequential's own options: npe_seq_warm and implicit_vi_seq_warm, the ablation rows of NPE's and
-# ImplicitVI's fresh fits, warm-start every round from the previous one. Rows labelled so (and
-# npe_seq) before the default became fresh fits carry `relabelled_from`, the name they ran under
+OPTIONS = {"nle_seq": {"sampler": "slice", "flow": "maf"}, "nle_seq_warm": {"sampler": "slice", "flow": "maf"},
+           "nle_seq_nsf": {"sampler": "slice"}}
+# ib.sequential's own options: npe_seq_warm, nle_seq_warm and implicit_vi_seq_warm, the ablation rows
+# of the fresh fits, warm-start every round from the previous one. Rows labelled so (and npe_seq,
+# nle_seq) before the default became fresh fits carry `relabelled_from`, the name they ran under
 # (module docstring).
-SEQUENTIAL_OPTIONS = {"npe_seq_warm": {"warm_start": True}, "implicit_vi_seq_warm": {"warm_start": True}}
+SEQUENTIAL_OPTIONS = {"npe_seq_warm": {"warm_start": True}, "nle_seq_warm": {"warm_start": True},
+                      "implicit_vi_seq_warm": {"warm_start": True}}
 
 
 def ours(method: str, task, x_o, budget: int, rounds: int, seed: int):
-    cls = {"npe_seq": ib.NPE, "npe_seq_warm": ib.NPE, "nle_seq": ib.NLE, "nle_seq_nsf": ib.NLE,
+    cls = {"npe_seq": ib.NPE, "npe_seq_warm": ib.NPE, "nle_seq": ib.NLE, "nle_seq_warm": ib.NLE, "nle_seq_nsf": ib.NLE,
            "implicit_vi_seq": ib.ImplicitVI, "implicit_vi_seq_warm": ib.ImplicitVI}[method]
     options = OPTIONS.get(method, {})
     post = ib.sequential(cls(task.model, observed="x", **options), observation={"x": x_o}, num_simulations=budget,

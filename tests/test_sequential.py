@@ -198,8 +198,12 @@ def test_sequential_nle_with_posterior_proposals_matches_the_posterior(unbatched
     post = ib.sequential(nle, observation={"x": x}, num_simulations=1000, rounds=2, seed=0, progress=False)
     assert len(unbatched_calls) == 1  # one trial run for the whole run
     assert [r["proposal"] for r in post.rounds] == ["prior", "posterior"]
-    assert [r["warm_start"] for r in post.rounds] == [False, True]  # "auto": NLE warm-starts
+    assert [r["warm_start"] for r in post.rounds] == [False, False]  # "auto": NLE fits afresh
     assert post.rounds[1]["prior_mass"] is None and post.rounds[1]["region"] is None
+    # the fresh fit learns from the simulations whose θ lies in the region of the posterior that
+    # proposed the round: all 500 of the round's own and a part of the prior round's (x sits in its tail)
+    kept = post.rounds[1]["training_simulations"]
+    assert 500 < kept < 900 and post.training_summary["draws"] == kept, kept
     errors = gaussian_errors(post.sample(1000, seed=1)["theta"], 0.8 * x, 0.2 * torch.eye(2))
     assert len(unbatched_calls) == 2  # and one for the MCMC run
     assert errors["shift"] < 0.25 and errors["spread"] < 0.3, errors
