@@ -53,6 +53,11 @@ CONFIGS = {
     "npe": ["--method", "npe", "--rounds", "4"],
     "npe_amortized": ["--method", "npe", "--rounds", "1"],
 }
+# Rows of a configuration the library no longer runs, kept under a name of their own
+# (``relabelled_from`` holds the one they ran under; their command is the one that ran).
+RETIRED = {"default_warm": "the default before NLE's rounds became fresh fits on the simulations in the proposing "
+                           "posterior's region: each round warm-started from the last, on all simulations so far"}
+ORDER = list(CONFIGS) + list(RETIRED)
 MEAN_TOLERANCE, SD_TOLERANCE, SECONDS, SIMULATIONS = 0.3, 0.25, 600, 20_000
 
 
@@ -111,20 +116,25 @@ def likelihood_check(path: Path) -> dict | None:
 
 
 def write_table(results: dict, path: Path) -> None:
-    runs = sorted(results["runs"], key=lambda r: (list(CONFIGS).index(r["config"]), r["seed"]))
+    runs = sorted(results["runs"], key=lambda r: (ORDER.index(r["config"]), r["seed"]))
     lines = ["# Real data: hare and lynx, likelihood-free against NUTS", "",
              "Produced by `benchmarks/hare_lynx.py` (its docstring gives the protocol); the commands:", "",
              *[f"    {c}" for c in sorted({r['command'] for r in runs})], "",
              f"Target: at most {SIMULATIONS} simulations, every posterior mean within {MEAN_TOLERANCE} reference sd, "
              f"every sd within {int(SD_TOLERANCE * 100)} % of the reference's, at most {SECONDS // 60} minutes on "
-             "2 CPU cores. The reference: `benchmarks/results/hare_lynx_reference.json`.", "",
+             "2 CPU cores. The reference: `benchmarks/results/hare_lynx_reference.json`. *code*: the commit a row "
+             "ran; a row that predates a change of the defaults ran what its commit had.",
+             *[f"`{name}` ({', '.join(sorted({r['relabelled_from'] for r in runs if r['config'] == name}))} in its "
+               f"command): {what}; no longer run." for name, what in RETIRED.items()
+               if any(r["config"] == name for r in runs)], "",
              "| configuration | command | simulations | rounds | seed | seconds | C2ST | worst mean offset (ref sd) "
-             "| worst sd error | target |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| worst sd error | target | code |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in runs:
         s = r["settings"]
         lines.append(f"| {r['config']} | `implicitbayes {' '.join(r['argv'])}` | {s['simulations']} | {s['rounds']} | "
                      f"{r['seed']} | {r['seconds']:.0f} | {r['c2st']:.3f} | {r['worst_mean_off']:.2f} | "
-                     f"{100 * r['worst_sd_error']:.0f} % | {'met' if r['met'] else 'not met'} |")
+                     f"{100 * r['worst_sd_error']:.0f} % | {'met' if r['met'] else 'not met'} | "
+                     f"{r['code']['commit'][:7]} |")
     lines += ["", "Per parameter (mean offset in reference sds / sd ratio):", "",
               "| configuration | seed | " + " | ".join(runs[0]["parameters"]) + " |",
               "| --- | --- | " + " | ".join("---" for _ in runs[0]["parameters"]) + " |"] if runs else []
