@@ -27,7 +27,8 @@ independent (over the hare–lynx posterior the log-likelihood errors of flows t
 true likelihood than a member is: with three members the posterior it defines is 0.17 reference
 sd off at worst, against 0.26–0.34 for one flow (``benchmarks/results/nle_ensemble.md``). An
 error that comes from the simulations themselves is shared by every member and stays: in the
-sequential hare–lynx run the mixture of three left the worst mean 0.44 sd off, as one flow did.
+sequential hare–lynx run with warm-started rounds the mixture of three left the worst mean 0.44 sd
+off, as one flow did.
 
 Both sides are standardised as the other methods do (``implicitbayes.nn.Standardize``: log space
 for positive features, the robust asinh step); the log-Jacobian of the data side is added back,
