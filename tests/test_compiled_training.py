@@ -50,6 +50,33 @@ def test_auto_leaves_a_short_run_eager_and_unchanged(data, eager):
     assert torch.equal(draws(post), draws(eager))
 
 
+def test_auto_decides_the_same_on_a_slow_machine(data, eager, monkeypatch):
+    """"auto" estimates the eager pace from what the first step does, not from the clock: a
+    machine on which every step seems to take a second (the clock patched to jump ahead a second
+    each time it is read) trains the same short run eagerly, to the same weights — a compiled
+    step would round differently."""
+    clock = iter(range(10**6))
+    monkeypatch.setattr(training.time, "perf_counter", lambda: float(next(clock)))
+    post = fit(data)
+    assert not post.training_summary["compiled"]
+    assert torch.equal(draws(post), draws(eager))
+
+
+def test_the_estimated_pace_counts_the_step(data):
+    """The first step's counts: a step of a wider flow on a larger batch does more of each kind
+    of work, and counting the same step again gives the same counts."""
+    def counts(width, batch):
+        flow = ib.nn.build_flow("maf", 2, 2, transforms=1, hidden_features=(width,))
+        x, c = torch.randn(batch, 2), torch.randn(batch, 2)
+        with training._StepCost() as cost:
+            (-ib.nn.flow_log_prob(flow, x, c).mean()).backward()
+        return cost.operations, cost.flops.get_total_flops(), cost.elements, cost.seconds()
+
+    small, again, large = counts(16, 50), counts(16, 50), counts(256, 1000)
+    assert small == again
+    assert small[0] == large[0] and all(a < b for a, b in zip(small[1:], large[1:]))
+
+
 def _patched_compile(monkeypatch, make):
     def compile(self):
         self.compiled = make(self.step)

@@ -11,10 +11,14 @@ A step that draws nothing (NPE's and NLE's maximum likelihood) may be run compil
 ``torch.compile`` (``TrainConfig.compile``): a step of a small flow at batch 50 is bound by the
 per-operation overhead of eager PyTorch, which a compiled forward and backward remove (3–4× fewer
 seconds a step on one CPU thread), for a one-off compile of tens of seconds. ``"auto"`` compiles
-on the CPU when the run is long enough to repay that: after the first epoch, timed eagerly, if the
-fewest steps the run can still take (``patience`` epochs) would last at least
-:data:`COMPILE_PAYS_OFF` seconds at that pace. Where compiling fails (no C++ compiler, an
-operation the compiler cannot take) the loop warns once and goes on eagerly.
+on the CPU when the run is long enough to repay that: after the first epoch, if the fewest steps
+the run can still take (``patience`` epochs) would last at least :data:`COMPILE_PAYS_OFF` seconds
+at the eager pace. That pace is not timed but estimated from what the first step does — the
+operations it dispatches, their floating-point work and the numbers they write
+(:class:`_StepCost`) — so that the decision, and with it the trained weights to the bit, is the
+same on a loaded machine as on an idle one: a compiled step rounds differently from the eager
+one. Where compiling fails (no C++ compiler, an operation the compiler cannot take) the loop
+warns once and goes on eagerly.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..checks import decay, flag, flag_or_auto, integer, number
 from ..errors import FormatError, TrainingError
@@ -101,6 +106,47 @@ class TrainConfig:
 COMPILE_PAYS_OFF = 60.0
 
 
+class _StepCost(TorchDispatchMode):
+    """What one eager step does, counted as it runs (forward, backward): the operations it
+    dispatches, their floating-point work (matrix products, ``FlopCounterMode``'s count) and the
+    numbers they write. :meth:`seconds` is the eager step's pace on one CPU thread, estimated
+    from those counts — the same for the same step whatever else the machine is doing. The
+    three rates are a least-squares fit (in relative error) to whole steps — forward, backward,
+    gradient clipping, Adam — of the library's flows (MAF and NSF, 2–42 features, hidden widths
+    50–256, batches 50–1 024) timed on one thread of a busy 2-core machine, the benchmarks'
+    setting; each estimate is within 30 % of the step's time."""
+
+    SECONDS_PER_OPERATION = 1.4e-5  # eager PyTorch's overhead: dispatch, autograd bookkeeping
+    SECONDS_PER_FLOP = 2.5e-11
+    SECONDS_PER_ELEMENT = 1.4e-9  # elementwise work (splines, activations), by the numbers written
+
+    def __init__(self):
+        super().__init__()
+        self.operations = self.elements = 0
+        from torch.utils.flop_counter import FlopCounterMode
+
+        self.flops = FlopCounterMode(display=False)
+
+    def __enter__(self):
+        self.flops.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        self.flops.__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.operations += 1
+        self.elements += sum(t.numel() for t in (out if isinstance(out, (tuple, list)) else (out,))
+                             if isinstance(t, torch.Tensor))
+        return out
+
+    def seconds(self) -> float:
+        return (self.SECONDS_PER_OPERATION * self.operations + self.SECONDS_PER_FLOP * self.flops.get_total_flops()
+                + self.SECONDS_PER_ELEMENT * self.elements)
+
+
 class _Step:
     """The loop's step, eager or compiled (``TrainConfig.compile``, module docstring).
 
@@ -126,8 +172,7 @@ class _Step:
             self.setting = False  # compiled training is verified on the CPU only
         self.compiled: Callable | None = None
         self.failed = self.decided = self.checked = False
-        self._times: list[float] = []
-        self._last: float | None = None
+        self.pace: float | None = None  # the eager step's estimated seconds (_StepCost), for "auto"
         if self.setting is True:
             self.decided = True
             self.compile()
@@ -148,27 +193,24 @@ class _Step:
         # call (hundreds of checks a step), which with dynamic=False and one batch shape are fixed
         self.compiled = torch.compile(fresh, dynamic=False, options={"cpp.simdlen": 1, "size_asserts": False})
 
-    def timed(self, now: float) -> None:
-        """Record the time between consecutive steps (a whole step: forward, backward, update)."""
-        if self._last is not None:
-            self._times.append(now - self._last)
-        self._last = now
-
     def decide(self, steps_left: int, seconds_left: float) -> None:
         """After the first epoch, for "auto": compile when the fewest steps left at the eager pace
-        would take at least COMPILE_PAYS_OFF seconds."""
+        (estimated from the first step's counts) would take at least COMPILE_PAYS_OFF seconds."""
         if self.decided or self.setting is False:
             return
         self.decided = True
-        times = sorted(self._times)
-        pace = times[len(times) // 2] if times else 0.0  # the median step: robust to a slow first one
-        if min(pace * steps_left, seconds_left) >= COMPILE_PAYS_OFF:
+        if min((self.pace or 0.0) * steps_left, seconds_left) >= COMPILE_PAYS_OFF:
             self.compile()
 
     def run(self, batch: torch.Tensor, generator, optimizer: torch.optim.Optimizer) -> Mapping[str, torch.Tensor]:
         """The step's losses, with the gradients of the first one in the parameters' ``.grad``."""
         if not self.is_compiled:
-            return self._backward(self.step(batch, generator), optimizer)
+            if self.decided or self.setting is False or self.pace is not None:
+                return self._backward(self.step(batch, generator), optimizer)
+            with _StepCost() as cost:  # the first eager step of an undecided "auto" run, counted
+                losses = self._backward(self.step(batch, generator), optimizer)
+            self.pace = cost.seconds()
+            return losses
         if self.checked:
             return self._backward(self.compiled(batch, None), optimizer)  # a compilable step draws nothing
         return self._first_compiled(batch, generator, optimizer)
@@ -456,8 +498,7 @@ def train(
                 with torch.no_grad():
                     torch._foreach_lerp_(average, [p.detach() for p in params], 1.0 - min(config.ema, (1 + s) / (10 + s)))
             bar.update(1)
-            stepper.timed(time.perf_counter())
-            if s + 1 - start == every:  # the first epoch of this run, timed eagerly: compile or not
+            if s + 1 - start == every:  # the first epoch of this run: compile or not
                 stepper.decide(min(config.patience * every, config.max_steps - s - 1),
                                math.inf if config.time_budget is None else config.time_budget - (time.perf_counter() - t0))
             if (s + 1) % every == 0 or s + 1 == config.max_steps:
