@@ -193,7 +193,7 @@ def test_a_simulator_sets_its_own_run_defaults_and_the_command_line_overrides_th
     args = _parser().parse_args(["run", "hare_lynx"])
     _resolve_run(args)
     assert (args.method, args.simulations, args.rounds, args.num_samples) == ("nle", 20_000, 8, 10_000)
-    assert args.method_options == {"sampler": "slice", "flow": "maf"}
+    assert args.method_options == {"sampler": "slice", "flow": "maf", "linear_residual": True}
     args = _parser().parse_args(["run", "hare_lynx", "--method", "npe", "--rounds", "1", "-n", "500"])
     _resolve_run(args)
     assert (args.method, args.simulations, args.rounds) == ("npe", 500, 1)
