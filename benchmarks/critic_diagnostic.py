@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from provenance import (add_store_arguments, command_line, committed_code_state, key, parse_range,  # noqa: E402
-                        results_path, store, tensors_hash, versions)
+                        produced_by, results_path, store, tensors_hash, versions)
 from sbibm_suite import TASKS, sbibm_c2st  # noqa: E402
 
 TARGET = 0.7
@@ -78,8 +78,7 @@ def run_task(name: str, budget: int, seed: int, observations: list[int], num_sam
 def write_table(results: dict, path: Path) -> None:
     runs = sorted(results["runs"], key=lambda r: (TASKS.index(r["task"]), r["budget"], r["seed"]))
     lines = ["# The critic as a diagnostic: implied C2ST against the true C2ST, over observations", "",
-             "Produced by `benchmarks/critic_diagnostic.py` (its docstring gives the protocol); the commands:", "",
-             *[f"    {c}" for c in sorted({r['command'] for r in runs})], "",
+             *produced_by("benchmarks/critic_diagnostic.py", (r["command"] for r in runs)),
              f"Spearman's rank correlation over the observations between `ib.diagnostics.critic_divergence`'s "
              f"implied C2ST (no reference draws) and sbibm's C2ST against the reference posterior; target ≥ {TARGET}. "
              "'corrected': the draws `sample` returns; 'generator': `correction=None`. Mean absolute gap: "

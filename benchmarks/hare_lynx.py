@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from provenance import (add_store_arguments, command_line, committed_code_state, key, locked_results,  # noqa: E402
-                        parse_range, results_path, store, versions)
+                        parse_range, produced_by, results_path, store, versions)
 
 # the command line of each configuration after `implicitbayes run hare_lynx`
 CONFIGS = {
@@ -123,8 +123,7 @@ def likelihood_check(path: Path) -> dict | None:
 def write_table(results: dict, path: Path) -> None:
     runs = sorted(results["runs"], key=lambda r: (ORDER.index(r["config"]), r["seed"]))
     lines = ["# Real data: hare and lynx, likelihood-free against NUTS", "",
-             "Produced by `benchmarks/hare_lynx.py` (its docstring gives the protocol); the commands:", "",
-             *[f"    {c}" for c in sorted({r['command'] for r in runs})], "",
+             *produced_by("benchmarks/hare_lynx.py", (r["command"] for r in runs)),
              f"Target: at most {SIMULATIONS} simulations, every posterior mean within {MEAN_TOLERANCE} reference sd, "
              f"every sd within {int(SD_TOLERANCE * 100)} % of the reference's, at most {SECONDS // 60} minutes on "
              "2 CPU cores. The reference: `benchmarks/results/hare_lynx_reference.json`. *code*: the commit a row "

@@ -26,8 +26,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import implicitbayes as ib  # noqa: E402
 import simulators  # noqa: E402
-from provenance import (add_store_arguments, run_and_tabulate, command_line, committed_code_state, key, parse_range,  # noqa: E402
-                        store, tensors_hash, versions)
+from provenance import (add_store_arguments, command_line, committed_code_state, key, parse_range,  # noqa: E402
+                        produced_by, run_and_tabulate, store, tensors_hash, versions)
 
 SITES = ("mu", "sigma", "log_theta")
 TARGET = (0.80, 0.97)
@@ -89,8 +89,7 @@ def write_table(results: dict, path: Path) -> None:
         by_state.setdefault((r["options"], r["setup"]), []).append(r)
     latest = {options: setup for options, setup in by_state}  # the last state run with those options
     lines = ["# LFVI on lotka_volterra_population: coverage of 90 % intervals over datasets from the prior", "",
-             "Produced by `benchmarks/lfvi_coverage.py` (its docstring gives the protocol); the commands:", "",
-             *[f"    {c}" for c in sorted({r["command"] for r in results["runs"]})], "",
+             *produced_by("benchmarks/lfvi_coverage.py", (r["command"] for r in results["runs"])),
              f"Target: {TARGET[0]:.0%}–{TARGET[1]:.0%} for each group. ± is one binomial sd over the intervals "
              "counted (coordinates of different datasets are independent; those of one dataset are not, so it "
              "understates the spread).", ""]

@@ -30,7 +30,7 @@ import implicitbayes as ib  # noqa: E402
 import simulators  # noqa: E402
 from exact import sliced_errors  # noqa: E402
 from provenance import (add_store_arguments, command_line, committed_code_state, key, parse_range,  # noqa: E402
-                        run_and_tabulate, store, versions)
+                        produced_by, run_and_tabulate, store, versions)
 
 # the choices this benchmark made, one row each (the sections below are the evidence for the
 # current ones; the measurements behind the older ones are in git's history of this file)
@@ -107,8 +107,7 @@ def write_table(results: dict, path: Path) -> None:
     for r in results["runs"]:
         by_state.setdefault((r["options"], r["setup"]), []).append(r)
     lines = ["# LFVI on hierarchical_gaussian vs the exact posterior", "",
-             "Produced by `benchmarks/lfvi_hierarchical.py` (its docstring gives the protocol); the commands:", "",
-             *[f"    {c}" for c in sorted({r["command"] for r in results["runs"]})], "",
+             *produced_by("benchmarks/lfvi_hierarchical.py", (r["command"] for r in results["runs"])),
              "Targets: means within 0.1 posterior sd, sds within 15 %, local 90 % intervals covering 85–95 %. "
              "'local w1': the worst θ_n marginal's 1-Wasserstein distance in exact sds (a 0.3-sd shift scores "
              "0.31, a 1.5× variance 0.20). One thread, beside another benchmark process.", "",

@@ -34,8 +34,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import implicitbayes as ib  # noqa: E402
 import simulators  # noqa: E402
-from provenance import (add_store_arguments, command_line, committed_code_state, key, run_and_tabulate,  # noqa: E402
-                        store, tensors_hash, versions)
+from provenance import (add_store_arguments, command_line, committed_code_state, key, produced_by,  # noqa: E402
+                        run_and_tabulate, store, tensors_hash, versions)
 
 CONFIGS = {"seed 0": (1, 0), "seed 1": (1, 1), "seed 2": (1, 2), "ensemble 3": (3, 0)}
 
@@ -101,8 +101,7 @@ def write_table(results: dict, path: Path) -> None:
     ref = task.reference_samples(1).double()
     runs = results["runs"]
     lines = ["# NLE's learned likelihood on the hare–lynx posterior: one flow against ensembles", "",
-             "Produced by `benchmarks/nle_ensemble.py` (its docstring gives the protocol); the commands:", "",
-             *[f"    {c}" for c in sorted({r["command"] for r in runs})], "",
+             *produced_by("benchmarks/nle_ensemble.py", (r["command"] for r in runs)),
              "sd: of the learned minus the exact log-likelihood of the table over the reference draws (nats); "
              "worst offset: of the reference reweighted to the learned likelihood, in reference sds (the target of "
              "`hare_lynx.md` is 0.3). Seconds: training, one thread.", "",

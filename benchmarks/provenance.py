@@ -101,7 +101,25 @@ def command_line(script: str) -> str:
             skip = True
         elif not a.startswith("--out="):
             kept.append(a)
-    return f"OMP_NUM_THREADS=1 python {script} " + shlex.join(kept)
+    return f"OMP_NUM_THREADS=1 python {script} " + " ".join(map(shell_word, kept))
+
+
+def shell_word(word: str) -> str:
+    """``word`` quoted for a POSIX shell as a reader would type it: in double quotes where it holds
+    single quotes and nothing a shell expands inside double quotes, else as ``shlex.quote`` does."""
+    quoted = shlex.quote(word)
+    if quoted != word and "'" in word and not set(word) & set('"$`\\!'):
+        return f'"{word}"'
+    return quoted
+
+
+def produced_by(script: str, commands) -> list[str]:
+    """The opening lines of a results table: the script and the commands its rows ran (each in the
+    readable quoting of ``shell_word``; rows stored before it keep their words, only the quoting
+    changes)."""
+    readable = {" ".join(map(shell_word, shlex.split(c))) for c in commands}
+    return [f"Produced by `{script}` (its docstring gives the protocol); the commands:", "",
+            *[f"    {c}" for c in sorted(readable)], ""]
 
 
 def results_path(args, name: str) -> Path:

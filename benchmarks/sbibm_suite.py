@@ -48,8 +48,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import implicitbayes as ib  # noqa: E402
 import simulators  # noqa: E402
 from implicitbayes.nn import Standardize  # noqa: E402
-from provenance import (add_store_arguments, command_line, committed_code_state, key, locked_results, parse_range,  # noqa: E402
-                        results_path, store, tensors_hash, versions)
+from provenance import (add_store_arguments, command_line, committed_code_state, key, locked_results,  # noqa: E402
+                        parse_range, produced_by, results_path, store, tensors_hash, versions)
 
 METHODS = ("implicit_vi", "implicit_vi_fm", "implicit_vi_score", "implicit_vi_cm", "npe", "sbi_npe", "sbi_npe_std", "sbi_fmpe", "sbi_npse")
 SBI = {"sbi_npe": ("sbi.NPE_C", "nsf"), "sbi_fmpe": ("sbi.FMPE", "mlp vector field"),
@@ -318,8 +318,7 @@ def write_table(results: dict, path: Path) -> None:
         if r["method"] == "sbi_npe_std" and not r["applicable"]:
             same_std.setdefault((r["task"], r["budget"]), set()).add(r["seed"])
     lines = ["# sbibm suite: C2ST against sbibm's reference posteriors (0.5 is perfect), seconds", "",
-             "Produced by `benchmarks/sbibm_suite.py` (its docstring gives the protocol); the commands:", "",
-             *[f"    {c}" for c in sorted({r["command"] for r in runs})], "",
+             *produced_by("benchmarks/sbibm_suite.py", (r["command"] for r in runs)),
              f"Commits: {', '.join(commits)}; versions: {runs[-1]['versions'] if runs else {}}. "
              "Each row of the JSON holds its commit, code trees, simulation hash and configuration.", "",
              "C2ST mean is over the cells' observations and then over simulation seeds; *seed range* is the "

@@ -44,8 +44,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import implicitbayes as ib  # noqa: E402
 import simulators  # noqa: E402
-from provenance import (add_store_arguments, command_line, committed_code_state, key, locked_results, parse_range,  # noqa: E402
-                        results_path, store, versions)
+from provenance import (add_store_arguments, command_line, committed_code_state, key, locked_results,  # noqa: E402
+                        parse_range, produced_by, results_path, store, versions)
 from sbibm_suite import sbibm_c2st, verdict  # noqa: E402
 
 TASKS = ("slcp", "two_moons", "sir", "bernoulli_glm", "lotka_volterra_ode")
@@ -214,8 +214,7 @@ def write_table(results: dict, path: Path) -> None:
     failed = [r for r in results["runs"] if r.get("failed")]
     runs = [r for r in results["runs"] if not r.get("failed")]
     lines = ["# Sequential inference: C2ST against sbibm's reference posteriors (0.5 is perfect)", "",
-             "Produced by `benchmarks/sequential.py` (its docstring gives the protocol); the commands:", "",
-             *[f"    {c}" for c in sorted({r['command'] for r in results["runs"]})], ""]
+             *produced_by("benchmarks/sequential.py", (r["command"] for r in results["runs"]))]
     relabelled = sorted({(r["relabelled_from"], r["method"]) for r in results["runs"] if r.get("relabelled_from")})
     if relabelled:
         lines += ["Rows that ran before a default changed are shown under what they ran: "

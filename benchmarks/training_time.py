@@ -34,8 +34,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import implicitbayes as ib  # noqa: E402
 import simulators  # noqa: E402
-from provenance import (add_store_arguments, run_and_tabulate, command_line, committed_code_state, parse_range,  # noqa: E402
-                        store, tensors_hash, versions)
+from provenance import (add_store_arguments, command_line, committed_code_state, parse_range, produced_by,  # noqa: E402
+                        run_and_tabulate, store, tensors_hash, versions)
 from sbibm_suite import PEER, SBI, TASKS, method_variant, setup_key, train_ours, train_sbi  # noqa: E402
 
 
@@ -117,8 +117,7 @@ def grid_c2st(task: str, budget: int, method: str, seed: int, row: dict) -> floa
 def write_table(results: dict, path: Path) -> None:
     runs = results["runs"]
     lines = ["# Training wall time on the same simulations, one thread, one process", "",
-             "Produced by `benchmarks/training_time.py` (its docstring gives the protocol); the commands:", "",
-             *[f"    {c}" for c in sorted({r["command"] for r in runs})], "",
+             *produced_by("benchmarks/training_time.py", (r["command"] for r in runs)),
              f"Commits: {', '.join(sorted({r['code']['commit'][:10] for r in runs}))}. Each fit is the grid's fit "
              "for that cell (same simulations, seeds and code); *C2ST* is the grid's held-out value for it "
              "(observations 6–10) where the grid has it, — where not.", "",

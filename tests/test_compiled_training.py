@@ -62,7 +62,7 @@ def test_auto_decides_the_same_on_a_slow_machine(data, eager, monkeypatch):
     assert torch.equal(draws(post), draws(eager))
 
 
-def test_the_estimated_pace_counts_the_step(data):
+def test_the_estimated_pace_counts_the_step():
     """The first step's counts: a step of a wider flow on a larger batch does more of each kind
     of work, and counting the same step again gives the same counts."""
     def counts(width, batch):
