@@ -217,12 +217,18 @@ class ImplicitVI(NeuralMethod):
     ``critic(theta_features, context_features)`` returning a module ``(context, θ) -> r`` (e.g.
     ``partial(ib.nn.Critic, kind="projection")``; θ has 2 dim θ features: as simulated and in
     the generator's frame), passed again to ``ib.load`` — and ``embedding`` of the observation;
-    the loops, ``training`` (the generator's, default ``ImplicitVI.TRAINING``) and
+    the loops, ``training`` (the generator's, default ``ImplicitVI.TRAINING``, for the
+    continuous-time families ``ImplicitVI.CONTINUOUS_TRAINING``) and
     ``critic_training`` (the critic's, ``ImplicitVI.CRITIC_TRAINING``), each a
     :class:`~implicitbayes.TrainConfig` or a mapping of its fields to change; ``device``.
     """
 
     TRAINING = TrainConfig(batch_size=128, lr=1e-3, max_steps=20_000, patience=60, plateau=10, validate_every=50)
+    # the continuous-time families regress a field: a step is cheap and the loss falls slowly under
+    # its own noise, which the plateau halving above mistakes for a plateau (gaussian_mixture 10^4:
+    # stopped at 8 800 steps with the rate down 2^9, raw draws 0.747; these settings 0.634 —
+    # implicit_vi_ablation.md)
+    CONTINUOUS_TRAINING = TrainConfig(batch_size=256, lr=1e-3, max_steps=60_000, patience=100, validate_every=50)
     CRITIC_TRAINING = TrainConfig(batch_size=512, lr=1e-3, max_steps=10_000, patience=20, validate_every=50)
     TEMPERATURES = CriticResampler.TEMPERATURES
     SELECTION_DRAWS = 256  # proposal draws per held-out observation when choosing λ
@@ -243,6 +249,7 @@ class ImplicitVI(NeuralMethod):
         self.num_draws = integer("num_draws", num_draws, minimum=2)  # the energy score needs two draws
         self.family = choice("family", family, FAMILIES)
         if self.family in CONTINUOUS:
+            self.training = resolve_training(self.CONTINUOUS_TRAINING, training)
             for name, value in (("noise_features", noise_features), ("noise_skip", noise_skip)):
                 if value is not None:
                     raise ValueError(f"{name}: a continuous-time generator's noise is the latent's own dimension "
