@@ -178,3 +178,18 @@ def test_implicit_vi_trains_a_continuous_time_family_saves_and_loads_it(tmp_path
         ib.ImplicitVI(normal_model, observed="x", family="flow_matching", noise_features=4)
     with pytest.raises(ValueError, match="family: expected one of"):
         ib.ImplicitVI(normal_model, observed="x", family="diffusion")
+
+
+def test_continuous_time_families_train_by_their_own_loop():
+    """The regression-trained families start from ImplicitVI.CONTINUOUS_TRAINING (no plateau halving,
+    which stopped flow matching early), a mapping changes fields of that loop, and the energy-score
+    generator keeps ImplicitVI.TRAINING."""
+    import implicitbayes as ib
+    from models import normal_model
+
+    for family in sorted(ALL):
+        method = ib.ImplicitVI(normal_model, observed="x", family=family)
+        assert method.training == ib.ImplicitVI.CONTINUOUS_TRAINING and method.training.plateau is None
+        changed = ib.ImplicitVI(normal_model, observed="x", family=family, training={"max_steps": 500})
+        assert changed.training.max_steps == 500 and changed.training.batch_size == ib.ImplicitVI.CONTINUOUS_TRAINING.batch_size
+    assert ib.ImplicitVI(normal_model, observed="x").training == ib.ImplicitVI.TRAINING
