@@ -11,7 +11,8 @@ with sbibm's own ``c2st`` (MLP classifier, 5-fold CV, z-scored).
 Methods: ``implicit_vi`` and ``npe`` at their defaults (``npe+batch_size=200+patience=30``: with
 those training-loop settings changed, a development-cell probe kept apart by its label); ``implicit_vi_fm``, ``implicit_vi_score``,
 ``implicit_vi_cm`` = ImplicitVI with the flow-matching, score-based or consistency generator
-(``family=``), critic-corrected; ``sbi_npe`` = sbi's
+(``family=``), critic-corrected; ``implicit_vi_fm_distilled`` = the flow-matching sampler
+distilled into a one-step network (``distill=True``) before the critic; ``sbi_npe`` = sbi's
 NPE-NSF at its defaults; ``sbi_fmpe`` = sbi's flow-matching posterior (FMPE) at its defaults;
 ``sbi_npse`` = sbi's score-based posterior (NPSE: VE SDE, MLP score network, sampled by the
 reverse SDE) at its defaults; ``sbi_npe_std`` = sbi's NPE-NSF trained on observations passed through our input
@@ -51,7 +52,7 @@ from implicitbayes.nn import Standardize  # noqa: E402
 from provenance import (add_store_arguments, command_line, committed_code_state, key, locked_results,  # noqa: E402
                         parse_range, produced_by, results_path, store, tensors_hash, versions)
 
-METHODS = ("implicit_vi", "implicit_vi_fm", "implicit_vi_score", "implicit_vi_cm", "npe", "sbi_npe", "sbi_npe_std", "sbi_fmpe", "sbi_npse")
+METHODS = ("implicit_vi", "implicit_vi_fm", "implicit_vi_fm_distilled", "implicit_vi_score", "implicit_vi_cm", "npe", "sbi_npe", "sbi_npe_std", "sbi_fmpe", "sbi_npse")
 SBI = {"sbi_npe": ("sbi.NPE_C", "nsf"), "sbi_fmpe": ("sbi.FMPE", "mlp vector field"),
        "sbi_npse": ("sbi.NPSE", "mlp score network, VE SDE")}  # sbi's methods, each at its defaults
 PEER = "sbi_npe"
@@ -83,6 +84,7 @@ def train_ours(method, task, data, seed):
     method, training = method_variant(method)
     options = {"training": training} if training else {}
     cls, family = {"implicit_vi": (ib.ImplicitVI, {}), "implicit_vi_fm": (ib.ImplicitVI, {"family": "flow_matching"}),
+                    "implicit_vi_fm_distilled": (ib.ImplicitVI, {"family": "flow_matching", "distill": True}),
                     "implicit_vi_score": (ib.ImplicitVI, {"family": "score"}),
                     "implicit_vi_cm": (ib.ImplicitVI, {"family": "consistency"}), "npe": (ib.NPE, {})}[method]
     post = cls(task.model, observed="x", **family, **options).fit(data, seed=seed, progress=False)

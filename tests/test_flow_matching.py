@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from implicitbayes.nn import ConsistencyGenerator, FlowMatchingGenerator, ScoreGenerator
+from implicitbayes.nn import ConsistencyGenerator, DistilledGenerator, FlowMatchingGenerator, ImplicitGenerator, ScoreGenerator
 
 FAMILIES = {"flow_matching": FlowMatchingGenerator, "score": ScoreGenerator}
 ALL = {**FAMILIES, "consistency": ConsistencyGenerator}
@@ -78,10 +78,7 @@ def test_an_untrained_generator_is_far_from_it(family):
 @pytest.mark.parametrize("family", [*sorted(FAMILIES), pytest.param("consistency", marks=pytest.mark.slow)])
 def test_makes_both_modes_of_a_bimodal_conditional(family):
     """θ | y: ±(1 + |y|) with probabilities 0.3 / 0.7, sd 0.15 — a gap of 13 sd or more."""
-    g = torch.Generator().manual_seed(0)
-    y = torch.randn(8000, 1, generator=g)
-    sign = torch.where(torch.rand(8000, 1, generator=g) < 0.7, 1.0, -1.0)
-    theta = sign * (1 + y.abs()) + 0.15 * torch.randn(8000, 1, generator=g)
+    y, theta = bimodal()
     # denoising score matching converges more slowly on the modes' weights: at 3 000 steps the score
     # family gives the larger mode 0.668 at y = 0 (6 000 steps: 0.679; flow matching at 3 000: 0.70)
     steps = {"score": 6000, "consistency": CONSISTENCY_STEPS}.get(family, 3000)
@@ -101,6 +98,53 @@ def test_makes_both_modes_of_a_bimodal_conditional(family):
         assert near.float().mean() > 0.95  # (almost) nothing between or beyond the modes
         assert (x > 0).float().mean() == pytest.approx(0.7, abs=0.05)
         assert x[x > 0].std() == pytest.approx(0.15, rel=0.3)
+
+
+def bimodal(n=8000):
+    """θ | y: ±(1 + |y|) with probabilities 0.3 / 0.7, sd 0.15 — a gap of 13 sd or more."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(n, 1, generator=g)
+    sign = torch.where(torch.rand(n, 1, generator=g) < 0.7, 1.0, -1.0)
+    return y, sign * (1 + y.abs()) + 0.15 * torch.randn(n, 1, generator=g)
+
+
+def distil(teacher, y, steps=6000, draws_per_y=8, seed=0):
+    """A DistilledGenerator whose student is regressed on ``teacher``'s draws at the contexts ``y``."""
+    gen = DistilledGenerator(teacher, ImplicitGenerator(1, teacher.theta_features, teacher.noise_features,
+                                                        hidden=128, layers=3, noise_skip=True))
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(len(y), draws_per_y, teacher.noise_features, generator=g)
+    with torch.no_grad():
+        target = teacher(y, z)
+    opt = torch.optim.Adam(gen.student.parameters(), lr=2e-3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    for _ in range(steps):
+        idx = torch.randint(len(y), (256,), generator=g)
+        col = torch.randint(draws_per_y, (256,), generator=g)
+        loss = gen.distillation_loss(y[idx], z[idx, col][:, None], target[idx, col][:, None]).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    return gen
+
+
+def test_a_distilled_student_draws_what_its_ode_teacher_draws():
+    """The one-step student of a flow-matching teacher on the bimodal conditional: both modes in
+    their proportions, little between them, and its draw at a noise is the teacher's at that noise."""
+    torch.manual_seed(0)
+    y, theta = bimodal()
+    gen = distil(train(FlowMatchingGenerator(1, 1, hidden=64, layers=3), y, theta), y)
+    for y_value in (0.0, 1.0):
+        x = draws(gen, y_value)[:, 0]
+        near = (x.abs() - (1 + abs(y_value))).abs() < 0.5
+        assert near.float().mean() > 0.95
+        assert (x > 0).float().mean() == pytest.approx(0.7, abs=0.05)
+        assert x[near & (x > 0)].std() == pytest.approx(0.15, rel=0.3)  # the mode's own width
+        teacher = draws(gen.teacher, y_value)[:, 0]  # the same noise (seed) through the ODE
+        assert ((x - teacher).abs() < 0.1).float().mean() > 0.9
+    with pytest.raises(ValueError, match="student: its noise has 3 features, the teacher's 1"):
+        DistilledGenerator(gen.teacher, ImplicitGenerator(1, 1, 3))
 
 
 def test_shapes_and_errors():
@@ -193,3 +237,31 @@ def test_continuous_time_families_train_by_their_own_loop():
         changed = ib.ImplicitVI(normal_model, observed="x", family=family, training={"max_steps": 500})
         assert changed.training.max_steps == 500 and changed.training.batch_size == ib.ImplicitVI.CONTINUOUS_TRAINING.batch_size
     assert ib.ImplicitVI(normal_model, observed="x").training == ib.ImplicitVI.TRAINING
+
+
+def test_implicit_vi_distills_the_ode_sampler(tmp_path):
+    """distill=True: the trained flow-matching sampler's map is learnt by a one-step network, whose
+    draws the critic then corrects; the student lands near the teacher at the same noise, and the
+    file round-trips. distill is refused where there is no ODE to distil."""
+    import implicitbayes as ib
+    from models import normal_model
+
+    data = ib.simulate(normal_model, 600, observed="x", seed=0, progress=False)
+    post = ib.ImplicitVI(normal_model, observed="x", family="flow_matching", distill=True, hidden=32, layers=2).fit(
+        data, seed=0, progress=False, max_steps=300)
+    assert isinstance(post.generator, DistilledGenerator) and post.config.distilled
+    assert post.training_summary["distillation"]["best_validation"] < 0.01  # squared error, standardised θ (var 1)
+    c = post.context(torch.tensor([[0.4, -0.3]]))
+    z = torch.randn(1, 2000, 2, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        gap = (post.generator(c, z) - post.generator.teacher(c, z)).norm(dim=-1)
+    assert gap.median() < 0.05, gap.median()
+    x = torch.tensor([0.4, -0.3])
+    post.save(tmp_path / "distilled.safetensors")
+    back = ib.load(tmp_path / "distilled.safetensors")
+    assert isinstance(back.generator, DistilledGenerator)
+    assert torch.equal(back.sample(200, x, seed=2)["theta"], post.sample(200, x, seed=2)["theta"])
+    with pytest.raises(ValueError, match="distill: a one-step network learns an ODE sampler's map"):
+        ib.ImplicitVI(normal_model, observed="x", distill=True)
+    with pytest.raises(ValueError, match="distill"):
+        ib.ImplicitVI(normal_model, observed="x", family="flow_matching", distill="yes")

@@ -24,6 +24,10 @@ one kept with probability ∝ exp λ r (:class:`~implicitbayes.infer.sir.CriticR
 docstring has the math), λ chosen after training by the held-out log score of that sampler. No
 density of q_w is ever evaluated. ``correction=None`` returns the generator's own draws.
 
+With ``distill=True`` an ODE-sampled generator (flow matching, score) is followed by stage 1b: a
+one-step network regressed on the ODE's flow map at the same noise (whose minimiser is that map,
+so its draws keep the ODE's distribution), and the critic corrects the one-step network.
+
 Defaults — K = 8 candidates, max(2 dim θ, 8) noise coordinates, patience 60 with the learning rate
 halved on every plateau of 10 validations, the linear path from noise to output below 2 500
 simulations per latent dimension — are the settings that won in
@@ -38,8 +42,8 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..checks import choice, integer
-from ..nn import ConsistencyGenerator, Critic, FlowMatchingGenerator, ImplicitGenerator, ScoreGenerator
+from ..checks import choice, flag, integer
+from ..nn import ConsistencyGenerator, Critic, DistilledGenerator, FlowMatchingGenerator, ImplicitGenerator, ScoreGenerator
 from ..seeding import seeded
 from ..space import ParameterSpace
 from ..simulate import sharing_trial_runs
@@ -58,6 +62,8 @@ __all__ = ["ImplicitVI", "ImplicitPosterior", "ImplicitVIConfig", "NOISE_SKIP_BE
 # has the math
 FAMILIES = ("energy_score", "flow_matching", "score", "consistency")
 CONTINUOUS = {"flow_matching": FlowMatchingGenerator, "score": ScoreGenerator, "consistency": ConsistencyGenerator}
+# the families sampled by an ODE, a deterministic map of the noise that a one-step network can learn (distill=True)
+ODE_FAMILIES = ("flow_matching", "score")
 
 # noise_skip=None turns the linear noise path on below this many simulations per latent
 # dimension: it pools the posterior's shape over every simulation, which pays where they are
@@ -81,6 +87,7 @@ class ImplicitVIConfig(NeuralConfig):
     num_candidates: int
     temperature: float = 1.0  # λ, chosen after training (CriticResampler.select_temperature)
     family: str = "energy_score"  # the generator's family (FAMILIES)
+    distilled: bool = False  # the ODE sampler distilled into a one-step network (DistilledGenerator)
 
 
 @register_posterior
@@ -106,6 +113,9 @@ class ImplicitPosterior(NeuralPosterior):
                                          noise_skip=config.noise_skip)
         self.generator = build_network("generator", config.generator == "custom", generator, default,
                                        e, d, config.noise_features)
+        if config.distilled:  # the student is twice as wide as the field it replaces: one evaluation does the ODE's work
+            self.generator = DistilledGenerator(self.generator, ImplicitGenerator(
+                e, d, config.noise_features, 2 * config.hidden, config.layers, noise_skip=True))
         self.critic = build_network("critic", config.critic == "custom", critic, lambda: Critic(
             2 * d, e, config.critic_hidden, config.critic_layers), 2 * d, e)
         self.last_ess: float | None = None
@@ -207,7 +217,11 @@ class ImplicitVI(NeuralMethod):
     score-based diffusion sampled by its probability-flow ODE,
     :class:`~implicitbayes.nn.ScoreGenerator`) or ``"consistency"`` (a one-step consistency model,
     :class:`~implicitbayes.nn.ConsistencyGenerator`, by consistency training over
-    ``training.max_steps``, validated by the energy score of its draws); the networks, ``hidden``, ``layers``,
+    ``training.max_steps``, validated by the energy score of its draws); ``distill`` (flow matching
+    and score only): after the ODE sampler is trained, regress a one-step network, twice as wide, on
+    its flow map at the same noise and draw from that
+    (:class:`~implicitbayes.nn.DistilledGenerator`; the critic then corrects the one-step network,
+    and a draw costs one evaluation instead of the ODE's 2 · steps); the networks, ``hidden``, ``layers``,
     ``noise_features`` (None: max(2 dim θ, 8)) and ``noise_skip`` (a linear path from the noise to
     the output, f_w = g(e(y), z) + A z; None: on below ``NOISE_SKIP_BELOW`` simulations per latent
     dimension) of the generator, ``critic_hidden``, ``critic_layers`` of the critic — or build
@@ -218,7 +232,8 @@ class ImplicitVI(NeuralMethod):
     ``partial(ib.nn.Critic, kind="projection")``; θ has 2 dim θ features: as simulated and in
     the generator's frame), passed again to ``ib.load`` — and ``embedding`` of the observation;
     the loops, ``training`` (the generator's, default ``ImplicitVI.TRAINING``, for the
-    continuous-time families ``ImplicitVI.CONTINUOUS_TRAINING``) and
+    continuous-time families ``ImplicitVI.CONTINUOUS_TRAINING``), ``distill_training`` (the one-step
+    network's, ``ImplicitVI.DISTILL_TRAINING``) and
     ``critic_training`` (the critic's, ``ImplicitVI.CRITIC_TRAINING``), each a
     :class:`~implicitbayes.TrainConfig` or a mapping of its fields to change; ``device``.
     """
@@ -230,17 +245,21 @@ class ImplicitVI(NeuralMethod):
     # implicit_vi_ablation.md)
     CONTINUOUS_TRAINING = TrainConfig(batch_size=256, lr=1e-3, max_steps=60_000, patience=100, validate_every=50)
     CRITIC_TRAINING = TrainConfig(batch_size=512, lr=1e-3, max_steps=10_000, patience=20, validate_every=50)
+    DISTILL_TRAINING = TrainConfig(batch_size=512, lr=1e-3, max_steps=30_000, patience=100, validate_every=100)
+    # teacher draws the student is regressed on: DISTILL_PAIRS in all, at most DISTILL_DRAWS per simulated y
+    DISTILL_PAIRS, DISTILL_DRAWS = 320_000, 32
     TEMPERATURES = CriticResampler.TEMPERATURES
     SELECTION_DRAWS = 256  # proposal draws per held-out observation when choosing λ
 
     def __init__(self, model: Callable, *, observed: str | Sequence[str], model_args: tuple = (),
                  model_kwargs: Mapping | None = None, correction: str | None = "sir", num_candidates: int = 8,
-                 family: str = "energy_score", num_draws: int = 8, hidden: int = 128, layers: int = 4, noise_features: int | None = None,
+                 family: str = "energy_score", distill: bool = False, num_draws: int = 8, hidden: int = 128, layers: int = 4, noise_features: int | None = None,
                  noise_skip: bool | None = None, critic_hidden: int = 128, critic_layers: int = 4,
                  generator: Callable[[int, int, int], nn.Module] | None = None,
                  critic: Callable[[int, int], nn.Module] | None = None,
                  embedding: nn.Module | None = None, training: TrainConfig | Mapping | None = None,
-                 critic_training: TrainConfig | Mapping | None = None, device: str | torch.device | None = None):
+                 critic_training: TrainConfig | Mapping | None = None,
+                 distill_training: TrainConfig | Mapping | None = None, device: str | torch.device | None = None):
         super().__init__(model, observed=observed, model_args=model_args, model_kwargs=model_kwargs,
                          embedding=embedding, training=training, device=device)
         self.critic_training = resolve_training(self.CRITIC_TRAINING, critic_training, "critic_training")
@@ -248,6 +267,11 @@ class ImplicitVI(NeuralMethod):
         self.num_candidates = integer("num_candidates", num_candidates)
         self.num_draws = integer("num_draws", num_draws, minimum=2)  # the energy score needs two draws
         self.family = choice("family", family, FAMILIES)
+        self.distill = flag("distill", distill)
+        if self.distill and self.family not in ODE_FAMILIES:
+            raise ValueError(f"distill: a one-step network learns an ODE sampler's map of the noise, which the "
+                             f"families {list(ODE_FAMILIES)} have; family={self.family!r} draws in one step already")
+        self.distill_training = resolve_training(self.DISTILL_TRAINING, distill_training, "distill_training")
         if self.family in CONTINUOUS:
             self.training = resolve_training(self.CONTINUOUS_TRAINING, training)
             for name, value in (("noise_features", noise_features), ("noise_skip", noise_skip)):
@@ -276,7 +300,7 @@ class ImplicitVI(NeuralMethod):
             noise_features=d if flow else self.noise_features or max(2 * d, 8),
             noise_skip=False if flow else bool(self.noise_skip) if self.noise_skip is not None else n < NOISE_SKIP_BELOW * d,
             critic_hidden=self.critic_hidden, critic_layers=self.critic_layers, correction=self.correction,
-            num_candidates=self.num_candidates, family=self.family)
+            num_candidates=self.num_candidates, family=self.family, distilled=self.distill)
 
     @sharing_trial_runs
     def fit(self, data, *, max_steps: int | None = None, time_budget: float | None = None, seed: int | None = None,
@@ -285,7 +309,7 @@ class ImplicitVI(NeuralMethod):
         that posterior's networks, standardisations and configuration (a warm start).
 
         ``max_steps`` and ``time_budget`` apply to each stage; ``checkpoint`` is a path prefix
-        (``<checkpoint>.generator`` and ``<checkpoint>.critic`` are written).
+        (``<checkpoint>.generator``, ``<checkpoint>.student`` and ``<checkpoint>.critic`` are written).
         """
         prep, seed, loop = self._begin(data, max_steps, time_budget, seed)
         critic_loop = self.critic_training.with_fit(max_steps, time_budget)
@@ -299,6 +323,9 @@ class ImplicitVI(NeuralMethod):
                 self._warm_start(post, init)
                 u_s = post.theta_standardize(prep.u.to(self.device))
             summary = {"generator": self._fit_generator(post, x, u_s, loop, seed, progress, checkpoint)}
+            if post.config.distilled:
+                summary["distillation"] = self._distill(post, x, self.distill_training.with_fit(max_steps, time_budget),
+                                                        seed, progress, checkpoint)
             if self.correction == "sir":
                 summary.update(self._fit_critic(post, x, u_s, critic_loop, seed, progress, checkpoint))
             post.training_summary = summary
@@ -336,6 +363,30 @@ class ImplicitVI(NeuralMethod):
                      progress=progress, checkpoint=None if checkpoint is None else f"{checkpoint}.generator",
                      desc="ImplicitVI generator",
                      parameters=list(post.context.parameters()) + list(post.generator.parameters()))
+
+    def _distill(self, post: ImplicitPosterior, x, loop: TrainConfig, seed: int, progress: bool, checkpoint) -> dict:
+        """Stage 1b: the one-step student regressed on the trained ODE sampler's draws from fixed
+        noise, ``m`` per simulated y (``DISTILL_PAIRS`` in all, at most ``DISTILL_DRAWS`` each), one
+        pair per row in every minibatch; e(y) stays as the teacher's stage left it."""
+        gen, n = post.generator, len(x)
+        m = max(1, min(self.DISTILL_DRAWS, self.DISTILL_PAIRS // n))
+        g = torch.Generator(device=self.device).manual_seed(seed + 4)
+        with torch.no_grad():
+            c = torch.cat([post.context(x[i]) for i in torch.arange(n).split(4096)])
+            z = torch.randn((n, m, post.config.noise_features), generator=g, device=c.device, dtype=c.dtype)
+            target = torch.cat([gen.teacher(ci, zi) for ci, zi in zip(c.split(1024), z.split(1024))])
+
+        def step(idx, g):
+            idx = idx.to(c.device)
+            col = torch.randint(m, idx.shape, generator=g, device=g.device)
+            return {"loss": gen.distillation_loss(c[idx], z[idx, col][:, None], target[idx, col][:, None]).mean()}
+
+        def validate(idx):
+            idx = idx.to(c.device)
+            return float(sum(gen.distillation_loss(c[i], z[i], target[i]).sum() for i in idx.split(1024)) / (len(idx) * m))
+
+        return train({"student": gen.student}, step, validate, n, loop, seed=seed + 4, progress=progress,
+                     checkpoint=None if checkpoint is None else f"{checkpoint}.student", desc="ImplicitVI one-step student")
 
     def _fit_critic(self, post: ImplicitPosterior, x, u_s, loop: TrainConfig, seed: int, progress: bool,
                     checkpoint) -> dict:

@@ -6,7 +6,7 @@ from .critics import Critic
 from .embeddings import CausalConvEmbedding, ContextNet, DeepSets, Flatten, GRUEmbedding, LinearResidual, ResidualMLP, Standardize
 from .flows import (FLOWS, ActNorm, FlowDistribution, LULinear, build_flow, draw, flow_log_prob, inverted_layers,
                     short_softmax, widened)
-from .generators import ConsistencyGenerator, FlowMatchingGenerator, ImplicitGenerator, ScoreGenerator
+from .generators import ConsistencyGenerator, DistilledGenerator, FlowMatchingGenerator, ImplicitGenerator, ScoreGenerator
 from .score_function import LearnedBaseline, MovingAverageBaseline, leave_one_out_baseline, score_function_surrogate
 from .vae import ConditionalVAE
 
@@ -15,7 +15,7 @@ __all__ = [
     "FLOWS", "ActNorm", "FlowDistribution", "LULinear", "build_flow", "draw", "flow_log_prob", "inverted_layers",
     "short_softmax", "widened",
     "ImplicitGenerator",
-    "FlowMatchingGenerator", "ScoreGenerator", "ConsistencyGenerator",
+    "FlowMatchingGenerator", "ScoreGenerator", "ConsistencyGenerator", "DistilledGenerator",
     "LearnedBaseline", "MovingAverageBaseline", "leave_one_out_baseline", "score_function_surrogate",
     "ConditionalVAE",
 ]

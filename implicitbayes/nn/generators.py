@@ -15,6 +15,9 @@ Two families, one interface ``forward(context (n, e), noise (n, m, k)) -> (n, m,
 * :class:`ConsistencyGenerator`, a consistency model (Song et al. 2023): the map from any point of
   a noising trajectory to its start, learned by consistency training with no teacher, so that one
   network evaluation turns noise into a draw.
+* :class:`DistilledGenerator`, an ODE sampler (flow matching or score) and a one-step MLP
+  regressed on its flow map at the same noise (knowledge distillation; Luhman & Luhman 2021):
+  the ODE's accuracy at the cost of one network evaluation per draw.
 
 The output is a point in the unconstrained space of the latents; a
 :class:`~implicitbayes.ParameterSpace` maps it onto each site's support (so a bounded prior
@@ -30,8 +33,8 @@ from torch import nn
 
 from ..space import ParameterSpace
 
-__all__ = ["ImplicitGenerator", "FlowMatchingGenerator", "ScoreGenerator", "ConsistencyGenerator", "TimeConditionedMLP",
-           "integrate_midpoint"]
+__all__ = ["ImplicitGenerator", "FlowMatchingGenerator", "ScoreGenerator", "ConsistencyGenerator", "DistilledGenerator",
+           "TimeConditionedMLP", "integrate_midpoint"]
 
 
 class ImplicitGenerator(nn.Module):
@@ -372,3 +375,42 @@ class ConsistencyGenerator(nn.Module):
         if torch.is_grad_enabled() and self.training:
             self.trained_steps += 1
         return distance / (hi - lo)
+
+
+class DistilledGenerator(nn.Module):
+    r"""An ODE sampler ``teacher`` (:class:`FlowMatchingGenerator` or :class:`ScoreGenerator`, a
+    deterministic map z ↦ θ) and a one-step ``student`` (an :class:`ImplicitGenerator` of the same
+    noise) that learns that map: the student minimises
+
+        E_{y, z ~ N(0, I)} ‖g_w(e(y), z) − f_teacher(e(y), z)‖²,
+
+    whose minimiser is the teacher's flow map itself, so its draws have the teacher's
+    distribution at every y — for one network evaluation instead of the ODE's 2 · steps.
+
+    ``forward`` draws from the student; ``loss`` is the teacher's own (train the teacher first);
+    :meth:`distillation_loss` fits the student on pairs (z, f_teacher(e(y), z)) drawn beforehand.
+    """
+
+    def __init__(self, teacher: nn.Module, student: nn.Module):
+        super().__init__()
+        for name, net in (("teacher", teacher), ("student", student)):
+            if getattr(net, "noise_features", None) is None:
+                raise ValueError(f"{name}: expected a generator with a noise_features attribute, got {type(net).__name__}")
+        if teacher.noise_features != student.noise_features:
+            raise ValueError(f"student: its noise has {student.noise_features} features, the teacher's {teacher.noise_features};"
+                             " the student learns the teacher's map of the same noise")
+        self.teacher, self.student = teacher, student
+        self.noise_features = teacher.noise_features
+
+    def forward(self, context: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The student's draws ``(n, m, d)`` for contexts ``(n, e)`` and noise ``(n, m, k)``."""
+        return self.student(context, noise)
+
+    def loss(self, context: torch.Tensor, theta: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The teacher's training loss per row, ``(n,)``."""
+        return self.teacher.loss(context, theta, generator)
+
+    def distillation_loss(self, context: torch.Tensor, noise: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Squared error per pair, ``(n, m)``, of the student at ``noise (n, m, k)`` against the
+        teacher's draws ``target (n, m, d)`` from the same noise."""
+        return ((self.student(context, noise) - target) ** 2).sum(-1)
