@@ -143,7 +143,8 @@ def test_implicit_vi_makes_both_modes_of_a_bimodal_posterior(bimodal_data):
 # score corrected 0.040 / 0.155 and 0.124 / 0.041, alone 0.074 / 0.308 (fails the spread: its
 # probability-flow draws are too wide along one direction, which the critic corrects) and
 # 0.142 / 0.046. About 2–3 minutes a fit alone.
-FAMILY_CHECKS = [("flow_matching", "default"), ("flow_matching", None), ("score", "default")]
+FAMILY_CHECKS = [("flow_matching", "default"), ("flow_matching", None), ("score", "default"),
+                 ("flow_matching_distilled", "default")]
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +153,8 @@ def continuous_fits(correlated_data, bimodal_data):
 
     def fit(family, model, data):
         if (family, model) not in fits:
-            fits[family, model] = ib.ImplicitVI(model, observed="x", family=family).fit(data, seed=0, progress=False)
+            options = {"family": "flow_matching", "distill": True} if family == "flow_matching_distilled" else {"family": family}
+            fits[family, model] = ib.ImplicitVI(model, observed="x", **options).fit(data, seed=0, progress=False)
         return fits[family, model]
 
     return lambda family, kind: fit(family, *((correlated_model, correlated_data) if kind == "correlated"

@@ -5,6 +5,7 @@ conditional in their proportions. Fixed seeds; the networks are small so that th
 seconds — except consistency training, which needs several times more steps and is in the slow
 set."""
 
+import functools
 import math
 
 import pytest
@@ -75,14 +76,28 @@ def test_an_untrained_generator_is_far_from_it(family):
     assert gaussian_kl(x.mean(0), torch.cov(x.T), A.double(), (S @ S.T).double()) > 0.05
 
 
-@pytest.mark.parametrize("family", [*sorted(FAMILIES), pytest.param("consistency", marks=pytest.mark.slow)])
-def test_makes_both_modes_of_a_bimodal_conditional(family):
+def bimodal(n=8000):
     """θ | y: ±(1 + |y|) with probabilities 0.3 / 0.7, sd 0.15 — a gap of 13 sd or more."""
-    y, theta = bimodal()
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(n, 1, generator=g)
+    sign = torch.where(torch.rand(n, 1, generator=g) < 0.7, 1.0, -1.0)
+    return y, sign * (1 + y.abs()) + 0.15 * torch.randn(n, 1, generator=g)
+
+
+@functools.cache
+def bimodal_fit(family):
+    """The ``family`` block trained on :func:`bimodal` (one fit per family for the tests below)."""
+    torch.manual_seed(0)
     # denoising score matching converges more slowly on the modes' weights: at 3 000 steps the score
     # family gives the larger mode 0.668 at y = 0 (6 000 steps: 0.679; flow matching at 3 000: 0.70)
     steps = {"score": 6000, "consistency": CONSISTENCY_STEPS}.get(family, 3000)
-    gen = train(ALL[family](1, 1, hidden=64, layers=3), y, theta, steps=steps)
+    return train(ALL[family](1, 1, hidden=64, layers=3), *bimodal(), steps=steps)
+
+
+@pytest.mark.parametrize("family", [*sorted(FAMILIES), pytest.param("consistency", marks=pytest.mark.slow)])
+def test_makes_both_modes_of_a_bimodal_conditional(family):
+    """θ | y: ±(1 + |y|) with probabilities 0.3 / 0.7, sd 0.15 — a gap of 13 sd or more."""
+    gen = bimodal_fit(family)
     for y_value in (0.0, 1.0):
         x = draws(gen, y_value)[:, 0]
         centre = 1 + abs(y_value)
@@ -100,12 +115,6 @@ def test_makes_both_modes_of_a_bimodal_conditional(family):
         assert x[x > 0].std() == pytest.approx(0.15, rel=0.3)
 
 
-def bimodal(n=8000):
-    """θ | y: ±(1 + |y|) with probabilities 0.3 / 0.7, sd 0.15 — a gap of 13 sd or more."""
-    g = torch.Generator().manual_seed(0)
-    y = torch.randn(n, 1, generator=g)
-    sign = torch.where(torch.rand(n, 1, generator=g) < 0.7, 1.0, -1.0)
-    return y, sign * (1 + y.abs()) + 0.15 * torch.randn(n, 1, generator=g)
 
 
 def distil(teacher, y, steps=6000, draws_per_y=8, seed=0):
@@ -132,9 +141,9 @@ def distil(teacher, y, steps=6000, draws_per_y=8, seed=0):
 def test_a_distilled_student_draws_what_its_ode_teacher_draws():
     """The one-step student of a flow-matching teacher on the bimodal conditional: both modes in
     their proportions, little between them, and its draw at a noise is the teacher's at that noise."""
+    teacher = bimodal_fit("flow_matching")
     torch.manual_seed(0)
-    y, theta = bimodal()
-    gen = distil(train(FlowMatchingGenerator(1, 1, hidden=64, layers=3), y, theta), y)
+    gen = distil(teacher, bimodal()[0])
     for y_value in (0.0, 1.0):
         x = draws(gen, y_value)[:, 0]
         near = (x.abs() - (1 + abs(y_value))).abs() < 0.5
