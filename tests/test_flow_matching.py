@@ -274,3 +274,7 @@ def test_implicit_vi_distills_the_ode_sampler(tmp_path):
         ib.ImplicitVI(normal_model, observed="x", distill=True)
     with pytest.raises(ValueError, match="distill"):
         ib.ImplicitVI(normal_model, observed="x", family="flow_matching", distill="yes")
+    with pytest.raises(ValueError, match="distill_training: the one-step network's loop, which only distill=True"):
+        ib.ImplicitVI(normal_model, observed="x", family="flow_matching", distill_training={"max_steps": 10})
+    with pytest.raises(ValueError, match="distill_training: unknown loop settings"):
+        ib.ImplicitVI(normal_model, observed="x", family="flow_matching", distill=True, distill_training={"step": 10})

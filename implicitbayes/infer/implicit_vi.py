@@ -271,6 +271,9 @@ class ImplicitVI(NeuralMethod):
         if self.distill and self.family not in ODE_FAMILIES:
             raise ValueError(f"distill: a one-step network learns an ODE sampler's map of the noise, which the "
                              f"families {list(ODE_FAMILIES)} have; family={self.family!r} draws in one step already")
+        if distill_training is not None and not self.distill:
+            raise ValueError("distill_training: the one-step network's loop, which only distill=True trains; "
+                             f"got {distill_training!r} with distill=False")
         self.distill_training = resolve_training(self.DISTILL_TRAINING, distill_training, "distill_training")
         if self.family in CONTINUOUS:
             self.training = resolve_training(self.CONTINUOUS_TRAINING, training)
