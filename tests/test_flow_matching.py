@@ -233,6 +233,29 @@ def test_implicit_vi_trains_a_continuous_time_family_saves_and_loads_it(tmp_path
         ib.ImplicitVI(normal_model, observed="x", family="diffusion")
 
 
+def test_the_critic_corrects_an_ode_sampler_from_its_pooled_draws():
+    """The critic of an ODE sampler is trained on CRITIC_POOL draws per row, drawn once (a draw is
+    an ODE solve), not on fresh ones at every step; against a flow-matching field stopped after 400
+    steps it must still pull the draws to the posterior: shift and spread errors under half and 0.6
+    of the generator's own (measured: shift 0.28 → 0.09, spread 0.38 → 0.18). Pooled draws taken
+    at the neighbouring row's y leave the spread at 0.31, pooled draws twice as wide as the
+    generator's turn the correction off (λ = 0)."""
+    import implicitbayes as ib
+    from exact import average, correlated_model, correlated_posterior, gaussian_errors
+
+    data = ib.simulate(correlated_model, 3000, observed="x", seed=0, progress=False)
+    observations = ib.simulate(correlated_model, 3, observed="x", seed=99, progress=False)["x"]
+    post = ib.ImplicitVI(correlated_model, observed="x", family="flow_matching", hidden=32, layers=2,
+                         training={"max_steps": 400}).fit(data, seed=0, progress=False)
+    assert post.training_summary["critic_pool"] == ib.ImplicitVI.CRITIC_POOL and post.config.temperature > 0
+    errors = {corr: average([gaussian_errors(post.sample(20_000, x, seed=1, correction=corr)["theta"],
+                                             *correlated_posterior(x)) for x in observations])
+              for corr in (None, "default")}
+    assert errors[None]["spread"] > 0.25, errors  # the field is as crude as meant
+    assert errors["default"]["shift"] < 0.5 * errors[None]["shift"], errors
+    assert errors["default"]["spread"] < 0.6 * errors[None]["spread"], errors
+
+
 def test_continuous_time_families_train_by_their_own_loop():
     """The regression-trained families start from ImplicitVI.CONTINUOUS_TRAINING (no plateau halving,
     which stopped flow matching early), a mapping changes fields of that loop, and the energy-score

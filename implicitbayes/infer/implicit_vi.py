@@ -180,19 +180,27 @@ class _Contexts:
     """e(y) of every training row, with the critic's local frame, for the critic stage (embedding
     and generator are frozen then): computed once and kept when they take at most
     ``CACHE_BYTES``, else recomputed per minibatch, so a memory-mapped set is never held whole.
-    ``contexts[idx]`` is ``(c, frame)``."""
+    ``contexts[idx]`` is ``(c, frame)``.
+
+    With ``pool`` > 0 (an ODE sampler, whose every draw costs tens of evaluations of its field) the
+    cache also keeps ``pool`` generator draws per row from fresh noise, and the critic's fakes are
+    taken from them instead of drawn anew at every step (:meth:`fakes`)."""
 
     CACHE_BYTES = 512 * 2**20
 
-    def __init__(self, post: ImplicitPosterior, x):
+    def __init__(self, post: ImplicitPosterior, x, pool: int = 0, generator: torch.Generator | None = None):
         self.post, self.x = post, x
-        self.cache = None
-        width = post.context.out_features + 2 * post.space.unconstrained_dim
+        self.cache = self.pool = None
+        d = post.space.unconstrained_dim
+        width = post.context.out_features + (2 + pool) * d
         if len(x) * width * 4 <= self.CACHE_BYTES:
             parts = [self._compute(i) for i in torch.arange(len(x)).split(4096)]
             c = torch.cat([p[0] for p in parts])
             frame = tuple(torch.cat([p[1][j] for p in parts]) for j in (0, 1))
             self.cache = (c, frame)
+            if pool:
+                with torch.no_grad():
+                    self.pool = torch.cat([post.draw_standardized(ci, pool, generator) for ci in c.split(1024)])
 
     @torch.no_grad()
     def _compute(self, idx: torch.Tensor):
@@ -204,6 +212,15 @@ class _Contexts:
             return self._compute(idx)
         c, frame = self.cache
         return c[idx], (frame[0][idx], frame[1][idx])
+
+    @torch.no_grad()
+    def fakes(self, idx: torch.Tensor, c: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """One generator draw ``(n, 1, d)`` for each row ``idx`` (contexts ``c``): a pooled draw
+        chosen by ``generator``, or a fresh one where there is no pool."""
+        if self.pool is None:
+            return self.post.draw_standardized(c, 1, generator)
+        col = torch.randint(self.pool.shape[1], idx.shape, generator=generator, device=generator.device)
+        return self.pool[idx.to(self.pool.device), col.to(self.pool.device)][:, None]
 
 
 class ImplicitVI(NeuralMethod):
@@ -250,6 +267,9 @@ class ImplicitVI(NeuralMethod):
     DISTILL_PAIRS, DISTILL_DRAWS = 320_000, 32
     TEMPERATURES = CriticResampler.TEMPERATURES
     SELECTION_DRAWS = 256  # proposal draws per held-out observation when choosing λ
+    # generator draws per training row kept for the critic of an ODE sampler (drawn once: a draw
+    # costs 2 · steps field evaluations, fresh ones at every critic step cost more than the field's training)
+    CRITIC_POOL = 16
 
     def __init__(self, model: Callable, *, observed: str | Sequence[str], model_args: tuple = (),
                  model_kwargs: Mapping | None = None, correction: str | None = "sir", num_candidates: int = 8,
@@ -397,14 +417,15 @@ class ImplicitVI(NeuralMethod):
         frozen = list(post.context.parameters()) + list(post.generator.parameters())
         for p in frozen:
             p.requires_grad_(False)
-        contexts = _Contexts(post, x)
+        ode = post.config.family in ODE_FAMILIES and not post.config.distilled
+        contexts = _Contexts(post, x, self.CRITIC_POOL if ode else 0,
+                             torch.Generator(device=self.device).manual_seed(seed + 5))
         critic_loss = RatioCriticLoss(post.log_ratio)
         val_g = torch.Generator(device=self.device)
 
         def loss(idx, g):
             c, frame = contexts[idx]
-            with torch.no_grad():
-                fake = post.draw_standardized(c, 1, g)  # one generator draw per y
+            fake = contexts.fakes(idx, c, g)  # one generator draw per y
             return critic_loss((c, u_s[idx], frame), (c, fake, frame))
 
         def step(idx, g):
@@ -420,7 +441,8 @@ class ImplicitVI(NeuralMethod):
             p.requires_grad_(True)
         scores = self._select_temperature(post, contexts, u_s, loop, seed)
         post.config = replace(post.config, temperature=min(scores, key=scores.get))
-        return {"critic": summary, "correction_selection": scores}
+        return {"critic": summary, "critic_pool": 0 if contexts.pool is None else contexts.pool.shape[1],
+                "correction_selection": scores}
 
     @torch.no_grad()
     def _select_temperature(self, post: ImplicitPosterior, contexts: _Contexts, u_s, loop: TrainConfig,
