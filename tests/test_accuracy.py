@@ -139,11 +139,11 @@ def test_implicit_vi_makes_both_modes_of_a_bimodal_posterior(bimodal_data):
 
 # The continuous-time families, corrected and (flow matching) on its own: plain flow-matching
 # posterior estimation. Measured under their own loop (shift / spread; W1 / mode): flow matching
-# corrected 0.062 / 0.120 and 0.124 / 0.045, alone 0.123 / 0.169 and 0.104 / 0.031 (the critic
-# costs on the bimodal one); score corrected 0.072 / 0.085 and 0.092 / 0.033, alone 0.152 / 0.310
-# (fails the spread: its probability-flow draws are too wide along one direction, which the critic
-# corrects) and 0.169 / 0.051; flow matching distilled into one step, corrected, 0.061 / 0.116 and
-# 0.077 / 0.026. A fit takes 2–7 minutes beside another process (distilled: the longest).
+# (8 steps on its grid finer near t = 1; the critic on pooled draws) corrected 0.080 / 0.129 and
+# 0.097 / 0.022, alone 0.128 / 0.174 and 0.100 / 0.031; score corrected 0.064 / 0.120 and
+# 0.090 / 0.028, alone 0.152 / 0.310 (fails the spread: its probability-flow draws are too wide along one direction, which the critic
+# corrects) and 0.169 / 0.051; flow matching distilled into one step, corrected, 0.064 / 0.119 and
+# 0.079 / 0.027. A fit takes 2–7 minutes beside another process (distilled: the longest).
 FAMILY_CHECKS = [("flow_matching", "default"), ("flow_matching", None), ("score", "default"),
                  ("flow_matching_distilled", "default")]
 
