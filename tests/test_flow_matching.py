@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from implicitbayes.nn import ConsistencyGenerator, DistilledGenerator, FlowMatchingGenerator, ImplicitGenerator, ScoreGenerator
+from implicitbayes.infer.implicit_vi import ODE_FAMILIES, ImplicitPosterior
 
 FAMILIES = {"flow_matching": FlowMatchingGenerator, "score": ScoreGenerator}
 ALL = {**FAMILIES, "consistency": ConsistencyGenerator}
@@ -259,6 +260,15 @@ def test_implicit_vi_trains_a_continuous_time_family_saves_and_loads_it(tmp_path
     post.save(tmp_path / "fm.safetensors")
     back = ib.load(tmp_path / "fm.safetensors")
     assert torch.equal(back.sample(200, x, seed=2)["theta"], post.sample(200, x, seed=2)["theta"])
+    # an ODE sampler's critic frame takes fewer draws (each an ODE solve); a file whose critic learned
+    # in a frame of another size keeps its own
+    frame = ImplicitPosterior.ODE_FRAME_DRAWS if family in ODE_FAMILIES else ImplicitPosterior.FRAME_DRAWS
+    assert post.frame_noise.shape == back.frame_noise.shape == (frame, 2)
+    post.frame_noise = torch.randn(frame + 8, 2, generator=torch.Generator().manual_seed(5))
+    post.save(tmp_path / "other_frame.safetensors")
+    other = ib.load(tmp_path / "other_frame.safetensors")
+    assert other.frame_noise.shape == (frame + 8, 2)
+    assert torch.equal(other.sample(200, x, seed=2)["theta"], post.sample(200, x, seed=2)["theta"])
     with pytest.raises(ValueError, match="noise_features: a continuous-time generator's noise is the latent's own"):
         ib.ImplicitVI(normal_model, observed="x", family="flow_matching", noise_features=4)
     with pytest.raises(ValueError, match="family: expected one of"):

@@ -97,6 +97,7 @@ class ImplicitPosterior(NeuralPosterior):
     method = "implicit_vi"
     Config = ImplicitVIConfig
     FRAME_DRAWS = 64  # noise draws that define the critic's local frame at y
+    ODE_FRAME_DRAWS = 16  # the same for an ODE sampler, whose every draw costs tens of field evaluations
     FRAME_FLOOR = 1e-6
 
     def __init__(self, space: ParameterSpace, observed, x_shapes, config: ImplicitVIConfig,
@@ -121,7 +122,15 @@ class ImplicitPosterior(NeuralPosterior):
         self.last_ess: float | None = None
         # fixed noise of the critic's local frame, so that the frame is a function of y (saved with the weights)
         g = torch.Generator().manual_seed(0)
-        self.register_buffer("frame_noise", torch.randn((self.FRAME_DRAWS, config.noise_features), generator=g))
+        m = self.ODE_FRAME_DRAWS if config.family in ODE_FAMILIES and not config.distilled else self.FRAME_DRAWS
+        self.register_buffer("frame_noise", torch.randn((m, config.noise_features), generator=g))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a file saved with another number of frame draws keeps its own: its critic learned in that frame
+        saved = state_dict.get(prefix + "frame_noise")
+        if saved is not None and saved.dim() == 2 and saved.shape[1] == self.frame_noise.shape[1]:
+            self.frame_noise = self.frame_noise.new_empty(saved.shape)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def draw_standardized(self, c: torch.Tensor, m: int, generator: torch.Generator) -> torch.Tensor:
         """``m`` generator draws ``(n, m, d)`` in standardised coordinates for contexts ``c (n, e)``."""
