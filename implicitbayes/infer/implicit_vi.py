@@ -122,8 +122,13 @@ class ImplicitPosterior(NeuralPosterior):
         self.last_ess: float | None = None
         # fixed noise of the critic's local frame, so that the frame is a function of y (saved with the weights)
         g = torch.Generator().manual_seed(0)
-        m = self.ODE_FRAME_DRAWS if config.family in ODE_FAMILIES and not config.distilled else self.FRAME_DRAWS
+        m = self.ODE_FRAME_DRAWS if self.ode_sampler else self.FRAME_DRAWS
         self.register_buffer("frame_noise", torch.randn((m, config.noise_features), generator=g))
+
+    @property
+    def ode_sampler(self) -> bool:
+        """Whether a draw is an ODE solve (flow matching or score, not distilled): 2 · steps field evaluations."""
+        return self.config.family in ODE_FAMILIES and not self.config.distilled
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # a file saved with another number of frame draws keeps its own: its critic learned in that frame
@@ -276,6 +281,8 @@ class ImplicitVI(NeuralMethod):
     DISTILL_PAIRS, DISTILL_DRAWS = 320_000, 32
     TEMPERATURES = CriticResampler.TEMPERATURES
     SELECTION_DRAWS = 256  # proposal draws per held-out observation when choosing λ
+    # ... for an ODE sampler: the same λ at a quarter of the solves (implicit_vi_ablation.md)
+    ODE_SELECTION_DRAWS = 64
     # generator draws per training row kept for the critic of an ODE sampler (drawn once: a draw
     # costs 2 · steps field evaluations, fresh ones at every critic step cost more than the field's training)
     CRITIC_POOL = 16
@@ -426,8 +433,7 @@ class ImplicitVI(NeuralMethod):
         frozen = list(post.context.parameters()) + list(post.generator.parameters())
         for p in frozen:
             p.requires_grad_(False)
-        ode = post.config.family in ODE_FAMILIES and not post.config.distilled
-        contexts = _Contexts(post, x, self.CRITIC_POOL if ode else 0,
+        contexts = _Contexts(post, x, self.CRITIC_POOL if post.ode_sampler else 0,
                              torch.Generator(device=self.device).manual_seed(seed + 5))
         critic_loss = RatioCriticLoss(post.log_ratio)
         val_g = torch.Generator(device=self.device)
@@ -464,7 +470,7 @@ class ImplicitVI(NeuralMethod):
         _, val_idx = split(len(u_s), loop.validation_fraction, torch.Generator().manual_seed(seed + 1))
         idx = val_idx[:1024].to(u_s.device)
         g = torch.Generator(device=u_s.device).manual_seed(seed + 3)
-        groups = max(1, self.SELECTION_DRAWS // (k - 1))
+        groups = max(1, (self.ODE_SELECTION_DRAWS if post.ode_sampler else self.SELECTION_DRAWS) // (k - 1))
         c, frame = contexts[idx]
         r_true = post.log_ratio(c, u_s[idx], frame)  # (n,)
         # groups · (K − 1) generator draws per held-out observation, 64 observations at a time
